@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import Callable
 
-from wldm_auto.paths import PathNotSetError, RAW, raw_root, resolve_dataset_name
+from wldm_auto.cli.common import run_cli, setup_logging
+from wldm_auto.paths import RAW, raw_root, resolve_dataset_name
 
 log = logging.getLogger(__name__)
 
@@ -18,17 +18,9 @@ _FORMATTER = argparse.RawDescriptionHelpFormatter
 
 
 def _run(action: Callable[[], int]) -> int:
-    """Run ``action``; expected errors become one ``error: ...`` line on stderr and exit code 1."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return action()
-    except (ValueError, PathNotSetError, OSError) as exc:
-        # ImageReadError and DatasetInvalidError are ValueErrors; FileExistsError is an OSError
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted (nothing was written under the dataset name)", file=sys.stderr)
-        return 130
+    """Console logging, then ``action`` with expected errors as one ``error: ...`` line (exit 1)."""
+    setup_logging()
+    return run_cli(action, "interrupted (nothing was written under the dataset name)")
 
 
 def _add_common(parser: argparse.ArgumentParser, link: bool = True) -> None:

@@ -118,13 +118,15 @@ def plan_dataset(
 
     reg = RegistrationPlan(enabled=bool(registration))
     reg.working_spacing_mm = float(max(2.0, min(pre.target_spacing)))
+    reg.bspline_grid_spacing_mm = float(max(20.0, 5 * reg.working_spacing_mm))
     reg.notes["enabled"] = ("on: CT is registered onto the MR (rigid, then B-spline)" if registration
                             else "off (--no-registration): MR and CT are taken as already aligned in physical space")
     reg.notes["working_spacing_mm"] = ("registration runs on images resampled to the coarser of 2 mm and the target "
                                        "spacing; the transform is then applied to the full-resolution CT")
     reg.notes["initial_orientations"] = ("a short rigid run from each 180-degree rotation picks the start when it beats "
                                          "the identity by orientation_margin (scans from different sessions may be flipped)")
-    reg.notes["bspline_grid_spacing_mm"] = "20 mm control-point grid with bending-energy penalty: local soft-tissue motion, no folding"
+    reg.notes["bspline_grid_spacing_mm"] = ("control points every 20 mm (at least 5 working voxels apart), with a "
+                                            "bending-energy penalty: local soft-tissue motion without folding")
 
     vae, diffusion, inference = VAEPlan(), DiffusionPlan(), InferencePlan()
     median = median_cropped_shape(fingerprint, pre.target_spacing, pre.crop_margin_mm)

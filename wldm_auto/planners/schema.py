@@ -31,7 +31,7 @@ class RegistrationPlan:
     metric: str = "AdvancedMattesMutualInformation"
     working_spacing_mm: float = 2.0
     bspline_grid_spacing_mm: float = 20.0
-    iterations: list[int] = field(default_factory=lambda: [500, 500])
+    iterations: list[int] = field(default_factory=lambda: [256, 256])
     resolutions: list[int] = field(default_factory=lambda: [3, 3])
     histogram_bins: int = 32
     spatial_samples: int = 4096
