@@ -33,6 +33,7 @@ setup(
             "wldm_validate_dataset=wldm_auto.cli.convert:main_validate",
             "wldm_plan_and_preprocess=wldm_auto.cli.plan_and_preprocess:main",
             "wldm_demo=wldm_auto.cli.demo:main",
+            "wldm_train=wldm_auto.cli.train:main",
         ]
     },
 )

@@ -1,6 +1,8 @@
 """Fixtures shared by the test files."""
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -32,3 +34,58 @@ def raw_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder.mkdir()
     monkeypatch.setenv("wldm_raw", str(folder))
     return folder
+
+
+@dataclass(frozen=True)
+class PreprocessedSmall:
+    """Where the ``preprocessed_small`` fixture put its dataset."""
+
+    raw: Path  # value for $wldm_raw
+    preprocessed: Path  # value for $wldm_preprocessed
+    dataset: str  # DatasetXXX_Name
+    folder: Path  # $wldm_preprocessed/DatasetXXX_Name/<data_identifier>, holding the arrays
+    cases: list[str]
+
+
+SMALL_DATASET = "Dataset901_LoaderSmall"
+# (x, y, z) crop size and offset of the crop centre from the MR centre, one per case: three different patients
+SMALL_CROPS = {"caseA": ((96, 96, 40), (0, 0, 0)), "caseB": ((96, 88, 36), (20, -12, 8)),
+               "caseC": ((80, 96, 40), (-24, 16, -10))}
+
+
+def _offset_crop(image: sitk.Image, size: tuple[int, int, int], shift: tuple[int, int, int]) -> sitk.Image:
+    index = [(n - s) // 2 + d for n, s, d in zip(image.GetSize(), size, shift)]
+    return sitk.RegionOfInterest(image, list(size), index)
+
+
+@pytest.fixture(scope="session")
+def preprocessed_small(tmp_path_factory: pytest.TempPathFactory) -> PreprocessedSmall:
+    """Three different crops of the phantom, planned and preprocessed at 4 mm without registration (~3 s).
+
+    The environment variables are set only while preprocessing; tests that need them set them from the result.
+    """
+    from wldm_auto.preprocessing.pipeline import plan_and_preprocess
+
+    root = tmp_path_factory.mktemp("preprocessed_small")
+    raw, pre = root / "raw", root / "pre"
+    folder = raw / SMALL_DATASET
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "targetsTr").mkdir()
+    mr = sitk.ReadImage(str(PHANTOM_DIR / "mr_t2.nii.gz"))
+    ct = sitk.ReadImage(str(PHANTOM_DIR / "ct.nii.gz"))
+    for name, (size, shift) in SMALL_CROPS.items():
+        sitk.WriteImage(_offset_crop(mr, size, shift), str(folder / "imagesTr" / f"{name}_0000.nii.gz"))
+        sitk.WriteImage(ct, str(folder / "targetsTr" / f"{name}.nii.gz"))
+    (folder / "dataset.json").write_text(json.dumps({
+        "name": SMALL_DATASET, "channel_names": {"0": "MR"}, "target": "CT", "file_ending": ".nii.gz",
+        "numTraining": len(SMALL_CROPS)}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("wldm_raw", str(raw))
+        mp.setenv("wldm_preprocessed", str(pre))
+        summary = plan_and_preprocess(SMALL_DATASET, registration=False, spacing=[4.0])
+    assert not summary.failed, [o.message for o in summary.failed]
+    from wldm_auto.planners.schema import Plans
+
+    plans = Plans.load(pre / SMALL_DATASET / "plans.json")
+    arrays = pre / SMALL_DATASET / plans.configuration("3d_wldm").data_identifier
+    return PreprocessedSmall(raw, pre, SMALL_DATASET, arrays, sorted(SMALL_CROPS))

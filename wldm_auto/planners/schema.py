@@ -67,11 +67,32 @@ class PreprocessingPlan:
 
 
 @dataclass
+class TrainingPlan:
+    """Optimisation schedule of one stage (AdamW, warm-up then cosine decay)."""
+
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-4
+    num_epochs: int = 400
+    steps_per_epoch: int = 250
+    warmup_steps: int = 500
+    grad_clip: float = 1.0
+    checkpoint_every_steps: int = 500
+    amp: bool = True
+    compile: bool = False
+
+
+@dataclass
 class VAEPlan:
-    """Stage 1: shared MR/CT wavelet VAE (paper leaves widths and weights open)."""
+    """Stage 1: shared MR/CT wavelet VAE (paper leaves widths and weights open).
+
+    ``channels`` has one width per resolution level; the latent sits at
+    ``downsampling_factor`` = 2 ** (len(channels) - 1). ``group_width`` is the
+    number of channels per group of the group-wise convolutions.
+    """
 
     channels: list[int] = field(default_factory=lambda: [32, 64, 128])
     blocks_per_level: int = 1
+    group_width: int = 8
     latent_channels: int = 8
     downsampling_factor: int = 4
     wrm: bool = True
@@ -79,8 +100,10 @@ class VAEPlan:
     smd_weight: float = 0.1
     adv_weight: float = 0.05
     adv_start_step: int = 10000
-    learning_rate: float = 1e-4
-    num_steps: int = 100000
+    discriminator_channels: int = 32
+    discriminator_layers: int = 3
+    discriminator_learning_rate: float = 1e-4
+    training: TrainingPlan = field(default_factory=TrainingPlan)
 
 
 @dataclass
@@ -95,8 +118,7 @@ class DiffusionPlan:
     unet_channels: list[int] = field(default_factory=lambda: [64, 128, 256])
     dsca: bool = True
     ema_decay: float = 0.999
-    learning_rate: float = 1e-4
-    num_steps: int = 100000
+    training: TrainingPlan = field(default_factory=TrainingPlan)
 
 
 @dataclass

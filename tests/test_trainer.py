@@ -1,0 +1,144 @@
+"""Stage-1 trainer machinery on tiny real networks and real (phantom) data, CPU."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wldm_auto.trainers.base import TrainerOptions
+from wldm_auto.trainers.checkpoint import CheckpointError, load_checkpoint
+from wldm_auto.trainers.run import run_training
+
+TINY_VAE = {"channels": [8, 16], "group_width": 4, "latent_channels": 4, "downsampling_factor": 2,
+            "discriminator_channels": 8, "discriminator_layers": 2, "adv_start_step": 2, "kl_weight": 1e-6,
+            "training": {"learning_rate": 2e-3, "warmup_steps": 0, "steps_per_epoch": 4, "num_epochs": 2,
+                         "checkpoint_every_steps": 2, "grad_clip": 1.0, "weight_decay": 0.0}}
+
+
+def tiny_copy(preprocessed_small, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **vae_changes) -> str:
+    """A private copy of the small preprocessed dataset with a tiny VAE plan; env vars point at it."""
+    pre = tmp_path / "pre"
+    shutil.copytree(preprocessed_small.preprocessed, pre)
+    monkeypatch.setenv("wldm_preprocessed", str(pre))
+    monkeypatch.setenv("wldm_results", str(tmp_path / "results"))
+    plans_path = pre / preprocessed_small.dataset / "plans.json"
+    plans = json.loads(plans_path.read_text())
+    config = plans["configurations"]["3d_wldm"]
+    config["patch_size"] = [16, 16, 16]
+    config["batch_size"] = 2
+    vae = dict(TINY_VAE, **vae_changes)
+    training = dict(config["vae"]["training"], **vae.pop("training"))
+    config["vae"].update(vae, training=training)
+    plans_path.write_text(json.dumps(plans))
+    return preprocessed_small.dataset
+
+
+def fold_dir(tmp_path: Path, dataset: str, trainer: str = "VAETrainer") -> Path:
+    return tmp_path / "results" / dataset / f"{trainer}__wldmPlans__3d_wldm" / "fold_0"
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["networks"]["vae"]
+
+
+def test_short_run_writes_self_contained_results(preprocessed_small, tmp_path, monkeypatch):
+    dataset = tiny_copy(preprocessed_small, tmp_path, monkeypatch)
+    final = run_training(dataset, "vae", 0, options=TrainerOptions(device="cpu", num_workers=0))
+    folder = fold_dir(tmp_path, dataset)
+    assert final == folder / "checkpoint_final.pt"
+    for name in ("checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt", "progress.png", "history.json"):
+        assert (folder / name).is_file(), name
+    assert list(folder.glob("training_log_*.txt"))
+    for name in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
+        assert (folder.parent / name).is_file(), name
+    history = json.loads((folder / "history.json").read_text())
+    assert [h["step"] for h in history] == [4, 8]
+    for record in history:
+        assert np.isfinite(record["val_psnr_ct"]) and np.isfinite(record["val_mae_ct_hu"]) and np.isfinite(record["val_psnr_mr"])
+        assert record["train_rec"] > 0 and "train_smd_stru" in record
+    assert "train_g_adv" in history[-1] and "train_d" in history[-1]  # adversarial loss switched on at step 2
+    state = torch.load(folder / "checkpoint_final.pt", weights_only=True)
+    assert state["step"] == 8 and state["trainer"] == "VAETrainer"
+    assert state["plans"]["configurations"]["3d_wldm"]["vae"]["channels"] == [8, 16]
+
+
+def test_existing_results_are_not_overwritten(preprocessed_small, tmp_path, monkeypatch):
+    dataset = tiny_copy(preprocessed_small, tmp_path, monkeypatch)
+    options = TrainerOptions(device="cpu", num_workers=0, num_steps=2, steps_per_epoch=2)
+    run_training(dataset, "vae", 0, options=options)
+    with pytest.raises(FileExistsError, match="--c"):
+        run_training(dataset, "vae", 0, options=options)
+
+
+def test_resume_gives_identical_weights(preprocessed_small, tmp_path, monkeypatch):
+    dataset = tiny_copy(preprocessed_small, tmp_path / "a", monkeypatch)
+    straight = run_training(dataset, "vae", 0, options=TrainerOptions(device="cpu", num_workers=0, num_steps=6,
+                                                                     steps_per_epoch=3))
+    dataset = tiny_copy(preprocessed_small, tmp_path / "b", monkeypatch)
+    half = run_training(dataset, "vae", 0, options=TrainerOptions(device="cpu", num_workers=1, num_steps=6,
+                                                                 steps_per_epoch=3, stop_at_step=4))
+    assert half.name == "checkpoint_latest.pt" and load_checkpoint(half)["step"] == 4
+    resumed = run_training(dataset, "vae", 0, resume=True,
+                           options=TrainerOptions(device="cpu", num_workers=0, num_steps=6, steps_per_epoch=3))
+    a, b = weights(straight), weights(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert load_checkpoint(straight)["history"] == load_checkpoint(resumed)["history"][:0] + load_checkpoint(straight)["history"]
+
+
+def test_corrupted_checkpoint_gives_a_clear_error(tmp_path):
+    bad = tmp_path / "checkpoint_latest.pt"
+    bad.write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    with pytest.raises(CheckpointError, match=str(bad)):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    torch.save({"just": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a wldm_auto checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_ablation_trainers_change_the_model(preprocessed_small, tmp_path, monkeypatch):
+    dataset = tiny_copy(preprocessed_small, tmp_path, monkeypatch)
+    options = TrainerOptions(device="cpu", num_workers=0, num_steps=2, steps_per_epoch=2)
+    full = load_checkpoint(run_training(dataset, "vae", 0, options=options))
+    no_wrm = load_checkpoint(run_training(dataset, "vae", 0, "VAETrainer_noWRM", options=options))
+    no_smd = load_checkpoint(run_training(dataset, "vae", 0, "VAETrainer_noSMD", options=options))
+    assert no_wrm["plans"]["configurations"]["3d_wldm"]["vae"]["wrm"] is False
+    assert set(full["networks"]["vae"]) != set(no_wrm["networks"]["vae"])
+    assert "train_smd_stru" in full["history"][0] and "train_smd_stru" not in no_smd["history"][0]
+    with pytest.raises(ValueError, match="unknown trainer"):
+        run_training(dataset, "vae", 0, "NoSuchTrainer", options=options)
+
+
+def test_validation_psnr_rises(preprocessed_small, tmp_path, monkeypatch):
+    dataset = tiny_copy(preprocessed_small, tmp_path, monkeypatch, adv_start_step=10_000)
+    run_training(dataset, "vae", 0, options=TrainerOptions(device="cpu", num_workers=0, num_steps=100,
+                                                           steps_per_epoch=5))
+    history = json.loads((fold_dir(tmp_path, dataset) / "history.json").read_text())
+    psnr = [h["val_psnr_ct"] for h in history]
+    rec = [h["train_rec"] for h in history]
+    assert psnr[-1] > psnr[0] + 1.0, psnr
+    assert rec[-1] < 0.5 * rec[0], rec
+
+
+def test_ddp_two_gloo_processes(preprocessed_small, tmp_path, monkeypatch):
+    dataset = tiny_copy(preprocessed_small, tmp_path, monkeypatch)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "wldm_auto.cli.train", dataset, "vae", "--device", "cpu", "--steps", "4",
+           "--steps-per-epoch", "2", "--num-workers", "0"]
+    done = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = fold_dir(tmp_path, dataset)
+    assert sorted(p.name for p in folder.glob("checkpoint_*.pt")) == [
+        "checkpoint_best.pt", "checkpoint_final.pt", "checkpoint_latest.pt"]
+    assert load_checkpoint(folder / "checkpoint_final.pt")["step"] == 4

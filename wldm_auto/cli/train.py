@@ -1,0 +1,61 @@
+"""wldm_train: train one stage of one fold, from a plan, on CPU or GPU (torchrun for several)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from wldm_auto.cli.common import run_cli, setup_logging
+
+DESCRIPTION = """\
+Train a stage of the model for one cross-validation fold.
+
+  wldm_train 001 vae -f 0            stage 1: the shared MR/CT wavelet VAE
+  wldm_train 001 vae -f 0 --c        continue from checkpoint_latest.pt, exactly
+  torchrun --nproc_per_node 4 -m wldm_auto.cli.train 001 vae -f 0
+                                     the same on 4 GPUs (DistributedDataParallel)
+
+Results: $wldm_results/DatasetXXX_Name/<Trainer>__<plans>__<configuration>/fold_F/
+with checkpoint_latest.pt / checkpoint_best.pt / checkpoint_final.pt, progress.png,
+history.json and a training log. Everything else comes from plans.json.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    from wldm_auto.trainers.registry import TRAINERS
+
+    parser = argparse.ArgumentParser(prog="wldm_train", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", help="dataset id or name: 1, 001 or Dataset001_Name")
+    parser.add_argument("stage", choices=sorted({c.stage for c in TRAINERS.values()}), help="what to train")
+    parser.add_argument("-f", "--fold", type=int, default=0, help="cross-validation fold (default 0)")
+    parser.add_argument("-tr", "--trainer", choices=sorted(TRAINERS), help="trainer class (default: the stage's full model)")
+    parser.add_argument("-c", "--configuration", default="3d_wldm", help="configuration in plans.json (default 3d_wldm)")
+    parser.add_argument("--c", dest="resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
+    parser.add_argument("--seed", type=int, default=12345, help="seed for weights, batches and augmentation")
+    parser.add_argument("--steps", type=int, help="total training steps (overrides the plan's epochs x steps per epoch)")
+    parser.add_argument("--epochs", type=int, help="number of epochs (overrides the plan)")
+    parser.add_argument("--steps-per-epoch", type=int, help="steps per epoch = validation interval (overrides the plan)")
+    parser.add_argument("--num-workers", type=int, help="background augmentation workers (default: CPU cores - 1, max 8)")
+    parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the networks")
+    parser.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on GPU)")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+
+    def action() -> int:
+        from wldm_auto.trainers.base import TrainerOptions
+        from wldm_auto.trainers.run import run_training
+
+        options = TrainerOptions(device=args.device, seed=args.seed, num_steps=args.steps, num_epochs=args.epochs,
+                                 steps_per_epoch=args.steps_per_epoch, num_workers=args.num_workers,
+                                 compile=args.compile, deterministic=args.deterministic)
+        path = run_training(args.dataset, args.stage, args.fold, args.trainer, args.configuration, args.resume, options)
+        print(f"training stopped at {path}")
+        return 0
+
+    return run_cli(action, "interrupted: continue with --c")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""WaveletBlock: the Wavelet Residual Module (WRM) of 3D-WLDM, and its plain ablation."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wldm_auto.networks.wavelets import dwt3d, idwt3d, merge_low_high, split_low_high
+
+
+def num_groups(channels: int, group_width: int) -> int:
+    """Groups for a group-wise conv with ``group_width`` channels per group (at least 1; must divide)."""
+    if channels < 1 or group_width < 1:
+        raise ValueError(f"channels ({channels}) and group_width ({group_width}) must be positive")
+    groups = max(1, channels // group_width)
+    if channels % groups:
+        raise ValueError(
+            f"{channels} channels cannot be split into {groups} groups of group_width {group_width}; "
+            "choose channels divisible by group_width"
+        )
+    return groups
+
+
+def group_conv(channels: int, groups: int) -> nn.Conv3d:
+    """Group-wise 3x3x3 convolution that keeps the channel count."""
+    return nn.Conv3d(channels, channels, 3, padding=1, groups=groups)
+
+
+def _pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Replicate-pad the trailing end of each spatial axis up to a multiple; returns the original size."""
+    size = tuple(x.shape[2:])
+    extra = [(-s) % multiple for s in size]
+    if any(extra):
+        # F.pad takes (W_lo, W_hi, H_lo, H_hi, D_lo, D_hi)
+        x = F.pad(x, (0, extra[2], 0, extra[1], 0, extra[0]), mode="replicate")
+    return x, size  # type: ignore[return-value]
+
+
+class WaveletBlock(nn.Module):
+    """Wavelet Residual Module (paper's WaveletBlock), or a plain residual block if ``wrm=False``.
+
+    Mapping to the paper's three streams, for an input ``x`` with C = ``in_ch`` channels:
+
+    * primary stream: ``p = x + pw(SiLU(GN(gconv(x))))`` (group-wise 3x3x3 conv,
+      GroupNorm, SiLU, point-wise 1x1x1 conv, residual);
+    * high-frequency stream: ``L1, H1 = DWT(x)``; ``H1' = gconv(H1)`` on the
+      7 detail sub-bands (7*C channels, groups never mix sub-bands);
+    * low-frequency stream: ``L2, H2 = DWT(L1)``; ``L1'' = IDWT(gconv(L2), gconv(H2))``;
+      ``L1'`` is the identity of ``L1`` (a residual path, no extra parameters),
+      so the refined low band is ``L1 + L1''``;
+    * fusion: ``f = IDWT(L1 + L1'', H1')`` is the frequency-enhanced map at the
+      input resolution; ``y = p + f``; ``out = pw_out(SiLU(GN(y))) + shortcut(x)``
+      where the shortcut is a 1x1x1 conv when ``in_ch != out_ch`` (identity otherwise).
+      The GN/SiLU before ``pw_out`` is our choice: every frequency stream is
+      linear, so this gives the block its nonlinearity on the fused map.
+
+    The two DWT levels need spatial sizes divisible by 4; other sizes are
+    replicate-padded at the far end for the frequency streams only and the
+    fused map is cropped back, so any size works. GroupNorm uses the same
+    group count as the group-wise convs (``group_width`` channels per group).
+
+    ``wrm=False`` (ablation): ``GN-SiLU-conv3 -> GN-SiLU-conv3`` plus shortcut,
+    full 3x3x3 convs, of similar parameter count.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, group_width: int, wrm: bool = True) -> None:
+        super().__init__()
+        self.in_ch, self.out_ch, self.wrm = in_ch, out_ch, wrm
+        g_in = num_groups(in_ch, group_width)
+        if wrm:
+            self.primary = nn.Sequential(
+                group_conv(in_ch, g_in), nn.GroupNorm(g_in, in_ch), nn.SiLU(), nn.Conv3d(in_ch, in_ch, 1)
+            )
+            self.high1 = group_conv(7 * in_ch, 7 * g_in)
+            self.low2 = group_conv(in_ch, g_in)
+            self.high2 = group_conv(7 * in_ch, 7 * g_in)
+            self.out_norm = nn.GroupNorm(g_in, in_ch)
+            self.out_conv = nn.Conv3d(in_ch, out_ch, 1)
+        else:
+            g_out = num_groups(out_ch, group_width)
+            self.body = nn.Sequential(
+                nn.GroupNorm(g_in, in_ch), nn.SiLU(), nn.Conv3d(in_ch, out_ch, 3, padding=1),
+                nn.GroupNorm(g_out, out_ch), nn.SiLU(), nn.Conv3d(out_ch, out_ch, 3, padding=1),
+            )
+        self.shortcut: nn.Module = nn.Conv3d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def frequency_map(self, x: torch.Tensor) -> torch.Tensor:
+        """High- and low-frequency streams fused by IDWT, at the resolution of ``x``."""
+        padded, size = _pad_to_multiple(x, 4)
+        low1, high1 = split_low_high(dwt3d(padded))
+        high1 = self.high1(high1)
+        low2, high2 = split_low_high(dwt3d(low1))
+        low1_refined = idwt3d(merge_low_high(self.low2(low2), self.high2(high2)))
+        fused = idwt3d(merge_low_high(low1 + low1_refined, high1))
+        return fused[:, :, : size[0], : size[1], : size[2]]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.wrm:
+            return self.body(x) + self.shortcut(x)
+        y = x + self.primary(x) + self.frequency_map(x)
+        return self.out_conv(F.silu(self.out_norm(y))) + self.shortcut(x)

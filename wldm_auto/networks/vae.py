@@ -1,0 +1,168 @@
+"""Stage 1 of 3D-WLDM: one wavelet VAE shared by MR and CT."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wldm_auto.networks.blocks import WaveletBlock, num_groups
+from wldm_auto.planners.schema import VAEPlan
+
+MODALITIES = ("mr", "ct")
+LOGVAR_RANGE = (-30.0, 20.0)
+
+
+def check_modality(modality: str) -> str:
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be 'mr' or 'ct', got {modality!r}")
+    return modality
+
+
+class DiagonalGaussian:
+    """Posterior N(mean, exp(logvar)) over latents of shape (B, C, d, h, w); logvar clamped to [-30, 20]."""
+
+    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor) -> None:
+        self.mean = mean
+        self.logvar = logvar.clamp(*LOGVAR_RANGE)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Reparameterised draw ``mean + std * eps`` (differentiable in mean and logvar)."""
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl_per_sample(self) -> torch.Tensor:
+        """KL(q || N(0, I)) of each sample, summed over all latent channels and voxels: shape (B,)."""
+        kl = 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)
+        return kl.flatten(1).sum(dim=1)
+
+    def kl(self) -> torch.Tensor:
+        """Scalar KL: summed over latent dimensions, averaged over the batch."""
+        return self.kl_per_sample().mean()
+
+
+def _norm(channels: int, group_width: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups(channels, group_width), channels)
+
+
+class WaveletVAE(nn.Module):
+    """Shared MR/CT VAE built from WaveletBlocks (plan: :class:`VAEPlan`).
+
+    Modality-specific parts: a 3x3x3 input stem per modality (MR: ``mr_channels``
+    -> ``channels[0]``; CT: 1 -> ``channels[0]``) and a 3x3x3 output head per
+    modality. Everything else (encoder, latent projection, decoder) is shared,
+    as in the paper. Encoder: per level ``blocks_per_level`` WaveletBlocks, then
+    a stride-2 3x3x3 conv to the next level's width; a 1x1x1 conv gives mean and
+    logvar (``2 * latent_channels``). Decoder mirrors it with nearest-neighbour
+    upsampling + 3x3x3 conv. The output is linear (no tanh): data lie in
+    [-1, 1] and the L2 loss pulls it there; clip at export if needed.
+    Latent channels ``[:C/2]`` are structure S, ``[C/2:]`` modality M (SMD).
+    """
+
+    def __init__(self, mr_channels: int, plan: VAEPlan) -> None:
+        super().__init__()
+        channels = list(plan.channels)
+        if not channels or min(channels) < 1:
+            raise ValueError(f"VAEPlan.channels must be a non-empty list of positive widths, got {channels}")
+        expected = 2 ** (len(channels) - 1)
+        if plan.downsampling_factor != expected:
+            raise ValueError(
+                f"VAEPlan.downsampling_factor={plan.downsampling_factor} does not match "
+                f"channels={channels} ({len(channels)} levels give 2**{len(channels) - 1}={expected})"
+            )
+        if plan.latent_channels < 2 or plan.latent_channels % 2:
+            raise ValueError(
+                f"VAEPlan.latent_channels={plan.latent_channels} must be even (>= 2): "
+                "the first half is structure S, the second half modality M"
+            )
+        if mr_channels < 1:
+            raise ValueError(f"mr_channels must be >= 1, got {mr_channels}")
+        self.mr_channels = mr_channels
+        self.latent_channels = plan.latent_channels
+        self.downsampling_factor = plan.downsampling_factor
+        gw, wrm, nb = plan.group_width, plan.wrm, max(1, plan.blocks_per_level)
+        in_channels = {"mr": mr_channels, "ct": 1}
+
+        self.stems = nn.ModuleDict({m: nn.Conv3d(in_channels[m], channels[0], 3, padding=1) for m in MODALITIES})
+        self.encoder = nn.ModuleList()
+        for i, ch in enumerate(channels):
+            level: list[nn.Module] = [WaveletBlock(ch, ch, gw, wrm) for _ in range(nb)]
+            if i + 1 < len(channels):
+                level.append(nn.Conv3d(ch, channels[i + 1], 3, stride=2, padding=1))
+            self.encoder.append(nn.Sequential(*level))
+        self.to_moments = nn.Sequential(
+            _norm(channels[-1], gw), nn.SiLU(), nn.Conv3d(channels[-1], 2 * plan.latent_channels, 1)
+        )
+
+        self.from_latent = nn.Conv3d(plan.latent_channels, channels[-1], 3, padding=1)
+        self.decoder = nn.ModuleList()
+        for i in range(len(channels) - 1, -1, -1):
+            level = [WaveletBlock(channels[i], channels[i], gw, wrm) for _ in range(nb)]
+            if i > 0:
+                level += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv3d(channels[i], channels[i - 1], 3, padding=1)]
+            self.decoder.append(nn.Sequential(*level))
+        self.out_norm = _norm(channels[0], gw)
+        self.heads = nn.ModuleDict({m: nn.Conv3d(channels[0], in_channels[m], 3, padding=1) for m in MODALITIES})
+
+    @property
+    def required_divisor(self) -> int:
+        """Every input spatial size must be a multiple of this (the downsampling factor)."""
+        return self.downsampling_factor
+
+    def latent_shape(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
+        """(latent_channels, D/f, H/f, W/f) for an input of spatial shape (D, H, W); no batch dimension."""
+        f = self.downsampling_factor
+        if len(spatial_shape) != 3 or any(s % f or s < 1 for s in spatial_shape):
+            raise ValueError(f"spatial shape {tuple(spatial_shape)} must be 3 sizes divisible by {f}")
+        return (self.latent_channels, *(s // f for s in spatial_shape))
+
+    def _check_input(self, x: torch.Tensor, modality: str) -> None:
+        expected = self.mr_channels if modality == "mr" else 1
+        if x.dim() != 5 or x.shape[1] != expected:
+            raise ValueError(f"{modality} input must be (B, {expected}, D, H, W), got shape {tuple(x.shape)}")
+        bad = [s for s in x.shape[2:] if s % self.downsampling_factor]
+        if bad:
+            raise ValueError(
+                f"input spatial shape {tuple(x.shape[2:])} is not divisible by the VAE "
+                f"downsampling factor {self.downsampling_factor}"
+            )
+
+    def encode(self, x: torch.Tensor, modality: str) -> DiagonalGaussian:
+        check_modality(modality)
+        self._check_input(x, modality)
+        h = self.stems[modality](x)
+        for level in self.encoder:
+            h = level(h)
+        mean, logvar = self.to_moments(h).chunk(2, dim=1)
+        return DiagonalGaussian(mean, logvar)
+
+    def decode(self, z: torch.Tensor, modality: str) -> torch.Tensor:
+        check_modality(modality)
+        if z.dim() != 5 or z.shape[1] != self.latent_channels:
+            raise ValueError(f"latent must be (B, {self.latent_channels}, d, h, w), got shape {tuple(z.shape)}")
+        h = self.from_latent(z)
+        for level in self.decoder:
+            h = level(h)
+        return self.heads[modality](F.silu(self.out_norm(h)))
+
+    def forward(self, x: torch.Tensor, modality: str, sample: bool = True) -> tuple[torch.Tensor, DiagonalGaussian]:
+        """Encode, draw (``sample``) or take the mean, decode with the same modality."""
+        posterior = self.encode(x, modality)
+        z = posterior.sample() if sample else posterior.mode()
+        return self.decode(z, modality), posterior
+
+    def structure(self, z: torch.Tensor) -> torch.Tensor:
+        """Structure part S: the first half of latent channels."""
+        return z[:, : self.latent_channels // 2]
+
+    def modality_part(self, z: torch.Tensor) -> torch.Tensor:
+        """Modality part M: the second half of latent channels."""
+        return z[:, self.latent_channels // 2 :]

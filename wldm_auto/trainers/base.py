@@ -1,0 +1,320 @@
+"""Training machinery shared by every trainer: loop, schedule, AMP, DDP, checkpoints, logs.
+
+A concrete trainer (a small subclass) builds its networks and optimisers,
+does one optimisation step on a batch and validates; this class does the
+rest. Batches are a pure function of (seed, step, rank) (see
+``trainers/data.py``), the RNG states travel in the checkpoint, so a run
+resumed with ``--c`` continues exactly where the saved one stopped.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ContextManager
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from wldm_auto.io.files import read_json, write_json
+from wldm_auto.planners.schema import ConfigurationPlan, Plans, TrainingPlan
+from wldm_auto.trainers.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from wldm_auto.trainers.data import PreprocessedDataset, StepBatches
+from wldm_auto.trainers.loader import default_num_workers, make_loader
+from wldm_auto.trainers.progress import draw_progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainerOptions:
+    """Run-time choices that are not part of the plan (command-line flags)."""
+
+    device: str = "auto"  # "cpu", "cuda" or "auto"
+    seed: int = 12345
+    num_steps: int | None = None  # overrides num_epochs * steps_per_epoch
+    num_epochs: int | None = None
+    steps_per_epoch: int | None = None
+    num_workers: int | None = None
+    compile: bool | None = None
+    deterministic: bool = False
+    stop_at_step: int | None = None  # stop (after checkpointing) at this step, as if killed: for tests
+
+
+class BaseTrainer:
+    """Subclasses set ``stage`` and implement build, train_step, validate."""
+
+    stage: str = ""
+    best_metric: str = "val_loss"  # key in the validation dict
+    best_mode: str = "min"  # "min" or "max"
+
+    def __init__(self, plans: Plans, configuration: str, fold: int, preprocessed: Path, output: Path,
+                 options: TrainerOptions | None = None) -> None:
+        self.plans = plans
+        self.configuration_name = configuration
+        self.config: ConfigurationPlan = plans.configuration(configuration)
+        self.fold = fold
+        self.preprocessed = Path(preprocessed)
+        self.output = Path(output)
+        self.options = options or TrainerOptions()
+        self.apply_plan_overrides()
+        self.rank, self.world_size, self.local_rank = _init_distributed(self.options.device)
+        self.device = _pick_device(self.options.device, self.local_rank)
+        self.is_main = self.rank == 0
+        self._seed_everything(self.options.seed + self.rank)
+        if self.options.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        schedule = self.training_plan
+        self.steps_per_epoch = self.options.steps_per_epoch or schedule.steps_per_epoch
+        epochs = self.options.num_epochs or schedule.num_epochs
+        self.total_steps = self.options.num_steps or epochs * self.steps_per_epoch
+        self.steps_per_epoch = min(self.steps_per_epoch, self.total_steps)
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.epoch_sums: dict[str, float] = {}
+        self.epoch_count = 0
+        self.epoch_started = time.time()
+        self.best_value: float | None = None
+        self.train_cases, self.val_cases = self._split()
+        data_folder = self.preprocessed / self.config.data_identifier
+        self.train_data = PreprocessedDataset(data_folder, self.train_cases)
+        self.val_data = PreprocessedDataset(data_folder, self.val_cases)
+        self.build()
+
+    # -- what subclasses provide -------------------------------------------------
+    @property
+    def training_plan(self) -> TrainingPlan:
+        raise NotImplementedError
+
+    def apply_plan_overrides(self) -> None:
+        """Ablation variants change their (in-memory) plan here; the checkpoint records the result."""
+
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        """Unwrapped networks to checkpoint, by name."""
+        raise NotImplementedError
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def validate(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    # -- shared helpers for subclasses -----------------------------------------------
+    def make_optimizer(self, params: Any, learning_rate: float) -> torch.optim.Optimizer:
+        """AdamW with the plan's weight decay; its learning rate follows :meth:`lr_factor` of the global step."""
+        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=self.training_plan.weight_decay)
+        self._optimizers = getattr(self, "_optimizers", {})
+        scaler = torch.amp.GradScaler("cuda", enabled=self._amp_dtype() == torch.float16)
+        self._optimizers[f"opt{len(self._optimizers)}"] = (optimizer, learning_rate, scaler)
+        return optimizer
+
+    def lr_factor(self, step: int) -> float:
+        """Linear warm-up over ``warmup_steps``, then cosine decay to 0 at the last step."""
+        warmup, total = self.training_plan.warmup_steps, max(1, self.total_steps)
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def optimise(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: Any) -> None:
+        """Backward (scaled under fp16 AMP), clip gradients, step, zero."""
+        _, _, scaler = next(v for v in self._optimizers.values() if v[0] is optimizer)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        if self.training_plan.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.training_plan.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    def autocast(self) -> ContextManager:
+        dtype = self._amp_dtype()
+        return torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext()
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Move to the device, DDP-wrap under torchrun, optionally torch.compile."""
+        module = module.to(self.device)
+        if self.world_size > 1:
+            ids = [self.local_rank] if self.device.type == "cuda" else None
+            module = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        use_compile = self.options.compile if self.options.compile is not None else self.training_plan.compile
+        if use_compile:
+            module = torch.compile(module)
+        return module
+
+    def batches(self, start: int, end: int) -> Any:
+        num_workers = self.options.num_workers if self.options.num_workers is not None else default_num_workers()
+        data = StepBatches(self.train_data, self.config.patch_size, self.config.batch_size, self.options.seed,
+                           augment=True, rank=self.rank, world_size=self.world_size)
+        return make_loader(data, start, end, num_workers, pin_memory=self.device.type == "cuda")
+
+    # -- the loop ---------------------------------------------------------------------
+    def run(self, resume: bool = False) -> Path:
+        """Train until the planned number of steps; returns the final checkpoint's path."""
+        if resume:
+            self.load(self._resume_path())
+        if self.is_main:
+            log.info("%s fold %d: %d train / %d val cases, patch %s, batch %d, steps %d..%d on %s (world size %d)",
+                     type(self).__name__, self.fold, len(self.train_data.cases), len(self.val_data.cases),
+                     self.config.patch_size, self.config.batch_size, self.step, self.total_steps, self.device,
+                     self.world_size)
+        stop = min(self.total_steps, self.options.stop_at_step or self.total_steps)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.stage}", unit="step",
+                   disable=not self.is_main)
+        self.epoch_started = time.time()
+        for batch in self.batches(self.step, stop):
+            for optimizer, base_lr, _ in self._optimizers.values():
+                for group in optimizer.param_groups:
+                    group["lr"] = base_lr * self.lr_factor(self.step)
+            losses = self.train_step(batch)
+            self.step += 1
+            for key, value in losses.items():
+                self.epoch_sums[key] = self.epoch_sums.get(key, 0.0) + float(value)
+            self.epoch_count += 1
+            bar.update()
+            bar.set_postfix({k: f"{v:.4g}" for k, v in list(losses.items())[:3]})
+            if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
+                self._end_epoch()
+            elif self.step % self.training_plan.checkpoint_every_steps == 0 or self.step == stop:
+                self.save("checkpoint_latest.pt")
+        bar.close()
+        if self.step < self.total_steps:
+            return self.output / "checkpoint_latest.pt"
+        self.save("checkpoint_final.pt")
+        if self.world_size > 1:
+            dist.barrier()
+        return self.output / "checkpoint_final.pt"
+
+    def _end_epoch(self) -> None:
+        record: dict[str, Any] = {"epoch": len(self.history), "step": self.step,
+                                  "lr": self._optimizers["opt0"][0].param_groups[0]["lr"]}
+        record.update({f"train_{k}": v / max(1, self.epoch_count) for k, v in self.epoch_sums.items()})
+        if self.is_main:
+            for module in self.networks().values():
+                module.eval()
+            with torch.no_grad():
+                record.update({f"val_{k}": v for k, v in self.validate().items()})
+            for module in self.networks().values():
+                module.train()
+        record["epoch_seconds"] = time.time() - self.epoch_started
+        self.history.append(record)
+        self.epoch_sums, self.epoch_count = {}, 0
+        if self.is_main:
+            log.info("epoch %d (step %d): %s", record["epoch"], self.step,
+                     ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("epoch", "step")))
+            value = record.get(self.best_metric)
+            if value is not None and math.isfinite(value) and (
+                    self.best_value is None or (value > self.best_value if self.best_mode == "max" else value < self.best_value)):
+                self.best_value = value
+                self.save("checkpoint_best.pt", barrier=False)  # main process only: no barrier
+            draw_progress(self.history, self.output / "progress.png", f"{type(self).__name__} fold {self.fold}")
+            write_json(self.history, self.output / "history.json")
+        self.save("checkpoint_latest.pt")
+        self.epoch_started = time.time()
+
+    # -- checkpoints ------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "trainer": type(self).__name__,
+            "stage": self.stage,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "networks": {k: v.state_dict() for k, v in self.networks().items()},
+            "optimizers": {k: o.state_dict() for k, (o, _, _) in self._optimizers.items()},
+            "scalers": {k: sc.state_dict() for k, (_, _, sc) in self._optimizers.items()},
+            "rng": rng_state(),
+            "plans": self.plans.to_dict(),
+            "configuration": self.configuration_name,
+            "fold": self.fold,
+            "mr_channels": self.train_data.num_mr_channels,
+            "history": self.history,
+            "epoch_sums": dict(self.epoch_sums),
+            "epoch_count": self.epoch_count,
+            "best_value": self.best_value,
+            "seed": self.options.seed,
+        }
+
+    def save(self, name: str, barrier: bool = True) -> None:
+        """Rank 0 writes ``name``; with ``barrier`` every rank waits for it."""
+        if self.is_main:
+            save_checkpoint(self.state(), self.output / name)
+        if barrier and self.world_size > 1:
+            dist.barrier()
+
+    def load(self, path: Path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        if state["trainer"] != type(self).__name__:
+            raise ValueError(f"{path}: written by {state['trainer']}, not {type(self).__name__}")
+        for name, module in self.networks().items():
+            module.load_state_dict(state["networks"][name])
+        for name, (optimizer, _, scaler) in self._optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+            scaler.load_state_dict(state["scalers"][name])
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+        self.epoch_sums = dict(state["epoch_sums"])
+        self.epoch_count = int(state["epoch_count"])
+        self.best_value = state["best_value"]
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def _resume_path(self) -> Path:
+        latest = self.output / "checkpoint_latest.pt"
+        if latest.is_file():
+            return latest
+        if (self.output / "checkpoint_final.pt").is_file():
+            return self.output / "checkpoint_final.pt"
+        raise FileNotFoundError(f"{self.output}: nothing to continue (no checkpoint_latest.pt); start without --c")
+
+    # -- internals --------------------------------------------------------------------
+    def _split(self) -> tuple[list[str], list[str]]:
+        path = self.preprocessed / "splits_final.json"
+        splits = read_json(path)
+        if not 0 <= self.fold < len(splits):
+            raise ValueError(f"{path}: fold {self.fold} does not exist (folds 0..{len(splits) - 1})")
+        return list(splits[self.fold]["train"]), list(splits[self.fold]["val"])
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        if self.device.type != "cuda" or not self.training_plan.amp:
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+
+def _pick_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available (use --device cpu)")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if device != "cpu":
+        raise ValueError(f"unknown device {device!r} (use cpu, cuda or auto)")
+    return torch.device("cpu")
+
+
+def _init_distributed(device: str) -> tuple[int, int, int]:
+    """(rank, world size, local rank); starts the process group under torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return 0, 1, 0
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))

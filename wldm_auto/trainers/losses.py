@@ -1,0 +1,78 @@
+"""Stage-1 losses: masked L2, KL, structure-modality disentanglement (SMD), hinge GAN."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from wldm_auto.networks.vae import DiagonalGaussian
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the voxels where ``mask > 0`` (all channels).
+
+    ``mask`` broadcasts to ``pred`` (e.g. (B, 1, D, H, W) for multi-channel
+    ``pred``). An empty mask gives a zero that still carries a graph.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    weight = (mask > 0).to(pred.dtype).expand_as(pred)
+    # clamp: an empty mask gives 0 / 1 = 0 (with grad) and no host sync on GPU
+    return ((pred - target).pow(2) * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def kl_loss(posterior: DiagonalGaussian) -> torch.Tensor:
+    """KL to N(0, I), summed over latent dimensions and averaged over the batch."""
+    return posterior.kl()
+
+
+def _pairwise(z: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(2P, C, ...) -> S_a, S_b, M_a, M_b, each (P, C/2 * voxels)."""
+    if z.dim() < 2 or z.shape[0] % 2 or z.shape[0] == 0:
+        raise ValueError(
+            f"smd_loss needs a batch of patient pairs (0,1), (2,3), ...: {name} has batch size "
+            f"{z.shape[0] if z.dim() else 'none'}, which is not a positive even number"
+        )
+    if z.shape[1] % 2:
+        raise ValueError(f"smd_loss needs an even number of latent channels, {name} has {z.shape[1]}")
+    half = z.shape[1] // 2
+    s = z[:, :half].flatten(1).unflatten(0, (-1, 2))
+    m = z[:, half:].flatten(1).unflatten(0, (-1, 2))
+    return s[:, 0], s[:, 1], m[:, 0], m[:, 1]
+
+
+def smd_loss(z_ct: torch.Tensor, z_mr: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Structure-Modality Disentanglement loss (paper's L_D = L_stru + L_modal).
+
+    ``z_ct[i]`` and ``z_mr[i]`` are latents of the same patient; the batch
+    holds P pairs of patients (a, b) = (2i, 2i+1). S = first half of channels,
+    M = second half, flattened per sample; cos = cosine similarity. Per pair:
+
+        L_stru  = -(cos(S_CT_a, S_MR_a) + cos(S_CT_b, S_MR_b)) + (cos(S_CT_a, S_CT_b) + cos(S_MR_a, S_MR_b))
+        L_modal =  (cos(M_CT_a, M_MR_a) + cos(M_CT_b, M_MR_b)) - (cos(M_CT_a, M_CT_b) + cos(M_MR_a, M_MR_b))
+
+    i.e. structure agrees across modalities of one patient and differs
+    between patients; the modality code differs across modalities and agrees
+    within one modality. Returns {"stru", "modal", "total"}, each the mean over pairs.
+    """
+    if z_ct.shape != z_mr.shape:
+        raise ValueError(f"z_ct {tuple(z_ct.shape)} and z_mr {tuple(z_mr.shape)} must have the same shape")
+    sct_a, sct_b, mct_a, mct_b = _pairwise(z_ct, "z_ct")
+    smr_a, smr_b, mmr_a, mmr_b = _pairwise(z_mr, "z_mr")
+
+    def cos(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.cosine_similarity(u, v, dim=1, eps=1e-8)
+
+    stru = -(cos(sct_a, smr_a) + cos(sct_b, smr_b)) + (cos(sct_a, sct_b) + cos(smr_a, smr_b))
+    modal = (cos(mct_a, mmr_a) + cos(mct_b, mmr_b)) - (cos(mct_a, mct_b) + cos(mmr_a, mmr_b))
+    stru, modal = stru.mean(), modal.mean()
+    return {"stru": stru, "modal": modal, "total": stru + modal}
+
+
+def d_hinge_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss: 0.5 * (mean(relu(1 - real)) + mean(relu(1 + fake)))."""
+    return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
+
+
+def g_adv_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Generator hinge loss: -mean(fake logits)."""
+    return -fake_logits.mean()

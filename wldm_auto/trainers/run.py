@@ -1,0 +1,91 @@
+"""Python API behind ``wldm_train``: resolve dataset, plans and results folder, then train.
+
+Results go to ``$wldm_results/DatasetXXX_Name/<Trainer>__<plans>__<configuration>/fold_F/``;
+the model folder holds its own copies of plans.json, dataset.json and the
+fingerprint, so it is all that inference needs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from wldm_auto.io.files import atomic_path, read_json
+from wldm_auto.paths import PREPROCESSED, preprocessed_root, resolve_dataset_name, results_root
+from wldm_auto.planners.schema import Plans
+from wldm_auto.trainers.base import TrainerOptions
+from wldm_auto.trainers.registry import default_trainer, trainer_class
+
+log = logging.getLogger(__name__)
+
+COPIED = ("plans.json", "dataset.json", "dataset_fingerprint.json")
+
+
+def model_folder(dataset_name: str, trainer: str, plans_name: str, configuration: str) -> Path:
+    return results_root(create=True) / dataset_name / f"{trainer}__{plans_name}__{configuration}"
+
+
+def _copy_metadata(preprocessed: Path, model_dir: Path) -> None:
+    """Copy plans/dataset/fingerprint into the model folder; refuse if the plans changed since."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for name in COPIED:
+        source, target = preprocessed / name, model_dir / name
+        if not source.is_file():
+            continue
+        if target.is_file():
+            if name == "plans.json" and read_json(source) != read_json(target):
+                raise ValueError(
+                    f"{source} differs from the plans this model was trained with ({target}); "
+                    "train the changed plan under a new results folder (move the old one) or restore the plan")
+            continue
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+
+
+def run_training(
+    dataset: str | int,
+    stage: str,
+    fold: int = 0,
+    trainer: str | None = None,
+    configuration: str = "3d_wldm",
+    resume: bool = False,
+    options: TrainerOptions | None = None,
+) -> Path:
+    """Train one fold; returns the path of the last checkpoint written."""
+    name = resolve_dataset_name(dataset, (PREPROCESSED,))
+    preprocessed = preprocessed_root() / name
+    if not (preprocessed / "plans.json").is_file():
+        raise ValueError(f"{preprocessed / 'plans.json'} not found: run wldm_plan_and_preprocess -d {dataset} first")
+    trainer_name = trainer or default_trainer(stage)
+    cls = trainer_class(trainer_name)
+    if cls.stage != stage:
+        raise ValueError(f"trainer {trainer_name} trains stage {cls.stage!r}, not {stage!r}")
+    plans = Plans.load(preprocessed / "plans.json")
+    model_dir = model_folder(name, trainer_name, plans.plans_name, configuration)
+    fold_dir = model_dir / f"fold_{fold}"
+    existing = sorted(p.name for p in fold_dir.glob("checkpoint_*.pt")) if fold_dir.is_dir() else []
+    if existing and not resume:
+        raise FileExistsError(f"{fold_dir} already holds {', '.join(existing)}: use --c to continue it, "
+                              "or move the folder away to train from scratch")
+    if resume and not existing:
+        log.warning("--c: %s holds no checkpoint, starting from scratch", fold_dir)
+        resume = False
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main:
+        _copy_metadata(preprocessed, model_dir)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    handler = None
+    if is_main:
+        handler = logging.FileHandler(fold_dir / f"training_log_{time.strftime('%Y%m%d-%H%M%S')}.txt")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+    try:
+        plans_used = Plans.load(model_dir / "plans.json") if (model_dir / "plans.json").is_file() else plans
+        instance = cls(plans_used, configuration, fold, preprocessed, fold_dir, options or TrainerOptions())
+        return instance.run(resume=resume)
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()

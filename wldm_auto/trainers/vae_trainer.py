@@ -1,0 +1,145 @@
+"""Stage 1: the shared MR/CT wavelet VAE with SMD and an adversarial CT loss.
+
+Loss (paper, DESIGN.md section 7): L = L_rec + a L_KL + b L_D + g L_adv with
+L_rec the L2 reconstruction of MR (all voxels) and CT (valid voxels only),
+L_KL on both posteriors, L_D the structure-modality disentanglement on the
+posterior means of each CT/MR pair of patients, and L_adv a hinge loss from a
+3D patch discriminator on CT reconstructions, switched on after
+``adv_start_step``. The discriminator judges CT only: the MR decoder is never
+used at inference, the CT decoder makes every sCT.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from wldm_auto.networks.discriminator import PatchDiscriminator3D
+from wldm_auto.networks.tiling import fit_tile, sliding_window
+from wldm_auto.networks.vae import DiagonalGaussian, WaveletVAE
+from wldm_auto.planners.schema import TrainingPlan, VAEPlan
+from wldm_auto.preprocessing.normalization import denormalise_ct
+from wldm_auto.trainers.base import BaseTrainer
+from wldm_auto.trainers.losses import d_hinge_loss, g_adv_loss, kl_loss, masked_mse, smd_loss
+from wldm_auto.trainers.metrics import PSNR_RANGE_HU, mae, psnr
+
+
+class VAEPair(nn.Module):
+    """One forward for both modalities (one DDP call per step)."""
+
+    def __init__(self, vae: WaveletVAE) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, mr: torch.Tensor, ct: torch.Tensor) -> tuple[Any, ...]:
+        rec_mr, post_mr = self.vae(mr, "mr")
+        rec_ct, post_ct = self.vae(ct, "ct")
+        return rec_mr, post_mr.mean, post_mr.logvar, rec_ct, post_ct.mean, post_ct.logvar
+
+
+def reconstruct(vae: WaveletVAE, volume: torch.Tensor, modality: str, tile: list[int], overlap: float,
+                device: torch.device) -> torch.Tensor:
+    """Encode (posterior mode) and decode a whole volume (C, z, y, x), tiled and blended."""
+    tile = fit_tile(volume.shape[-3:], tile, vae.required_divisor)
+
+    def fn(batch: torch.Tensor) -> torch.Tensor:
+        return vae.decode(vae.encode(batch, modality).mode(), modality)
+
+    return sliding_window(volume, tile, fn, overlap=overlap, device=device)
+
+
+class VAETrainer(BaseTrainer):
+    """The full stage-1 model: WaveletBlocks with WRM, SMD loss, adversarial CT loss."""
+
+    stage = "vae"
+    best_metric = "val_psnr_ct"
+    best_mode = "max"
+
+    @property
+    def vae_plan(self) -> VAEPlan:
+        return self.config.vae
+
+    @property
+    def training_plan(self) -> TrainingPlan:
+        return self.config.vae.training
+
+    def build(self) -> None:
+        p = self.vae_plan
+        self.vae = WaveletVAE(self.train_data.num_mr_channels, p)
+        self.disc = PatchDiscriminator3D(1, p.discriminator_channels, p.discriminator_layers)
+        self.model = self.wrap(VAEPair(self.vae))
+        self.disc_model = self.wrap(self.disc)
+        self.opt = self.make_optimizer(self.vae.parameters(), p.training.learning_rate)
+        self.opt_d = self.make_optimizer(self.disc.parameters(), p.discriminator_learning_rate)
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"vae": self.vae, "discriminator": self.disc}
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        p = self.vae_plan
+        mr = batch["mr"].to(self.device, non_blocking=True)
+        ct = batch["ct"].to(self.device, non_blocking=True)
+        valid = batch["valid"].to(self.device, non_blocking=True)
+        adversarial = p.adv_weight > 0 and self.step >= p.adv_start_step
+        with self.autocast():
+            rec_mr, mean_mr, logvar_mr, rec_ct, mean_ct, logvar_ct = self.model(mr, ct)
+            rec = masked_mse(rec_ct, ct, valid) + masked_mse(rec_mr, mr, torch.ones_like(mr[:, :1]))
+            kl = _kl(mean_mr, logvar_mr) + _kl(mean_ct, logvar_ct)
+            loss = rec + p.kl_weight * kl
+            out = {"loss": 0.0, "rec": rec.item(), "kl": kl.item()}
+            if p.smd_weight > 0:
+                smd = smd_loss(mean_ct, mean_mr)
+                loss = loss + p.smd_weight * smd["total"]
+                out.update(smd_stru=smd["stru"].item(), smd_modal=smd["modal"].item())
+            if adversarial:
+                self.disc.requires_grad_(False)  # the generator step must not touch discriminator gradients
+                g_adv = g_adv_loss(self.disc(rec_ct))
+                self.disc.requires_grad_(True)
+                loss = loss + p.adv_weight * g_adv
+                out["g_adv"] = g_adv.item()
+        out["loss"] = loss.item()
+        self.optimise(loss, self.opt, self.vae.parameters())
+        if adversarial:
+            with self.autocast():
+                logits = self.disc_model(torch.cat([ct, rec_ct.detach()]))
+                d_loss = d_hinge_loss(logits[: len(ct)], logits[len(ct):])
+            self.optimise(d_loss, self.opt_d, self.disc.parameters())
+            out["d"] = d_loss.item()
+        return out
+
+    def validate(self) -> dict[str, float]:
+        """Whole-volume reconstructions of the validation cases: CT MAE/PSNR in HU, MR PSNR."""
+        figures: dict[str, list[float]] = {"psnr_ct": [], "mae_ct_hu": [], "psnr_mr": []}
+        overlap = self.config.inference.tile_overlap
+        for case in self.val_data.cases:
+            mr, ct, masks = (np.array(a) for a in self.val_data.arrays(case))
+            window = self.val_data.properties(case)["ct_window"]
+            with self.autocast():
+                rec_ct = reconstruct(self.vae, torch.from_numpy(ct), "ct", self.config.patch_size, overlap, self.device)
+                rec_mr = reconstruct(self.vae, torch.from_numpy(mr), "mr", self.config.patch_size, overlap, self.device)
+            region = (masks[0] > 0) & (masks[1] > 0)
+            ct_hu, rec_hu = denormalise_ct(ct[0], window), denormalise_ct(rec_ct[0].clamp(-1, 1).numpy(), window)
+            figures["mae_ct_hu"].append(mae(rec_hu, ct_hu, region))
+            figures["psnr_ct"].append(psnr(rec_hu, ct_hu, region, PSNR_RANGE_HU))
+            figures["psnr_mr"].append(psnr(rec_mr.numpy(), mr, np.broadcast_to(masks[1] > 0, mr.shape), (-1.0, 1.0)))
+        return {k: float(np.mean(v)) for k, v in figures.items() if v}
+
+
+def _kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    return kl_loss(DiagonalGaussian(mean, logvar))
+
+
+class VAETrainer_noWRM(VAETrainer):  # noqa: N801 - ablation names follow the paper's tables
+    """Ablation: plain residual blocks instead of WaveletBlocks with WRM."""
+
+    def apply_plan_overrides(self) -> None:
+        self.config.vae.wrm = False
+
+
+class VAETrainer_noSMD(VAETrainer):  # noqa: N801
+    """Ablation: no structure-modality disentanglement loss."""
+
+    def apply_plan_overrides(self) -> None:
+        self.config.vae.smd_weight = 0.0
