@@ -34,6 +34,7 @@ setup(
             "wldm_plan_and_preprocess=wldm_auto.cli.plan_and_preprocess:main",
             "wldm_demo=wldm_auto.cli.demo:main",
             "wldm_train=wldm_auto.cli.train:main",
+            "wldm_predict=wldm_auto.cli.predict:main",
         ]
     },
 )

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,3 +90,38 @@ def preprocessed_small(tmp_path_factory: pytest.TempPathFactory) -> Preprocessed
     plans = Plans.load(pre / SMALL_DATASET / "plans.json")
     arrays = pre / SMALL_DATASET / plans.configuration("3d_wldm").data_identifier
     return PreprocessedSmall(raw, pre, SMALL_DATASET, arrays, sorted(SMALL_CROPS))
+
+
+TINY_VAE = {"channels": [8, 16], "group_width": 4, "latent_channels": 4, "downsampling_factor": 2,
+            "discriminator_channels": 8, "discriminator_layers": 2, "adv_start_step": 2, "kl_weight": 1e-6,
+            "training": {"learning_rate": 2e-3, "warmup_steps": 0, "steps_per_epoch": 4, "num_epochs": 2,
+                         "checkpoint_every_steps": 2, "grad_clip": 1.0, "weight_decay": 0.0}}
+
+
+TINY_DIFFUSION = {"unet_channels": [16, 32], "timesteps": 100, "validation_ddim_steps": 3, "ema_decay": 0.9}
+
+
+TINY_REGRESSION = {"unet_channels": [8, 16], "group_width": 4, "blocks_per_level": 1}
+
+
+def tiny_copy(preprocessed_small: "PreprocessedSmall", tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+              **vae_changes) -> str:
+    """A private copy of the small preprocessed dataset with tiny VAE/diffusion/regression plans; env vars point at it."""
+    pre = tmp_path / "pre"
+    shutil.copytree(preprocessed_small.preprocessed, pre)
+    monkeypatch.setenv("wldm_preprocessed", str(pre))
+    monkeypatch.setenv("wldm_results", str(tmp_path / "results"))
+    plans_path = pre / preprocessed_small.dataset / "plans.json"
+    plans = json.loads(plans_path.read_text())
+    config = plans["configurations"]["3d_wldm"]
+    config["patch_size"] = [16, 16, 16]
+    config["batch_size"] = 2
+    vae = dict(TINY_VAE, **vae_changes)
+    training = dict(config["vae"]["training"], **vae.pop("training"))
+    config["vae"].update(vae, training=training)
+    config["diffusion"].update(TINY_DIFFUSION, training=dict(config["diffusion"]["training"], **TINY_VAE["training"]))
+    config["regression"].update(TINY_REGRESSION,
+                                training=dict(config["regression"]["training"], **TINY_VAE["training"]))
+    config["inference"]["ddim_steps"] = 4
+    plans_path.write_text(json.dumps(plans))
+    return preprocessed_small.dataset

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,29 +15,7 @@ from wldm_auto.trainers.base import TrainerOptions
 from wldm_auto.trainers.checkpoint import CheckpointError, load_checkpoint
 from wldm_auto.trainers.run import run_training
 
-TINY_VAE = {"channels": [8, 16], "group_width": 4, "latent_channels": 4, "downsampling_factor": 2,
-            "discriminator_channels": 8, "discriminator_layers": 2, "adv_start_step": 2, "kl_weight": 1e-6,
-            "training": {"learning_rate": 2e-3, "warmup_steps": 0, "steps_per_epoch": 4, "num_epochs": 2,
-                         "checkpoint_every_steps": 2, "grad_clip": 1.0, "weight_decay": 0.0}}
-
-
-def tiny_copy(preprocessed_small, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **vae_changes) -> str:
-    """A private copy of the small preprocessed dataset with a tiny VAE plan; env vars point at it."""
-    pre = tmp_path / "pre"
-    shutil.copytree(preprocessed_small.preprocessed, pre)
-    monkeypatch.setenv("wldm_preprocessed", str(pre))
-    monkeypatch.setenv("wldm_results", str(tmp_path / "results"))
-    plans_path = pre / preprocessed_small.dataset / "plans.json"
-    plans = json.loads(plans_path.read_text())
-    config = plans["configurations"]["3d_wldm"]
-    config["patch_size"] = [16, 16, 16]
-    config["batch_size"] = 2
-    vae = dict(TINY_VAE, **vae_changes)
-    training = dict(config["vae"]["training"], **vae.pop("training"))
-    config["vae"].update(vae, training=training)
-    plans_path.write_text(json.dumps(plans))
-    return preprocessed_small.dataset
-
+from conftest import tiny_copy
 
 def fold_dir(tmp_path: Path, dataset: str, trainer: str = "VAETrainer") -> Path:
     return tmp_path / "results" / dataset / f"{trainer}__wldmPlans__3d_wldm" / "fold_0"

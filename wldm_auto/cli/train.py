@@ -11,6 +11,8 @@ Train a stage of the model for one cross-validation fold.
 
   wldm_train 001 vae -f 0            stage 1: the shared MR/CT wavelet VAE
   wldm_train 001 vae -f 0 --c        continue from checkpoint_latest.pt, exactly
+  wldm_train 001 diffusion -f 0      stage 2: latent diffusion with DSCA on the fold's frozen VAE
+  wldm_train 001 regression -f 0     baseline: plain 3D U-Net, masked L1 (fast; no VAE needed)
   torchrun --nproc_per_node 4 -m wldm_auto.cli.train 001 vae -f 0
                                      the same on 4 GPUs (DistributedDataParallel)
 
@@ -39,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, help="background augmentation workers (default: CPU cores - 1, max 8)")
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the networks")
     parser.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on GPU)")
+    parser.add_argument("--vae-trainer", help="stage 2: take the VAE of this stage-1 trainer (default VAETrainer)")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
@@ -49,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
         options = TrainerOptions(device=args.device, seed=args.seed, num_steps=args.steps, num_epochs=args.epochs,
                                  steps_per_epoch=args.steps_per_epoch, num_workers=args.num_workers,
-                                 compile=args.compile, deterministic=args.deterministic)
+                                 compile=args.compile, deterministic=args.deterministic,
+                                 vae_trainer=args.vae_trainer)
         path = run_training(args.dataset, args.stage, args.fold, args.trainer, args.configuration, args.resume, options)
         print(f"training stopped at {path}")
         return 0

@@ -46,6 +46,7 @@ class TrainerOptions:
     compile: bool | None = None
     deterministic: bool = False
     stop_at_step: int | None = None  # stop (after checkpointing) at this step, as if killed: for tests
+    vae_trainer: str | None = None  # stage 2: which stage-1 trainer's VAE to use (default VAETrainer)
 
 
 class BaseTrainer:
@@ -119,8 +120,13 @@ class BaseTrainer:
         return optimizer
 
     def lr_factor(self, step: int) -> float:
-        """Linear warm-up over ``warmup_steps``, then cosine decay to 0 at the last step."""
-        warmup, total = self.training_plan.warmup_steps, max(1, self.total_steps)
+        """Linear warm-up, then cosine decay to 0 at the last step.
+
+        The warm-up lasts ``warmup_steps`` but never more than a tenth of the run,
+        so a short ``--steps`` run still trains at a useful learning rate.
+        """
+        total = max(1, self.total_steps)
+        warmup = min(self.training_plan.warmup_steps, total // 10)
         if warmup > 0 and step < warmup:
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -266,7 +272,11 @@ class BaseTrainer:
         self.epoch_count = int(state["epoch_count"])
         self.best_value = state["best_value"]
         set_rng_state(state["rng"])
+        self.restore_extra(state)
         log.info("resumed from %s at step %d", path, self.step)
+
+    def restore_extra(self, state: dict[str, Any]) -> None:
+        """Subclasses restore what they added to :meth:`state`."""
 
     def _resume_path(self) -> Path:
         latest = self.output / "checkpoint_latest.pt"

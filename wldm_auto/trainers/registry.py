@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 from wldm_auto.trainers.base import BaseTrainer
+from wldm_auto.trainers.diffusion_trainer import DiffusionTrainer, DiffusionTrainer_noDSCA
+from wldm_auto.trainers.regression_trainer import RegressionTrainer
 from wldm_auto.trainers.vae_trainer import VAETrainer, VAETrainer_noSMD, VAETrainer_noWRM
 
 TRAINERS: dict[str, type[BaseTrainer]] = {
     "VAETrainer": VAETrainer,
     "VAETrainer_noWRM": VAETrainer_noWRM,
     "VAETrainer_noSMD": VAETrainer_noSMD,
+    "DiffusionTrainer": DiffusionTrainer,
+    "DiffusionTrainer_noDSCA": DiffusionTrainer_noDSCA,
+    "RegressionTrainer": RegressionTrainer,
 }
 
-DEFAULT_TRAINER = {"vae": "VAETrainer"}
+DEFAULT_TRAINER = {"vae": "VAETrainer", "diffusion": "DiffusionTrainer", "regression": "RegressionTrainer"}
 
 
 def trainer_class(name: str) -> type[BaseTrainer]:

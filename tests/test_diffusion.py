@@ -1,0 +1,249 @@
+"""Noise schedule, DDIM/DDPM samplers and whole-latent tiled sampling (CPU, seconds)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from wldm_auto.diffusion.samplers import DDIMSampler, DDPMSampler, sample
+from wldm_auto.diffusion.schedule import NoiseSchedule
+from wldm_auto.diffusion.tiled import TiledDenoiser, sample_whole_latent
+from wldm_auto.networks.tiling import tiles
+from wldm_auto.planners.schema import DiffusionPlan
+
+# ---------------------------------------------------------------- schedule
+
+def test_linear_betas_endpoints_and_monotone_alphas() -> None:
+    schedule = NoiseSchedule(1000, "linear", 1e-4, 0.02)
+    assert schedule.betas.dtype == torch.float64
+    assert schedule.betas[0].item() == pytest.approx(1e-4, abs=1e-15)
+    assert schedule.betas[-1].item() == pytest.approx(0.02, abs=1e-15)
+    abar = schedule.alphas_cumprod
+    assert abar.dtype == torch.float64 and abar.shape == (1000,)
+    assert bool((abar[1:] < abar[:-1]).all())
+    assert 0.99 < abar[0].item() < 1.0 and abar[-1].item() < 1e-4
+
+
+def test_cosine_schedule_in_range() -> None:
+    schedule = NoiseSchedule(1000, "cosine")
+    assert bool((schedule.betas > 0).all()) and schedule.betas.max().item() <= 0.999
+    abar = schedule.alphas_cumprod
+    assert bool((abar[1:] < abar[:-1]).all()) and 0.0 <= abar[-1].item() < 1e-3 and abar[0].item() > 0.999
+
+
+def test_unknown_names_raise() -> None:
+    with pytest.raises(ValueError, match="linear, cosine"):
+        NoiseSchedule(schedule="quadratic")
+    with pytest.raises(ValueError, match="epsilon, v, x0"):
+        NoiseSchedule(prediction="sample")
+
+
+def test_from_plan() -> None:
+    plan = DiffusionPlan(timesteps=100, beta_schedule="linear", beta_start=1e-3, beta_end=0.05, prediction="v")
+    schedule = NoiseSchedule.from_plan(plan)
+    assert schedule.timesteps == 100 and schedule.prediction == "v"
+    assert schedule.betas[-1].item() == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v", "x0"])
+def test_add_noise_split_round_trip(schedule_name: str, prediction: str) -> None:
+    schedule = NoiseSchedule(1000, schedule_name, prediction=prediction)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(5, 2, 3, 4, 5, generator=g, dtype=torch.float64)
+    eps = torch.randn(5, 2, 3, 4, 5, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 1, 500, 998, 999])
+    x_t = schedule.add_noise(x0, eps, t)
+    x0_pred, eps_pred = schedule.split(x_t, t, schedule.training_target(x0, eps, t))
+    assert x0_pred.dtype == torch.float64
+    torch.testing.assert_close(x0_pred, x0, atol=1e-10, rtol=0)
+    torch.testing.assert_close(eps_pred, eps, atol=1e-10, rtol=0)
+
+
+def test_add_noise_keeps_dtype() -> None:
+    schedule = NoiseSchedule()
+    x0 = torch.ones(2, 1, 2, 2, 2)
+    out = schedule.add_noise(x0, torch.zeros_like(x0), torch.tensor([0, 999]))
+    assert out.dtype == torch.float32
+    assert out[0].mean().item() == pytest.approx(math.sqrt(schedule.alphas_cumprod[0].item()), rel=1e-6)
+
+
+# ---------------------------------------------------------------- samplers
+
+def test_ddim_timesteps() -> None:
+    sampler = DDIMSampler(NoiseSchedule(1000), 10)
+    assert sampler.timesteps == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
+    assert DDIMSampler(NoiseSchedule(20), 20).timesteps == list(range(19, -1, -1))
+    assert DDPMSampler(NoiseSchedule(20)).timesteps == list(range(19, -1, -1))
+    with pytest.raises(ValueError):
+        DDIMSampler(NoiseSchedule(20), 21)
+
+
+def _toy_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return 0.3 * x + 1e-3 * t.to(x.dtype).reshape(-1, 1, 1, 1, 1)
+
+
+def test_ddim_seeded_determinism() -> None:
+    sampler = DDIMSampler(NoiseSchedule(100), 10, eta=0.7)
+    shape = (2, 1, 4, 4, 4)
+    runs = [sample(_toy_model, shape, sampler, generator=torch.Generator().manual_seed(s)) for s in (3, 3, 4)]
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.allclose(runs[0], runs[2])
+
+
+def test_stochastic_step_needs_noise() -> None:
+    schedule = NoiseSchedule(10)
+    x = torch.zeros(1, 1, 2, 2, 2)
+    with pytest.raises(ValueError, match="noise"):
+        DDIMSampler(schedule, 5, eta=1.0).step(x, 9, 7, x)
+    with pytest.raises(ValueError, match="noise"):
+        DDPMSampler(schedule).step(x, 9, 8, x)
+    assert torch.equal(DDIMSampler(schedule, 5, eta=1.0).step(x, 0, -1, x), x)
+
+
+MU, SIGMA = 1.5, 0.5
+
+
+def _gaussian_denoiser(schedule: NoiseSchedule):
+    """Exact E[eps | x_t] for data N(MU, SIGMA^2)."""
+    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        abar = schedule.alphas_cumprod[t].reshape(-1, 1, 1, 1, 1).to(x.dtype)
+        return (x - abar.sqrt() * MU) * (1 - abar).sqrt() / (abar * SIGMA ** 2 + 1 - abar)
+    return model_fn
+
+
+def test_samplers_recover_gaussian_with_optimal_denoiser() -> None:
+    # T=200 with the DDPM betas rescaled by 1000/200, so that abar_T ~ 5e-5 and x_T ~ N(0, 1)
+    schedule = NoiseSchedule(200, "linear", beta_start=5e-4, beta_end=0.1)
+    model_fn = _gaussian_denoiser(schedule)
+    shape = (4000, 1, 1, 1, 1)
+    kwargs = {"dtype": torch.float64}
+    ddpm = sample(model_fn, shape, DDPMSampler(schedule), generator=torch.Generator().manual_seed(0), **kwargs)
+    ddim1 = sample(model_fn, shape, DDIMSampler(schedule, 200, eta=1.0), generator=torch.Generator().manual_seed(0), **kwargs)
+    ddim0 = sample(model_fn, shape, DDIMSampler(schedule, 50, eta=0.0), generator=torch.Generator().manual_seed(1), **kwargs)
+    for x in (ddpm, ddim1, ddim0):
+        assert x.mean().item() == pytest.approx(MU, abs=0.05)
+        assert x.std().item() == pytest.approx(SIGMA, abs=0.05)
+    # DDIM with eta=1 over all T steps is the DDPM update: same noise, same samples
+    torch.testing.assert_close(ddim1, ddpm, atol=1e-8, rtol=0)
+    other_seed = sample(model_fn, shape, DDPMSampler(schedule), generator=torch.Generator().manual_seed(5), **kwargs)
+    assert other_seed.mean().item() == pytest.approx(ddpm.mean().item(), abs=0.05)
+    assert other_seed.std().item() == pytest.approx(ddpm.std().item(), abs=0.05)
+
+
+# ---------------------------------------------------------------- tiled
+
+class _TinyNet(torch.nn.Module):
+    """Conv over [x, cond] plus a timestep term: a stand-in for the U-Net."""
+
+    def __init__(self, channels: int = 2, cond_channels: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv3d(channels + cond_channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([x, cond], 1)) + 1e-3 * t.float().reshape(-1, 1, 1, 1, 1)
+
+
+def test_tiled_single_tile_equals_direct() -> None:
+    net = _TinyNet()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, 8, 12, 8, generator=g)
+    cond = torch.randn(2, 2, 8, 12, 8, generator=g)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        tiled = TiledDenoiser(net, cond, (8, 16, 16))(x, t)
+        one_per_call = TiledDenoiser(net, cond, (8, 16, 16), batch_size=1)(x, t)
+        direct = net(x, t, cond)
+    assert torch.equal(tiled, direct)
+    # one sample per call: only the convolution's batch-size-dependent rounding differs
+    torch.testing.assert_close(one_per_call, direct, atol=1e-6, rtol=0)
+
+
+def test_tiled_pointwise_many_tiles_and_divisor_padding() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 2, 13, 21, 6, generator=g)
+    cond = torch.randn(1, 2, 13, 21, 6, generator=g)
+    calls: list[tuple[int, ...]] = []
+
+    def model_fn(xt: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        assert all(s % 4 == 0 for s in xt.shape[-3:])
+        calls.append(tuple(xt.shape))
+        return 2 * xt + c
+
+    denoiser = TiledDenoiser(model_fn, cond, (8, 8, 8), overlap=0.5, batch_size=5, divisor=4)
+    out = denoiser(x, torch.tensor([1, 2, 3]))
+    torch.testing.assert_close(out, 2 * x + cond, atol=1e-5, rtol=0)
+    layout = denoiser.layout(x.shape[-3:], x.device)
+    assert layout.tile == (8, 8, 8) and layout.padded == (13, 21, 8) and len(layout.slices) > 10
+    assert sum(c[0] for c in calls) == 3 * len(layout.slices) and max(c[0] for c in calls) == 5
+
+
+def test_tiled_batching_does_not_change_result() -> None:
+    net = _TinyNet()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 2, 12, 20, 16, generator=g)
+    cond = torch.randn(1, 2, 12, 20, 16, generator=g)
+    t = torch.tensor([3, 7])
+    with torch.no_grad():
+        one = TiledDenoiser(net, cond, (8, 8, 8), batch_size=1)(x, t)
+        many = TiledDenoiser(net, cond, (8, 8, 8), batch_size=7)(x, t)
+    torch.testing.assert_close(one, many, atol=1e-6, rtol=0)
+
+
+def _neighbour_diffs(volume: torch.Tensor, borders: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """|v[i+1] - v[i]| along the last axis, split into pairs straddling a tile border and the rest."""
+    diffs = (volume[..., 1:] - volume[..., :-1]).abs()
+    at_border = torch.tensor([i + 1 in borders for i in range(diffs.shape[-1])])
+    return diffs[..., at_border], diffs[..., ~at_border]
+
+
+def test_tiled_blending_has_no_seams() -> None:
+    # overlap 0.25: tile borders (every 5-6 voxels) and the crossings between tile centres differ
+    shape, tile, overlap = (12, 12, 40), (8, 8, 8), 0.25
+    g = torch.Generator().manual_seed(3)
+    offsets: list[float] = []
+
+    def model_fn(xt: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        offset = torch.randn(xt.shape[0], 1, 1, 1, 1, generator=g)
+        offsets.extend(offset.flatten().tolist())
+        return xt + offset
+
+    x = torch.full((1, 1, *shape), 0.25)
+    out = TiledDenoiser(model_fn, None, tile, overlap=overlap, batch_size=1)(x, torch.tensor([0]))
+    slices = tiles(shape, tile, overlap)
+    borders = ({s[2].start for s in slices} | {s[2].stop for s in slices}) - {0, shape[2]}
+    # every row along the last axis, the volume's faces (where all tiles have low weight) included
+    border, interior = _neighbour_diffs(out, borders)
+    assert border.pow(2).mean() <= interior.pow(2).mean()
+    assert border.max() <= interior.max()
+    # the same measure on hard-stitched tiles (last tile wins) does see the seams
+    stitched = x.clone()
+    for s, offset in zip(slices, offsets):
+        stitched[(0, 0, *s)] = 0.25 + offset
+    border, interior = _neighbour_diffs(stitched, borders)
+    assert border.pow(2).mean() > interior.pow(2).mean()
+
+
+def test_sample_whole_latent_one_tile_equals_sample() -> None:
+    net = _TinyNet()
+    cond = torch.randn(1, 2, 8, 8, 8, generator=torch.Generator().manual_seed(4))
+    sampler = DDIMSampler(NoiseSchedule(100), 5, eta=0.5)
+    whole = sample_whole_latent(net, cond, 2, sampler, tile=(8, 8, 8), generator=torch.Generator().manual_seed(9),
+                                num_samples=2)
+    direct = sample(lambda x, t: net(x, t, cond.expand(2, -1, -1, -1, -1)), (2, 2, 8, 8, 8), sampler,
+                    generator=torch.Generator().manual_seed(9))
+    assert whole.shape == (2, 2, 8, 8, 8)
+    torch.testing.assert_close(whole, direct, atol=1e-6, rtol=0)
+    assert not torch.allclose(whole[0], whole[1])
+
+
+def test_sample_whole_latent_many_tiles_runs() -> None:
+    net = _TinyNet()
+    cond = torch.randn(1, 2, 12, 16, 20, generator=torch.Generator().manual_seed(5))
+    sampler = DDIMSampler(NoiseSchedule(100), 4)
+    runs = [sample_whole_latent(net, cond, 2, sampler, tile=(8, 8, 8), generator=torch.Generator().manual_seed(1))
+            for _ in range(2)]
+    assert runs[0].shape == (1, 2, 12, 16, 20) and torch.isfinite(runs[0]).all()
+    assert torch.equal(runs[0], runs[1])

@@ -1,0 +1,89 @@
+"""wldm_predict: synthetic CT (int16 HU, input MR geometry) for a folder of MR volumes."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from wldm_auto.cli.common import add_log_file, run_cli, setup_logging
+
+DESCRIPTION = """\
+Predict synthetic CT for every MR in a folder with a trained diffusion model
+(or the regression baseline: -tr RegressionTrainer; deterministic, so --steps,
+--samples and --eta do not apply and --save-std needs several folds).
+
+Input: CASE_0000.nii.gz (+ _0001 ... for more MR channels), CASE.mha (one channel)
+or DICOM series sub-folders. Output per case: CASE<ending> (int16 HU, exactly the
+input MR's size, spacing, origin and direction; outside the body -1024), with
+--save-std CASE_std<ending> (voxel-wise standard deviation over samples and folds,
+HU), with --dicom-out a CT DICOM series flagged as synthetic.
+
+  wldm_predict -i mr/ -o sct/ -d 001 -f 0 --steps 50 --samples 5 --save-std
+  wldm_predict -i mr/ -o sct/ -m $wldm_results/Dataset001_X/DiffusionTrainer__wldmPlans__3d_wldm
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="wldm_predict", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-i", "--input", type=Path, required=True, help="folder of MR images or DICOM folders")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="folder for the sCT files")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("-d", "--dataset", help="dataset id/name whose trained model to use (with -tr, -p, -c)")
+    source.add_argument("-m", "--model", type=Path, help="a model folder (<Trainer>__<plans>__<config>)")
+    parser.add_argument("-f", "--folds", type=int, nargs="+", help="folds to ensemble (default: all present)")
+    parser.add_argument("-tr", "--trainer", default="DiffusionTrainer", help="trainer name (with -d)")
+    parser.add_argument("-p", "--plans", default="wldmPlans", help="plans name (with -d)")
+    parser.add_argument("-c", "--configuration", default="3d_wldm", help="configuration (with -d)")
+    parser.add_argument("--checkpoint", default="checkpoint_final.pt", help="checkpoint file in each fold folder")
+    parser.add_argument("--steps", type=int, help="DDIM steps (default: the plan's, 50)")
+    parser.add_argument("--samples", type=int, default=1, help="samples per fold (averaged; spread -> --save-std)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic given the start noise)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the start noise")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
+    parser.add_argument("--overlap", type=float, help="tile overlap in [0, 1) (default: the plan's, 0.5)")
+    parser.add_argument("--save-std", action="store_true", help="write CASE_std: standard deviation over samples (HU)")
+    parser.add_argument("--dicom-out", action="store_true", help="also write a CT DICOM series per case")
+    parser.add_argument("--file-ending", help="output file ending (default: the input's; .nii.gz for DICOM)")
+    parser.add_argument("--continue", dest="resume", action="store_true", help="skip cases whose output exists")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+
+    def action() -> int:
+        import torch
+
+        from wldm_auto.inference.predictor import load_model, predict_folder
+
+        if args.samples < 1 or (args.steps is not None and args.steps < 1):
+            raise ValueError("--samples and --steps must be at least 1")
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              ("cpu" if args.device == "auto" else args.device))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available")
+        if args.model is not None:
+            model = args.model
+        else:
+            from wldm_auto.paths import RESULTS, resolve_dataset_name, results_root
+
+            name = resolve_dataset_name(args.dataset, (RESULTS,))
+            model = results_root() / name / f"{args.trainer}__{args.plans}__{args.configuration}"
+        args.output.mkdir(parents=True, exist_ok=True)
+        add_log_file(args.output, "predict")
+        folds = load_model(model, args.folds, device, args.overlap, args.checkpoint)
+        outcomes = predict_folder(args.input, args.output, folds, args.steps, args.samples, args.seed, args.eta,
+                                  args.save_std, args.resume, args.overwrite, args.file_ending, args.dicom_out)
+        failed = [o for o in outcomes if o.status == "failed"]
+        done = sum(o.status == "done" for o in outcomes)
+        skipped = sum(o.status == "skipped" for o in outcomes)
+        print(f"{done} predicted, {skipped} skipped (existing), {len(failed)} failed -> {args.output}")
+        for outcome in failed:
+            print(f"failed: {outcome.case}: {outcome.message}", file=sys.stderr)
+        return 1 if failed else 0
+
+    return run_cli(action)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The regression baseline: a plain 3D U-Net from normalised MR to normalised CT, and its whole-volume predictor.
+
+No latent space, no noise: one deterministic forward per tile. This is the
+fast mode and the nnU-Net-style comparison for the diffusion model.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wldm_auto.networks.blocks import num_groups
+from wldm_auto.networks.tiling import fit_tile, sliding_window
+from wldm_auto.planners.schema import RegressionPlan
+
+log = logging.getLogger(__name__)
+
+
+def _norm(channels: int, group_width: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups(channels, group_width), channels)
+
+
+class ResBlock(nn.Module):
+    """GN-SiLU-conv3, GN-SiLU-conv3, plus a (1x1x1 if the width changes) shortcut."""
+
+    def __init__(self, in_ch: int, out_ch: int, group_width: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            _norm(in_ch, group_width), nn.SiLU(), nn.Conv3d(in_ch, out_ch, 3, padding=1),
+            _norm(out_ch, group_width), nn.SiLU(), nn.Conv3d(out_ch, out_ch, 3, padding=1),
+        )
+        self.shortcut: nn.Module = nn.Conv3d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + self.shortcut(x)
+
+
+class RegressionUNet(nn.Module):
+    """3D U-Net: (B, in_channels, D, H, W) normalised MR -> (B, 1, D, H, W) normalised CT.
+
+    Widths C_0..C_{L-1} = ``plan.unet_channels``:
+
+    * stem: 3x3x3 conv in_channels -> C_0;
+    * encoder level i: ``blocks_per_level`` :class:`ResBlock`; its output is the
+      skip E_i; levels i < L-1 end with a stride-2 3x3x3 conv to C_{i+1};
+      the last encoder level is the bottleneck;
+    * decoder level i < L-1 (coarse to fine): nearest x2 upsampling + 3x3x3 conv
+      C_{i+1} -> C_i, ``cat([up, E_i])`` -> ResBlock(2C_i -> C_i) and
+      ``blocks_per_level - 1`` more;
+    * head: GN-SiLU-1x1x1 conv to one channel (linear output; callers clamp to [-1, 1]).
+
+    GroupNorm uses ``plan.group_width`` channels per group (:func:`num_groups`).
+    """
+
+    def __init__(self, in_channels: int, plan: RegressionPlan) -> None:
+        super().__init__()
+        channels = list(plan.unet_channels)
+        if not channels or min(channels) < 1:
+            raise ValueError(f"RegressionPlan.unet_channels must be non-empty positive widths, got {channels}")
+        if in_channels < 1 or plan.blocks_per_level < 1:
+            raise ValueError(f"in_channels ({in_channels}) and blocks_per_level ({plan.blocks_per_level}) must be >= 1")
+        self.in_channels, self.channels, self.levels = in_channels, channels, len(channels)
+        gw, n = plan.group_width, plan.blocks_per_level
+
+        def blocks(first_in: int, ch: int) -> nn.Sequential:
+            return nn.Sequential(*(ResBlock(first_in if j == 0 else ch, ch, gw) for j in range(n)))
+
+        self.stem = nn.Conv3d(in_channels, channels[0], 3, padding=1)
+        self.encoder = nn.ModuleList(blocks(ch, ch) for ch in channels)
+        self.downs = nn.ModuleList(
+            nn.Conv3d(channels[i], channels[i + 1], 3, stride=2, padding=1) for i in range(self.levels - 1))
+        self.ups = nn.ModuleList(
+            nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                          nn.Conv3d(channels[i + 1], channels[i], 3, padding=1))
+            for i in range(self.levels - 1))
+        self.decoder = nn.ModuleList(blocks(2 * channels[i], channels[i]) for i in range(self.levels - 1))
+        self.head = nn.Sequential(_norm(channels[0], gw), nn.SiLU(), nn.Conv3d(channels[0], 1, 1))
+
+    @property
+    def required_divisor(self) -> int:
+        """Every spatial size must be a multiple of this (2 ** (levels - 1))."""
+        return 2 ** (self.levels - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"input must be (B, {self.in_channels}, D, H, W), got {tuple(x.shape)}")
+        f = self.required_divisor
+        if any(s % f for s in x.shape[2:]):
+            raise ValueError(f"spatial shape {tuple(x.shape[2:])} is not divisible by {f} "
+                             f"(the U-Net has {self.levels - 1} stride-2 downsamplings)")
+        h = self.stem(x)
+        skips: list[torch.Tensor] = []
+        for i, level in enumerate(self.encoder):
+            h = level(h)
+            if i < self.levels - 1:
+                skips.append(h)
+                h = self.downs[i](h)
+        for i in range(self.levels - 2, -1, -1):
+            h = self.decoder[i](torch.cat([self.ups[i](h), skips[i]], dim=1))
+        return self.head(h)
+
+
+@dataclass
+class RegressionSynthesizer:
+    """A trained :class:`RegressionUNet` behind the same ``sample`` interface as ``LatentSynthesizer``.
+
+    The model is deterministic: ``sample`` runs one Gaussian-blended sliding-window
+    pass and returns that prediction repeated ``num_samples`` times (an expanded
+    view, no copies); ``steps``, ``eta`` and ``generator`` are ignored. The
+    predictor asks for one sample only (``deterministic``), so its standard
+    deviation map reflects real spread between folds only.
+    """
+
+    net: torch.nn.Module
+    tile: Sequence[int]  # (z, y, x) voxels, e.g. the plan's patch size
+    overlap: float = 0.5
+    device: torch.device | str = "cpu"
+    batch_size: int = 4
+    deterministic: bool = True
+
+    @torch.no_grad()
+    def predict(self, mr: torch.Tensor) -> torch.Tensor:
+        """(C, z, y, x) normalised MR -> (z, y, x) normalised CT (unclamped)."""
+        divisor = int(self.net.required_divisor)
+        tile = fit_tile(mr.shape[-3:], [max(divisor, int(t) // divisor * divisor) for t in self.tile], divisor)
+
+        def fn(batch: torch.Tensor) -> torch.Tensor:
+            return self.net(batch)
+
+        return sliding_window(mr, tile, fn, overlap=self.overlap, batch_size=self.batch_size, pad_value=-1.0,
+                              device=self.device)[0]
+
+    @torch.no_grad()
+    def sample(self, mr: torch.Tensor, steps: int | None = None, eta: float = 0.0, num_samples: int = 1,
+               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+        """(C, z, y, x) normalised MR -> (num_samples, z, y, x) normalised CT, all samples identical."""
+        if progress:
+            log.info("regression U-Net: one sliding-window pass over %s voxels", tuple(mr.shape[-3:]))
+        return self.predict(mr)[None].expand(num_samples, *mr.shape[-3:])
