@@ -118,6 +118,17 @@ class DiffusionPlan:
     unet_channels: list[int] = field(default_factory=lambda: [64, 128, 256])
     dsca: bool = True
     ema_decay: float = 0.999
+    validation_ddim_steps: int = 10
+    training: TrainingPlan = field(default_factory=TrainingPlan)
+
+
+@dataclass
+class RegressionPlan:
+    """Baseline: a 3D U-Net mapping normalised MR to normalised CT (masked L1)."""
+
+    unet_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
+    blocks_per_level: int = 2
+    group_width: int = 8
     training: TrainingPlan = field(default_factory=TrainingPlan)
 
 
@@ -141,6 +152,7 @@ class ConfigurationPlan:
     estimated_memory_gb: float
     vae: VAEPlan = field(default_factory=VAEPlan)
     diffusion: DiffusionPlan = field(default_factory=DiffusionPlan)
+    regression: RegressionPlan = field(default_factory=RegressionPlan)
     inference: InferencePlan = field(default_factory=InferencePlan)
     notes: dict[str, str] = field(default_factory=dict)
 

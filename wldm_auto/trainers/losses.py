@@ -1,4 +1,4 @@
-"""Stage-1 losses: masked L2, KL, structure-modality disentanglement (SMD), hinge GAN."""
+"""Training losses: masked L2 and L1, KL, structure-modality disentanglement (SMD), hinge GAN."""
 from __future__ import annotations
 
 import torch
@@ -18,6 +18,14 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     weight = (mask > 0).to(pred.dtype).expand_as(pred)
     # clamp: an empty mask gives 0 / 1 = 0 (with grad) and no host sync on GPU
     return ((pred - target).pow(2) * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error over the voxels where ``mask > 0`` (as :func:`masked_mse`)."""
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    weight = (mask > 0).to(pred.dtype).expand_as(pred)
+    return ((pred - target).abs() * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 def kl_loss(posterior: DiagonalGaussian) -> torch.Tensor:
