@@ -68,6 +68,7 @@ def test_first_run_preprocesses_and_second_run_is_cached(phantom_run):
 
 def test_raw_dataset_is_never_written(phantom_run):
     assert hash_file(phantom_run["raw"]) == phantom_run["raw_hash"]
+    assert not Path("deformationField.nii").exists()  # transformix must write into a temporary folder, not the cwd
 
 
 def test_registration_report_and_improvement(phantom_run):

@@ -164,7 +164,9 @@ def _jacobian_stats(transform_params, grid: sitk.Image, mask: sitk.Image | None 
     """
     import itk
 
-    field = itk.transformix_deformation_field(_to_itk(grid), _on_grid(transform_params, grid, 0.0))
+    with tempfile.TemporaryDirectory(prefix="wldm_transformix_") as tmp:  # transformix writes deformationField.nii
+        field = itk.transformix_deformation_field(_to_itk(grid), _on_grid(transform_params, grid, 0.0),
+                                                  output_directory=tmp)
     field_sitk = sitk.GetImageFromArray(itk.array_from_image(field).astype(np.float64), isVector=True)
     field_sitk.CopyInformation(grid)
     jac = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(field_sitk))
