@@ -35,6 +35,7 @@ setup(
             "wldm_demo=wldm_auto.cli.demo:main",
             "wldm_train=wldm_auto.cli.train:main",
             "wldm_predict=wldm_auto.cli.predict:main",
+            "wldm_evaluate=wldm_auto.cli.evaluate:main",
         ]
     },
 )

@@ -29,16 +29,19 @@ class LatentSynthesizer:
     schedule: NoiseSchedule
     latent_scale: float
     image_tile: Sequence[int]  # (z, y, x) voxels, e.g. the plan's patch size
-    overlap: float = 0.5
+    overlap: float = 0.5  # VAE encode/decode tiles
     device: torch.device | str = "cpu"
     batch_size: int = 4
+    latent_tile_scale: int = 2  # sampling tiles are this many patch-latents wide per axis
+    latent_overlap: float = 0.25
 
     @property
     def factor(self) -> int:
         return int(self.vae.required_divisor)
 
     def latent_tile(self, latent_shape: Sequence[int]) -> list[int]:
-        tile = [max(1, t // self.factor) for t in self.image_tile]
+        """Sampling tile: ``latent_tile_scale`` x the patch's latent size, no larger than the latent."""
+        tile = [max(1, self.latent_tile_scale * t // self.factor) for t in self.image_tile]
         return fit_tile(latent_shape, tile, int(getattr(self.unet, "required_divisor", 1)))
 
     @torch.no_grad()
@@ -77,7 +80,7 @@ class LatentSynthesizer:
             return self.unet(x, t, c)
 
         latent = sample_whole_latent(
-            model_fn, cond, cond.shape[1], sampler, self.latent_tile(cond.shape[-3:]), overlap=self.overlap,
+            model_fn, cond, cond.shape[1], sampler, self.latent_tile(cond.shape[-3:]), overlap=self.latent_overlap,
             batch_size=self.batch_size, generator=generator, num_samples=num_samples, progress=progress,
             divisor=int(getattr(self.unet, "required_divisor", 1)),
         )

@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -37,7 +37,7 @@ from wldm_auto.trainers.checkpoint import CheckpointError, load_checkpoint
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint_final.pt"
-Synthesizer = Union[LatentSynthesizer, RegressionSynthesizer]
+Synthesizer = LatentSynthesizer | RegressionSynthesizer
 
 
 @dataclass
@@ -91,7 +91,9 @@ def _diffusion(state: dict[str, Any], config: ConfigurationPlan, overlap: float,
     unet = DiffusionUNet(config.vae.latent_channels, config.diffusion)
     unet.load_state_dict(state["networks"]["ema"])
     return LatentSynthesizer(vae.to(device).eval(), unet.to(device).eval(), NoiseSchedule.from_plan(config.diffusion),
-                             float(state["latent_scale"]), config.patch_size, overlap, device)
+                             float(state["latent_scale"]), config.patch_size, overlap, device,
+                             latent_tile_scale=config.inference.latent_tile_scale,
+                             latent_overlap=config.inference.latent_overlap)
 
 
 def _regression(state: dict[str, Any], config: ConfigurationPlan, overlap: float, device: torch.device) -> Synthesizer:

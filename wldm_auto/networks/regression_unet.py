@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from wldm_auto.networks.blocks import num_groups

@@ -97,7 +97,7 @@ class VAEPlan:
     downsampling_factor: int = 4
     wrm: bool = True
     kl_weight: float = 1e-6
-    smd_weight: float = 0.1
+    smd_weight: float = 0.01
     adv_weight: float = 0.05
     adv_start_step: int = 10000
     discriminator_channels: int = 32
@@ -134,9 +134,16 @@ class RegressionPlan:
 
 @dataclass
 class InferencePlan:
+    """Prediction settings. ``tile_overlap`` applies to VAE encoding/decoding tiles;
+    latent sampling uses tiles ``latent_tile_scale`` times the patch's latent size
+    with ``latent_overlap`` (every DDIM step re-blends the whole latent, so a small
+    overlap leaves no seams)."""
+
     ddim_steps: int = 50
     ddim_eta: float = 0.0
     tile_overlap: float = 0.5
+    latent_tile_scale: int = 2
+    latent_overlap: float = 0.25
     samples: int = 1
 
 

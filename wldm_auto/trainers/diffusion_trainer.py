@@ -141,8 +141,10 @@ class DiffusionTrainer(BaseTrainer):
             ema.copy_(live)
 
     def synthesizer(self) -> LatentSynthesizer:
+        inference = self.config.inference
         return LatentSynthesizer(self.vae, self.ema, self.schedule, float(self.latent_scale), self.config.patch_size,
-                                 self.config.inference.tile_overlap, self.device)
+                                 inference.tile_overlap, self.device, latent_tile_scale=inference.latent_tile_scale,
+                                 latent_overlap=inference.latent_overlap)
 
     def validate(self) -> dict[str, float]:
         """Whole validation volumes sampled with DDIM (EMA weights): CT MAE and PSNR in HU."""

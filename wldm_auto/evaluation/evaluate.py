@@ -1,0 +1,140 @@
+"""Evaluate a folder of sCT against reference CT: metrics.csv, summary.json and a PNG per case."""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from wldm_auto.evaluation import metrics as M
+from wldm_auto.evaluation.figures import save_case_figure
+from wldm_auto.evaluation.pairing import CaseFiles, check_geometries, on_ct_grid, pair_cases
+from wldm_auto.io.files import atomic_path, write_json
+from wldm_auto.io.images import read_image
+
+log = logging.getLogger(__name__)
+
+METRICS = ("mae", "psnr", "ssim", "ms_ssim", "ncc", "dice_bone", "spearman_std")
+COLUMNS = ("case", *METRICS, "mask_voxels")
+AIR_HU = -1024.0
+DEFAULT_MASK = ("default body mask of the reference CT: CT > -500 HU, largest connected component, "
+                "holes filled (3D, then per axial slice)")
+
+
+def evaluate_case(files: CaseFiles, resample: bool = False, figure: Path | None = None) -> dict[str, Any]:
+    """Metrics of one case (a CSV row); writes its figure to ``figure`` when given."""
+    case = files.case
+    ct_image = read_image(files.ct, sitk.sitkFloat32)
+    sct_image = on_ct_grid(read_image(files.sct, sitk.sitkFloat32), ct_image, case, "sCT", resample,
+                           sitk.sitkLinear, AIR_HU)
+    ct = sitk.GetArrayViewFromImage(ct_image)
+    sct = sitk.GetArrayViewFromImage(sct_image)
+    if files.mask is not None:
+        mask_image = sitk.Cast(read_image(files.mask) > 0, sitk.sitkUInt8)
+        mask_image = on_ct_grid(mask_image, ct_image, case, "mask", resample, sitk.sitkNearestNeighbor, 0)
+        mask = sitk.GetArrayFromImage(mask_image) > 0
+        source = f"mask {files.mask}"
+    else:
+        mask = M.default_body_mask(ct)
+        mask_image = None
+        source = "default body mask (CT > -500 HU)"
+    if not mask.any():
+        raise ValueError(f"case {case}: the {source} is empty")
+    row: dict[str, Any] = {
+        "case": case,
+        "mae": M.mae(ct, sct, mask),
+        "psnr": M.psnr(ct, sct, mask),
+        "ssim": M.ssim_synthrad(ct, sct, mask),
+        "ms_ssim": M.ms_ssim_masked(ct, sct, mask),
+        "ncc": M.ncc(ct, sct, mask),
+        "dice_bone": M.bone_dice(ct, sct, mask),
+        "spearman_std": float("nan"),
+        "mask_voxels": int(mask.sum()),
+    }
+    std_image = None
+    if files.std is not None:
+        std_image = on_ct_grid(read_image(files.std, sitk.sitkFloat32), ct_image, case, "std map", resample,
+                               sitk.sitkLinear, 0.0)
+        row["spearman_std"] = M.spearman_uncertainty(ct, sct, sitk.GetArrayViewFromImage(std_image), mask)
+    log.info("case %s: %s", case, ", ".join(f"{k} {row[k]:.4g}" for k in METRICS if math.isfinite(row[k])))
+    if figure is not None:
+        if mask_image is None:
+            mask_image = sitk.GetImageFromArray(mask.astype(np.uint8))
+            mask_image.CopyInformation(ct_image)
+        mr_image = None
+        if files.mr is not None:  # display only: always brought onto the CT grid
+            mr_image = on_ct_grid(read_image(files.mr, sitk.sitkFloat32), ct_image, case, "MR", True,
+                                  sitk.sitkLinear, 0.0)
+        save_case_figure(figure, case, ct_image, sct_image, mask_image, mr_image, std_image, row)
+    return row
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per metric: mean, std (population), median and n over the cases with a finite value."""
+    out = {}
+    for key in METRICS:
+        values = np.array([row[key] for row in rows], np.float64)
+        finite = values[np.isfinite(values)]
+        stats: dict[str, Any] = {"mean": None, "std": None, "median": None, "n": int(finite.size)}
+        if finite.size:
+            stats.update(mean=float(finite.mean()), std=float(finite.std()), median=float(np.median(finite)))
+        if finite.size < values.size and key != "spearman_std":
+            stats["n_not_finite"] = int(values.size - finite.size)  # e.g. PSNR inf for identical images
+        out[key] = stats
+    return out
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """One row per case; floats with 6 significant digits, NaN as an empty cell."""
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return "" if math.isnan(value) else f"{value:.6g}"
+        return str(value)
+
+    with atomic_path(path, suffix=".csv") as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(COLUMNS)
+        for row in rows:
+            writer.writerow([cell(row[c]) for c in COLUMNS])
+
+
+def evaluate_folder(ct_dir: str | Path, sct_dir: str | Path, out_dir: str | Path | None = None,
+                    mask_dir: str | Path | None = None, mr_dir: str | Path | None = None, resample: bool = False,
+                    allow_missing: bool = False, figures: bool = True) -> dict[str, Any]:
+    """Evaluate every sCT in ``sct_dir`` against its CT in ``ct_dir``; returns the summary.
+
+    Writes to ``out_dir`` (default ``sct_dir/evaluation``): ``metrics.csv``,
+    ``summary.json`` and, with ``figures``, ``CASE.png`` per case. Errors
+    (missing pairs, grids that differ without ``resample``, unreadable
+    images, empty masks) are ValueErrors naming the case.
+    """
+    ct_dir, sct_dir = Path(ct_dir), Path(sct_dir)
+    out_dir = Path(out_dir) if out_dir is not None else sct_dir / "evaluation"
+    cases = pair_cases(ct_dir, sct_dir, mask_dir, mr_dir, allow_missing, exclude=(out_dir,))
+    resampled = check_geometries(cases, resample)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log.info("evaluating %d case(s); mask: %s", len(cases), mask_dir or DEFAULT_MASK)
+    rows = []
+    with logging_redirect_tqdm():
+        for files in tqdm(cases, desc="evaluate", unit="case", disable=None):
+            figure = out_dir / f"{files.case}.png" if figures else None
+            rows.append(evaluate_case(files, resample, figure))
+    write_csv(rows, out_dir / "metrics.csv")
+    summary = {
+        "n_cases": len(rows),
+        "cases": [row["case"] for row in rows],
+        "mask": f"masks from {mask_dir}" if mask_dir is not None else DEFAULT_MASK,
+        "metrics": summarise(rows),
+        "definitions": dict(M.DEFINITIONS),
+        "resampled_onto_ct_grid": resampled,
+        "inputs": {"ct_dir": ct_dir, "sct_dir": sct_dir, "mask_dir": mask_dir, "mr_dir": mr_dir},
+    }
+    write_json(summary, out_dir / "summary.json")
+    log.info("wrote %s and %s", out_dir / "metrics.csv", out_dir / "summary.json")
+    return summary

@@ -1,0 +1,126 @@
+"""Per-case evaluation figure: axial/coronal/sagittal slices through the mask's centre.
+
+Columns: MR (if given), CT, sCT, |sCT - CT| (0..500 HU), std (if given).
+Images are shown in LPS orientation (radiological: patient right on the
+left; anterior and superior up) with the aspect ratio of the voxel spacing.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from scipy import ndimage
+
+from wldm_auto.io.files import atomic_path
+
+log = logging.getLogger(__name__)
+
+CT_WINDOW = (-1000.0, 1500.0)
+ERROR_RANGE = (0.0, 500.0)
+PANEL_INCHES = 3.0
+
+
+@dataclass
+class Column:
+    title: str
+    volume: np.ndarray  # (z, y, x), LPS
+    cmap: str
+    limits: tuple[float, float]
+    unit: str
+
+
+def _lps_array(image: sitk.Image) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.DICOMOrient(image, "LPS"))
+
+
+def _limits(values: np.ndarray, low: float, high: float, floor: float | None = None) -> tuple[float, float]:
+    """Percentile display range of ``values`` (``floor`` fixes the lower end); never empty."""
+    if values.size == 0:
+        return (0.0, 1.0)
+    lo = float(np.percentile(values, low)) if floor is None else floor
+    hi = float(np.percentile(values, high))
+    return (lo, hi if hi > lo else lo + 1.0)
+
+
+def _slices(volume: np.ndarray, centre: tuple[int, int, int], spacing: tuple[float, float, float]):
+    """(name, 2D slice, aspect, origin) for axial, coronal and sagittal; spacing in (x, y, z)."""
+    z, y, x = centre
+    sx, sy, sz = spacing
+    return [
+        ("axial", volume[z], sy / sx, "upper"),
+        ("coronal", volume[:, y, :], sz / sx, "lower"),
+        ("sagittal", volume[:, :, x], sz / sy, "lower"),
+    ]
+
+
+def mask_centre(mask: np.ndarray) -> tuple[int, int, int]:
+    """Voxel index (z, y, x) of the mask's centre of mass (the volume centre for an empty mask)."""
+    if not mask.any():
+        return tuple(n // 2 for n in mask.shape)  # type: ignore[return-value]
+    centre = ndimage.center_of_mass(mask)
+    return tuple(int(np.clip(round(c), 0, n - 1)) for c, n in zip(centre, mask.shape))  # type: ignore[return-value]
+
+
+def _title(case: str, metrics: Mapping[str, float] | None) -> str:
+    if not metrics:
+        return case
+    parts = [case]
+    for key, label, fmt in (("mae", "MAE", "{:.1f} HU"), ("psnr", "PSNR", "{:.2f} dB"), ("ssim", "SSIM", "{:.3f}"),
+                            ("ms_ssim", "MS-SSIM", "{:.3f}"), ("dice_bone", "bone Dice", "{:.3f}")):
+        value = metrics.get(key)
+        if value is not None and np.isfinite(value):
+            parts.append(f"{label} {fmt.format(value)}")
+    return "   ".join(parts)
+
+
+def save_case_figure(path: str | Path, case: str, ct: sitk.Image, sct: sitk.Image, mask: sitk.Image,
+                     mr: sitk.Image | None = None, std: sitk.Image | None = None,
+                     metrics: Mapping[str, float] | None = None) -> None:
+    """Write the PNG for one case; every image must be on ``ct``'s grid."""
+    oriented = sitk.DICOMOrient(ct, "LPS")
+    spacing = oriented.GetSpacing()
+    ct_a, sct_a = sitk.GetArrayFromImage(oriented), _lps_array(sct)
+    mask_a = _lps_array(mask) > 0
+    columns = []
+    if mr is not None:
+        mr_a = _lps_array(mr)
+        columns.append(Column("MR", mr_a, "gray", _limits(mr_a[mask_a] if mask_a.any() else mr_a, 0.5, 99.5), ""))
+    columns.append(Column("CT", ct_a, "gray", CT_WINDOW, "HU"))
+    columns.append(Column("sCT", sct_a, "gray", CT_WINDOW, "HU"))
+    columns.append(Column("|sCT - CT|", np.abs(sct_a.astype(np.float32) - ct_a), "inferno", ERROR_RANGE, "HU"))
+    if std is not None:
+        std_a = _lps_array(std)
+        columns.append(Column("std", std_a, "viridis", _limits(std_a[mask_a], 0, 99, floor=0.0), "HU"))
+    centre = mask_centre(mask_a)
+    mask_slices = _slices(mask_a.astype(np.float32), centre, spacing)
+
+    figure = Figure(figsize=(PANEL_INCHES * len(columns) + 0.5, PANEL_INCHES * 3 + 0.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(3, len(columns), squeeze=False)
+    for col, column in enumerate(columns):
+        for row, (view, image, aspect, origin) in enumerate(_slices(column.volume, centre, spacing)):
+            ax = axes[row][col]
+            shown = ax.imshow(image, cmap=column.cmap, vmin=column.limits[0], vmax=column.limits[1],
+                              aspect=aspect, origin=origin, interpolation="nearest")
+            if column.title.startswith("|"):
+                ax.contour(mask_slices[row][1], levels=[0.5], colors="cyan", linewidths=0.6)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(column.title)
+            if col == 0:
+                ax.set_ylabel(view)
+            bar = figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+            bar.ax.tick_params(labelsize=7)
+            if column.unit:
+                bar.set_label(column.unit, fontsize=7)
+    figure.suptitle(_title(case, metrics), fontsize=10)
+    with atomic_path(path, suffix=".png") as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    log.debug("%s: figure written", path)
