@@ -158,6 +158,28 @@ class BaseTrainer:
             module = torch.compile(module)
         return module
 
+    def validate_synthesis(self, predict: Any) -> dict[str, float]:
+        """CT MAE and PSNR (HU) of ``predict`` on every whole validation volume.
+
+        ``predict`` maps a normalised MR tensor (C, z, y, x) to a normalised CT
+        tensor (z, y, x); figures cover body voxels with real CT behind them.
+        """
+        from wldm_auto.preprocessing.normalization import denormalise_ct
+        from wldm_auto.trainers.metrics import PSNR_RANGE_HU, mae, psnr
+
+        figures: dict[str, list[float]] = {"mae_ct_hu": [], "psnr_ct": []}
+        for case in self.val_data.cases:
+            mr, ct, masks = (np.array(a) for a in self.val_data.arrays(case))
+            window = self.val_data.properties(case)["ct_window"]
+            with self.autocast():
+                sct = predict(torch.from_numpy(mr))
+            region = (masks[0] > 0) & (masks[1] > 0)
+            sct_hu = denormalise_ct(sct.float().clamp(-1, 1).cpu().numpy(), window)
+            ct_hu = denormalise_ct(ct[0], window)
+            figures["mae_ct_hu"].append(mae(sct_hu, ct_hu, region))
+            figures["psnr_ct"].append(psnr(sct_hu, ct_hu, region, PSNR_RANGE_HU))
+        return {k: float(np.mean(v)) for k, v in figures.items() if v}
+
     def batches(self, start: int, end: int) -> Any:
         num_workers = self.options.num_workers if self.options.num_workers is not None else default_num_workers()
         data = StepBatches(self.train_data, self.config.patch_size, self.config.batch_size, self.options.seed,

@@ -17,7 +17,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -26,11 +25,9 @@ from wldm_auto.diffusion.synthesis import LatentSynthesizer
 from wldm_auto.networks.diffusion_unet import DiffusionUNet
 from wldm_auto.networks.vae import WaveletVAE
 from wldm_auto.planners.schema import DiffusionPlan, Plans, TrainingPlan
-from wldm_auto.preprocessing.normalization import denormalise_ct
 from wldm_auto.trainers.base import BaseTrainer
 from wldm_auto.trainers.checkpoint import load_checkpoint
 from wldm_auto.trainers.losses import masked_mse
-from wldm_auto.trainers.metrics import PSNR_RANGE_HU, mae, psnr
 
 log = logging.getLogger(__name__)
 
@@ -147,22 +144,14 @@ class DiffusionTrainer(BaseTrainer):
                                  latent_overlap=inference.latent_overlap)
 
     def validate(self) -> dict[str, float]:
-        """Whole validation volumes sampled with DDIM (EMA weights): CT MAE and PSNR in HU."""
-        figures: dict[str, list[float]] = {"mae_ct_hu": [], "psnr_ct": []}
+        """Whole validation volumes sampled with DDIM (EMA weights, fixed seed): CT MAE and PSNR in HU."""
         synthesizer = self.synthesizer()
-        for case in self.val_data.cases:
-            mr, ct, masks = (np.array(a) for a in self.val_data.arrays(case))
-            window = self.val_data.properties(case)["ct_window"]
+
+        def predict(mr: torch.Tensor) -> torch.Tensor:
             generator = torch.Generator(device="cpu").manual_seed(self.options.seed)
-            with self.autocast():
-                sct = synthesizer.sample(torch.from_numpy(mr), self.diffusion_plan.validation_ddim_steps,
-                                         generator=generator)[0]
-            region = (masks[0] > 0) & (masks[1] > 0)
-            sct_hu = denormalise_ct(sct.clamp(-1, 1).numpy(), window)
-            ct_hu = denormalise_ct(ct[0], window)
-            figures["mae_ct_hu"].append(mae(sct_hu, ct_hu, region))
-            figures["psnr_ct"].append(psnr(sct_hu, ct_hu, region, PSNR_RANGE_HU))
-        return {k: float(np.mean(v)) for k, v in figures.items() if v}
+            return synthesizer.sample(mr, self.diffusion_plan.validation_ddim_steps, generator=generator)[0]
+
+        return self.validate_synthesis(predict)
 
 
 class DiffusionTrainer_noDSCA(DiffusionTrainer):  # noqa: N801 - ablation names follow the paper's tables

@@ -9,16 +9,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
-import torch
 from torch import nn
 
 from wldm_auto.networks.regression_unet import RegressionSynthesizer, RegressionUNet
 from wldm_auto.planners.schema import RegressionPlan, TrainingPlan
-from wldm_auto.preprocessing.normalization import denormalise_ct
 from wldm_auto.trainers.base import BaseTrainer
 from wldm_auto.trainers.losses import masked_l1
-from wldm_auto.trainers.metrics import PSNR_RANGE_HU, mae, psnr
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +62,4 @@ class RegressionTrainer(BaseTrainer):
 
     def validate(self) -> dict[str, float]:
         """Whole validation volumes, one tiled pass each: CT MAE and PSNR in HU on body & valid voxels."""
-        figures: dict[str, list[float]] = {"mae_ct_hu": [], "psnr_ct": []}
-        synthesizer = self.synthesizer()
-        for case in self.val_data.cases:
-            mr, ct, masks = (np.array(a) for a in self.val_data.arrays(case))
-            window = self.val_data.properties(case)["ct_window"]
-            with self.autocast():
-                sct = synthesizer.predict(torch.from_numpy(mr))
-            region = (masks[0] > 0) & (masks[1] > 0)
-            sct_hu = denormalise_ct(sct.clamp(-1, 1).numpy(), window)
-            ct_hu = denormalise_ct(ct[0], window)
-            figures["mae_ct_hu"].append(mae(sct_hu, ct_hu, region))
-            figures["psnr_ct"].append(psnr(sct_hu, ct_hu, region, PSNR_RANGE_HU))
-        return {k: float(np.mean(v)) for k, v in figures.items() if v}
+        return self.validate_synthesis(self.synthesizer().predict)
