@@ -195,9 +195,9 @@ def _write_report(report: Path, rows: list, results: Path, timings: dict, total:
         if progress.is_file():
             shutil.copyfile(progress, report / f"progress_{trainer}.png")
     lines = ["wldm_auto demo on the MRI-DIR porcine phantom (inside body AND real-CT mask)", ""]
-    lines.append(f"{'model':28s}" + "".join(f"{m:>12s}" for m in metrics))
+    lines.append(f"{'model':28s}" + "".join(f"{m:>14s}" for m in metrics))
     for label, summary in rows:
-        lines.append(f"{label:28s}" + "".join(f"{_fmt(summary['metrics'][m]['mean']):>12s}" for m in metrics))
+        lines.append(f"{label:28s}" + "".join(f"{_fmt(summary['metrics'][m]['mean']):>14s}" for m in metrics))
     lines += ["", "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + f", total {total:.0f}", "",
               "NOTE: one object, trained and evaluated on itself with demo-sized networks: this shows the",
               "pipeline works end to end; it cannot measure generalisation to new patients.",
