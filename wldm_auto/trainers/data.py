@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from wldm_auto.io.files import read_json
+from wldm_auto.preprocessing.preprocessor import ARRAYS
 from wldm_auto.trainers.augmentation import Augmentation, build_augmentation
 
 log = logging.getLogger(__name__)
 
-SUFFIXES = {"mr": "_mr.npy", "ct": "_ct.npy", "masks": "_masks.npy"}
 PAD_IMAGE = -1.0  # MR and CT outside the image (air in the [-1, 1] normalisation)
 PAD_MASK = 0  # valid and body outside the image
 BODY_TRIES = 64  # random voxels tried before falling back to listing every body voxel
@@ -51,7 +51,7 @@ class PreprocessedDataset:
         self.cases = [c for c in cases if c not in skipped]
         if not self.cases:
             raise ValueError(f"none of the {len(cases)} listed case(s) is preprocessed in {self.folder}")
-        missing = [f"{c}{s}" for c in self.cases for s in SUFFIXES.values() if not (self.folder / f"{c}{s}").is_file()]
+        missing = [f"{c}{s}" for c in self.cases for s in ARRAYS.values() if not (self.folder / f"{c}{s}").is_file()]
         if missing:
             raise ValueError(f"preprocessed arrays missing in {self.folder}: {', '.join(missing)} "
                              "(rerun plan_and_preprocess)")
@@ -79,7 +79,7 @@ class PreprocessedDataset:
 
     def arrays(self, case: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Read-only memory maps ``(mr, ct, masks)`` of ``case``; only what is sliced is read."""
-        return tuple(np.load(self.folder / f"{case}{s}", mmap_mode="r") for s in SUFFIXES.values())  # type: ignore[return-value]
+        return tuple(np.load(self.folder / f"{case}{s}", mmap_mode="r") for s in ARRAYS.values())  # type: ignore[return-value]
 
 
 def _random_body_voxel(body: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
