@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 
+from wldm_auto.dataset_conversion.example import derived_sequence
+
 REPO = Path(__file__).resolve().parents[1]
 PHANTOM_DIR = REPO / "wldm_auto" / "dataset_conversion" / "example_data" / "mri_dir_porcine_phantom"
 TEST_DATA = REPO / "tests" / "data"
@@ -49,6 +51,7 @@ class PreprocessedSmall:
 
 
 SMALL_DATASET = "Dataset901_LoaderSmall"
+TWO_SEQUENCE_DATASET = "Dataset902_TwoSequences"
 # (x, y, z) crop size and offset of the crop centre from the MR centre, one per case: three different patients
 SMALL_CROPS = {"caseA": ((96, 96, 40), (0, 0, 0)), "caseB": ((96, 88, 36), (20, -12, 8)),
                "caseC": ((80, 96, 40), (-24, 16, -10))}
@@ -59,37 +62,51 @@ def _offset_crop(image: sitk.Image, size: tuple[int, int, int], shift: tuple[int
     return sitk.RegionOfInterest(image, list(size), index)
 
 
+def build_small_dataset(root: Path, dataset: str, two_sequences: bool = False) -> PreprocessedSmall:
+    """Three different crops of the phantom (optionally with a second sequence), planned and preprocessed
+    at 4 mm without registration. The environment variables are set only while preprocessing."""
+    from wldm_auto.planners.schema import Plans
+    from wldm_auto.preprocessing.pipeline import plan_and_preprocess
+
+    raw, pre = root / "raw", root / "pre"
+    folder = raw / dataset
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "targetsTr").mkdir()
+    mr = sitk.ReadImage(str(PHANTOM_DIR / "mr_t2.nii.gz"))
+    ct = sitk.ReadImage(str(PHANTOM_DIR / "ct.nii.gz"))
+    for name, (size, shift) in SMALL_CROPS.items():
+        crop = _offset_crop(mr, size, shift)
+        sitk.WriteImage(crop, str(folder / "imagesTr" / f"{name}_0000.nii.gz"))
+        if two_sequences:
+            sitk.WriteImage(derived_sequence(crop), str(folder / "imagesTr" / f"{name}_0001.nii.gz"))
+        sitk.WriteImage(ct, str(folder / "targetsTr" / f"{name}.nii.gz"))
+    channels = {"0": "T2", "1": "T2sqrt"} if two_sequences else {"0": "MR"}
+    (folder / "dataset.json").write_text(json.dumps({
+        "name": dataset, "channel_names": channels, "target": "CT", "file_ending": ".nii.gz",
+        "numTraining": len(SMALL_CROPS)}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("wldm_raw", str(raw))
+        mp.setenv("wldm_preprocessed", str(pre))
+        summary = plan_and_preprocess(dataset, registration=False, spacing=[4.0])
+    assert not summary.failed, [o.message for o in summary.failed]
+    plans = Plans.load(pre / dataset / "plans.json")
+    arrays = pre / dataset / plans.configuration("3d_wldm").data_identifier
+    return PreprocessedSmall(raw, pre, dataset, arrays, sorted(SMALL_CROPS))
+
+
 @pytest.fixture(scope="session")
 def preprocessed_small(tmp_path_factory: pytest.TempPathFactory) -> PreprocessedSmall:
     """Three different crops of the phantom, planned and preprocessed at 4 mm without registration (~3 s).
 
     The environment variables are set only while preprocessing; tests that need them set them from the result.
     """
-    from wldm_auto.preprocessing.pipeline import plan_and_preprocess
+    return build_small_dataset(tmp_path_factory.mktemp("preprocessed_small"), SMALL_DATASET)
 
-    root = tmp_path_factory.mktemp("preprocessed_small")
-    raw, pre = root / "raw", root / "pre"
-    folder = raw / SMALL_DATASET
-    (folder / "imagesTr").mkdir(parents=True)
-    (folder / "targetsTr").mkdir()
-    mr = sitk.ReadImage(str(PHANTOM_DIR / "mr_t2.nii.gz"))
-    ct = sitk.ReadImage(str(PHANTOM_DIR / "ct.nii.gz"))
-    for name, (size, shift) in SMALL_CROPS.items():
-        sitk.WriteImage(_offset_crop(mr, size, shift), str(folder / "imagesTr" / f"{name}_0000.nii.gz"))
-        sitk.WriteImage(ct, str(folder / "targetsTr" / f"{name}.nii.gz"))
-    (folder / "dataset.json").write_text(json.dumps({
-        "name": SMALL_DATASET, "channel_names": {"0": "MR"}, "target": "CT", "file_ending": ".nii.gz",
-        "numTraining": len(SMALL_CROPS)}))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("wldm_raw", str(raw))
-        mp.setenv("wldm_preprocessed", str(pre))
-        summary = plan_and_preprocess(SMALL_DATASET, registration=False, spacing=[4.0])
-    assert not summary.failed, [o.message for o in summary.failed]
-    from wldm_auto.planners.schema import Plans
 
-    plans = Plans.load(pre / SMALL_DATASET / "plans.json")
-    arrays = pre / SMALL_DATASET / plans.configuration("3d_wldm").data_identifier
-    return PreprocessedSmall(raw, pre, SMALL_DATASET, arrays, sorted(SMALL_CROPS))
+@pytest.fixture(scope="session")
+def preprocessed_two_sequences(tmp_path_factory: pytest.TempPathFactory) -> PreprocessedSmall:
+    """As ``preprocessed_small`` with two MR sequences per case (``_0000`` T2, ``_0001`` a derived contrast)."""
+    return build_small_dataset(tmp_path_factory.mktemp("preprocessed_two"), TWO_SEQUENCE_DATASET, True)
 
 
 TINY_VAE = {"channels": [8, 16], "group_width": 4, "latent_channels": 4, "downsampling_factor": 2,
@@ -99,6 +116,9 @@ TINY_VAE = {"channels": [8, 16], "group_width": 4, "latent_channels": 4, "downsa
 
 
 TINY_DIFFUSION = {"unet_channels": [16, 32], "timesteps": 100, "validation_ddim_steps": 3, "ema_decay": 0.9}
+
+
+TINY_WAVELET = {"unet_channels": [16, 32], "timesteps": 100, "validation_ddim_steps": 3, "ema_decay": 0.9}
 
 
 TINY_REGRESSION = {"unet_channels": [8, 16], "group_width": 4, "blocks_per_level": 1}
@@ -120,6 +140,8 @@ def tiny_copy(preprocessed_small: "PreprocessedSmall", tmp_path: Path, monkeypat
     training = dict(config["vae"]["training"], **vae.pop("training"))
     config["vae"].update(vae, training=training)
     config["diffusion"].update(TINY_DIFFUSION, training=dict(config["diffusion"]["training"], **TINY_VAE["training"]))
+    config["wavelet_diffusion"].update(TINY_WAVELET, training=dict(config["wavelet_diffusion"]["training"],
+                                                                   **TINY_VAE["training"]))
     config["regression"].update(TINY_REGRESSION,
                                 training=dict(config["regression"]["training"], **TINY_VAE["training"]))
     config["inference"]["ddim_steps"] = 4

@@ -115,11 +115,16 @@ def main_example(argv: list[str] | None = None) -> int:
         description="Install the bundled example, one paired MR/CT porcine phantom (TCIA MRI-DIR, CC BY 4.0), "
                     "as raw dataset DatasetXXX_MRIDIRPhantom with case 'phantom'.\n\n" + _ENV)
     _add_common(parser)
+    parser.add_argument("--derived-second-sequence", action="store_true",
+                        help="install DatasetXXX_MRIDIRPhantomTwoSeq instead: the T2 plus a second MR channel "
+                             "DERIVED from it (square root, 1.5 mm blur; not a scan) to try multi-sequence "
+                             "training and prediction with missing sequences")
     args = parser.parse_args(argv)
 
     def action() -> int:
         from wldm_auto.dataset_conversion.example import install_example
-        return _done(install_example(args.dataset_id, overwrite=args.overwrite, link=args.link))
+        return _done(install_example(args.dataset_id, overwrite=args.overwrite, link=args.link,
+                                     derived_second_sequence=args.derived_second_sequence))
     return _run(action)
 
 

@@ -4,7 +4,9 @@ Composes the pieces DESIGN.md section 5 describes: the VAE encodes the whole
 (normalised) MR in overlapping tiles; DDIM then samples the CT latent for the
 WHOLE volume, predicting noise on overlapping latent tiles that are blended
 with Gaussian weights, and stepping the whole latent with one shared noise
-field; the VAE decodes the result in tiles. Nothing here knows about files:
+field; the VAE decodes the result in tiles. A first stage that declares
+``whole_volume`` (the fixed Haar transform: exact and local) encodes and
+decodes the whole volume in one call instead. Nothing here knows about files:
 the predictor and the trainers' validation both call it.
 """
 from __future__ import annotations
@@ -17,12 +19,13 @@ import torch
 from wldm_auto.diffusion.samplers import DDIMSampler
 from wldm_auto.diffusion.schedule import NoiseSchedule
 from wldm_auto.diffusion.tiled import sample_whole_latent
+from wldm_auto.networks.haar import pad_even
 from wldm_auto.networks.tiling import fit_tile, sliding_window
 
 
 @dataclass
 class LatentSynthesizer:
-    """A trained first stage (``vae``) and denoiser (``unet``) ready to sample sCT."""
+    """A first stage (``vae``: trained wavelet VAE or fixed Haar) and denoiser (``unet``) ready to sample sCT."""
 
     vae: torch.nn.Module
     unet: torch.nn.Module
@@ -44,13 +47,23 @@ class LatentSynthesizer:
         tile = [max(1, self.latent_tile_scale * t // self.factor) for t in self.image_tile]
         return fit_tile(latent_shape, tile, int(getattr(self.unet, "required_divisor", 1)))
 
+    @property
+    def whole_volume(self) -> bool:
+        return bool(getattr(self.vae, "whole_volume", False))
+
     @torch.no_grad()
-    def encode_mr(self, mr: torch.Tensor) -> torch.Tensor:
-        """(C, z, y, x) normalised MR -> (L, z/f, y/f, x/f) scaled latent (posterior mode), tiled."""
+    def encode_mr(self, mr: torch.Tensor, available: torch.Tensor | None = None) -> torch.Tensor:
+        """(C, z, y, x) normalised MR -> (L, z/f, y/f, x/f) scaled latent (posterior mode), tiled.
+
+        ``available``: (C,) flags of the MR sequences present (None: all).
+        """
+        if self.whole_volume:
+            z = self.vae.encode(pad_even(mr[None].to(self.device), -1.0), "mr", available).mode()[0]
+            return z * self.latent_scale
         tile = fit_tile(mr.shape[-3:], self.image_tile, self.factor)
 
         def encode(batch: torch.Tensor) -> torch.Tensor:
-            return self.vae.encode(batch, "mr").mode()
+            return self.vae.encode(batch, "mr", available).mode()
 
         z = sliding_window(mr, tile, encode, overlap=self.overlap, batch_size=self.batch_size,
                            scale=1.0 / self.factor, pad_value=-1.0, device=self.device, align=self.factor)
@@ -59,6 +72,9 @@ class LatentSynthesizer:
     @torch.no_grad()
     def decode_ct(self, z: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         """(L, d, h, w) scaled CT latent -> (z, y, x) normalised CT cropped to ``shape``, tiled."""
+        if self.whole_volume:
+            ct = self.vae.decode((z / self.latent_scale)[None].to(self.device), "ct")[0]
+            return ct[0, : shape[0], : shape[1], : shape[2]]
         tile = [max(1, t // self.factor) for t in self.image_tile]
         tile = [min(t, s) for t, s in zip(tile, z.shape[-3:])]
 
@@ -71,16 +87,21 @@ class LatentSynthesizer:
 
     @torch.no_grad()
     def sample(self, mr: torch.Tensor, steps: int, eta: float = 0.0, num_samples: int = 1,
-               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-        """(C, z, y, x) normalised MR -> (num_samples, z, y, x) normalised CT samples."""
-        cond = self.encode_mr(mr).to(self.device)[None]
+               generator: torch.Generator | None = None, progress: bool = False,
+               available: torch.Tensor | None = None) -> torch.Tensor:
+        """(C, z, y, x) normalised MR -> (num_samples, z, y, x) normalised CT samples.
+
+        ``available``: (C,) flags of the MR sequences present (missing ones must be zeros in ``mr``).
+        """
+        cond = self.encode_mr(mr, available).to(self.device)[None]
         sampler = DDIMSampler(self.schedule, steps, eta)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
             return self.unet(x, t, c)
 
         latent = sample_whole_latent(
-            model_fn, cond, cond.shape[1], sampler, self.latent_tile(cond.shape[-3:]), overlap=self.latent_overlap,
+            model_fn, cond, int(getattr(self.unet, "latent_channels", cond.shape[1])), sampler,
+            self.latent_tile(cond.shape[-3:]), overlap=self.latent_overlap,
             batch_size=self.batch_size, generator=generator, num_samples=num_samples, progress=progress,
             divisor=int(getattr(self.unet, "required_divisor", 1)),
         )

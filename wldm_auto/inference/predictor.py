@@ -26,13 +26,14 @@ from wldm_auto.diffusion.synthesis import LatentSynthesizer
 from wldm_auto.inference.export import AIR_HU, hu_int16, to_input_grid, write_dicom_series
 from wldm_auto.inference.inputs import InputCase, find_cases
 from wldm_auto.io.images import ImageReadError, file_ending, read_image, write_image
-from wldm_auto.networks.diffusion_unet import DiffusionUNet
+from wldm_auto.networks.haar import HaarFirstStage
 from wldm_auto.networks.regression_unet import RegressionSynthesizer, RegressionUNet
 from wldm_auto.networks.vae import WaveletVAE
 from wldm_auto.planners.schema import ConfigurationPlan, Plans
 from wldm_auto.preprocessing.case import CaseError, body_mask, check_channels, preprocess_mr
 from wldm_auto.preprocessing.normalization import denormalise_ct
 from wldm_auto.trainers.checkpoint import CheckpointError, load_checkpoint
+from wldm_auto.trainers.diffusion_trainer import build_unet
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +86,18 @@ def load_fold(folder: Path, device: torch.device, overlap: float | None = None, 
 
 
 def _diffusion(state: dict[str, Any], config: ConfigurationPlan, overlap: float, device: torch.device) -> Synthesizer:
-    """The VAE and the EMA U-Net of a diffusion checkpoint."""
-    vae = WaveletVAE(int(state["mr_channels"]), config.vae)
-    vae.load_state_dict(state["networks"]["vae"])
-    unet = DiffusionUNet(config.vae.latent_channels, config.diffusion)
+    """The first stage (embedded VAE or fixed Haar) and the EMA U-Net of a diffusion checkpoint."""
+    plan = getattr(config, state.get("plan_section", "diffusion"))
+    mr_channels = int(state["mr_channels"])
+    first_stage: torch.nn.Module
+    if plan.first_stage == "haar":
+        first_stage = HaarFirstStage(mr_channels)
+    else:
+        first_stage = WaveletVAE(mr_channels, config.vae)
+        first_stage.load_state_dict(state["networks"]["vae"])
+    unet = build_unet(plan, first_stage)
     unet.load_state_dict(state["networks"]["ema"])
-    return LatentSynthesizer(vae.to(device).eval(), unet.to(device).eval(), NoiseSchedule.from_plan(config.diffusion),
+    return LatentSynthesizer(first_stage.to(device).eval(), unet.to(device).eval(), NoiseSchedule.from_plan(plan),
                              float(state["latent_scale"]), config.patch_size, overlap, device,
                              latent_tile_scale=config.inference.latent_tile_scale,
                              latent_overlap=config.inference.latent_overlap)
@@ -103,7 +110,7 @@ def _regression(state: dict[str, Any], config: ConfigurationPlan, overlap: float
     return RegressionSynthesizer(net.to(device).eval(), config.patch_size, overlap, device)
 
 
-BUILDERS = {"diffusion": _diffusion, "regression": _regression}
+BUILDERS = {"diffusion": _diffusion, "wavelet_diffusion": _diffusion, "regression": _regression}
 
 
 def load_model(model_folder: Path, folds: Sequence[int] | None, device: torch.device,
@@ -130,6 +137,39 @@ def output_paths(case: InputCase, output: Path, ending: str | None) -> tuple[Pat
     return output / f"{case.name}{ending}", output / f"{case.name}_std{ending}"
 
 
+def describe_channel(plans: Plans, channel: int) -> str:
+    return f"{channel:04d} ({plans.channel_names.get(str(channel), 'unnamed')})"
+
+
+def usable_channels(case: InputCase, fold: LoadedFold, config: ConfigurationPlan) -> tuple[list[int], torch.Tensor | None]:
+    """(channels present, (C,) availability flags or None when all are there); CaseError for unknown channels.
+
+    A model of several sequences takes any non-empty subset of them (missing
+    ones are flagged, as in training with ``mr_channel_dropout``); a
+    single-sequence model needs its one channel.
+    """
+    expected = list(range(fold.mr_channels))
+    trained = ", ".join(describe_channel(fold.plans, c) for c in expected)
+    unknown = sorted(set(case.channels) - set(expected))
+    if unknown:
+        names = ", ".join(f"{c:04d} ({Path(case.channels[c]).name})" for c in unknown)
+        raise CaseError(f"{case.name}: MR channel(s) {names} unknown to the model, which was trained on "
+                        f"channel(s) {trained}")
+    present = [c for c in expected if c in case.channels]
+    missing = [c for c in expected if c not in case.channels]
+    if not missing:
+        return present, None
+    if fold.mr_channels == 1 or not present:
+        raise CaseError(f"{case.name}: no MR channel the model knows (it needs {trained})")
+    log.info("%s: using MR channel(s) %s; missing %s", case.name,
+             ", ".join(describe_channel(fold.plans, c) for c in present),
+             ", ".join(describe_channel(fold.plans, c) for c in missing))
+    if config.mr_channel_dropout <= 0:
+        log.warning("%s: this model was trained with mr_channel_dropout 0, i.e. never without a sequence: "
+                    "its output with missing channels is untested", case.name)
+    return present, torch.tensor([float(c in case.channels) for c in expected])
+
+
 def predict_case(
     folds: list[LoadedFold], case: InputCase, output: Path, steps: int | None = None, samples: int = 1,
     seed: int = 0, eta: float = 0.0, save_std: bool = False, ending: str | None = None, dicom_out: bool = False,
@@ -138,22 +178,22 @@ def predict_case(
     start = time.time()
     first = folds[0]
     plans, config = first.plans, first.plans.configuration(first.configuration)
-    expected = list(range(first.mr_channels))
-    if sorted(case.channels) != expected:
-        raise CaseError(f"{case.name}: has MR channel(s) {sorted(case.channels)}, the model needs {expected}")
-    paths = [case.channels[c] for c in expected]
+    present, available = usable_channels(case, first, config)
+    paths = [case.channels[c] for c in present]
     images = [read_image(p, sitk.sitkFloat32) for p in paths]
     check_channels(images, [str(p) for p in paths])
-    body = body_mask(images[0], plans)
+    body = body_mask(images[0], plans)  # from the first sequence present
     pre = preprocess_mr(images, body, plans, config.spacing)
-    mr = torch.from_numpy(pre.mr)
+    mr_array = np.zeros((first.mr_channels, *pre.mr.shape[1:]), dtype=np.float32)  # missing sequences: zeros
+    mr_array[present] = pre.mr
+    mr = torch.from_numpy(mr_array)
     window = tuple(plans.preprocessing.ct_window)
     steps = steps or config.inference.ddim_steps
     draws = []
     for k, fold in enumerate(folds):
         generator = torch.Generator(device="cpu").manual_seed(seed + 1000 * k)
         count = 1 if getattr(fold.synthesizer, "deterministic", False) else samples  # repeats add nothing
-        normalised = fold.synthesizer.sample(mr, steps, eta, count, generator, progress=True)
+        normalised = fold.synthesizer.sample(mr, steps, eta, count, generator, progress=True, available=available)
         draws.append(denormalise_ct(normalised.clamp(-1, 1).cpu().numpy(), window))
     stack = np.concatenate(draws)
     sct_path, std_path = output_paths(case, output, ending)

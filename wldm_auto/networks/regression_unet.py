@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from wldm_auto.networks.blocks import num_groups
+from wldm_auto.networks.channels import network_channels, with_flags
 from wldm_auto.networks.tiling import fit_tile, sliding_window
 from wldm_auto.planners.schema import RegressionPlan
 
@@ -43,7 +44,8 @@ class RegressionUNet(nn.Module):
 
     Widths C_0..C_{L-1} = ``plan.unet_channels``:
 
-    * stem: 3x3x3 conv in_channels -> C_0;
+    * stem: 3x3x3 conv in_channels (plus availability flags when there are
+      several MR sequences, see ``networks/channels.py``) -> C_0;
     * encoder level i: ``blocks_per_level`` :class:`ResBlock`; its output is the
       skip E_i; levels i < L-1 end with a stride-2 3x3x3 conv to C_{i+1};
       the last encoder level is the bottleneck;
@@ -68,7 +70,7 @@ class RegressionUNet(nn.Module):
         def blocks(first_in: int, ch: int) -> nn.Sequential:
             return nn.Sequential(*(ResBlock(first_in if j == 0 else ch, ch, gw) for j in range(n)))
 
-        self.stem = nn.Conv3d(in_channels, channels[0], 3, padding=1)
+        self.stem = nn.Conv3d(network_channels(in_channels), channels[0], 3, padding=1)
         self.encoder = nn.ModuleList(blocks(ch, ch) for ch in channels)
         self.downs = nn.ModuleList(
             nn.Conv3d(channels[i], channels[i + 1], 3, stride=2, padding=1) for i in range(self.levels - 1))
@@ -84,14 +86,15 @@ class RegressionUNet(nn.Module):
         """Every spatial size must be a multiple of this (2 ** (levels - 1))."""
         return 2 ** (self.levels - 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, available: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, D, H, W) MR (``available``: (B, C) or (C,) flags of missing sequences) -> (B, 1, D, H, W)."""
         if x.dim() != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"input must be (B, {self.in_channels}, D, H, W), got {tuple(x.shape)}")
         f = self.required_divisor
         if any(s % f for s in x.shape[2:]):
             raise ValueError(f"spatial shape {tuple(x.shape[2:])} is not divisible by {f} "
                              f"(the U-Net has {self.levels - 1} stride-2 downsamplings)")
-        h = self.stem(x)
+        h = self.stem(with_flags(x, available))
         skips: list[torch.Tensor] = []
         for i, level in enumerate(self.encoder):
             h = level(h)
@@ -122,21 +125,22 @@ class RegressionSynthesizer:
     deterministic: bool = True
 
     @torch.no_grad()
-    def predict(self, mr: torch.Tensor) -> torch.Tensor:
-        """(C, z, y, x) normalised MR -> (z, y, x) normalised CT (unclamped)."""
+    def predict(self, mr: torch.Tensor, available: torch.Tensor | None = None) -> torch.Tensor:
+        """(C, z, y, x) normalised MR -> (z, y, x) normalised CT (unclamped); ``available``: (C,) flags."""
         divisor = int(self.net.required_divisor)
         tile = fit_tile(mr.shape[-3:], [max(divisor, int(t) // divisor * divisor) for t in self.tile], divisor)
 
         def fn(batch: torch.Tensor) -> torch.Tensor:
-            return self.net(batch)
+            return self.net(batch, available)
 
         return sliding_window(mr, tile, fn, overlap=self.overlap, batch_size=self.batch_size, pad_value=-1.0,
                               device=self.device)[0]
 
     @torch.no_grad()
     def sample(self, mr: torch.Tensor, steps: int | None = None, eta: float = 0.0, num_samples: int = 1,
-               generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+               generator: torch.Generator | None = None, progress: bool = False,
+               available: torch.Tensor | None = None) -> torch.Tensor:
         """(C, z, y, x) normalised MR -> (num_samples, z, y, x) normalised CT, all samples identical."""
         if progress:
             log.info("regression U-Net: one sliding-window pass over %s voxels", tuple(mr.shape[-3:]))
-        return self.predict(mr)[None].expand(num_samples, *mr.shape[-3:])
+        return self.predict(mr, available)[None].expand(num_samples, *mr.shape[-3:])

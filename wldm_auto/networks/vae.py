@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from wldm_auto.networks.blocks import WaveletBlock, num_groups
+from wldm_auto.networks.channels import network_channels, with_flags
 from wldm_auto.planners.schema import VAEPlan
 
 MODALITIES = ("mr", "ct")
@@ -57,7 +58,8 @@ class WaveletVAE(nn.Module):
     """Shared MR/CT VAE built from WaveletBlocks (plan: :class:`VAEPlan`).
 
     Modality-specific parts: a 3x3x3 input stem per modality (MR: ``mr_channels``
-    -> ``channels[0]``; CT: 1 -> ``channels[0]``) and a 3x3x3 output head per
+    sequences, plus their availability flags when there are several (see
+    ``networks/channels.py``) -> ``channels[0]``; CT: 1 -> ``channels[0]``) and a 3x3x3 output head per
     modality. Everything else (encoder, latent projection, decoder) is shared,
     as in the paper. Encoder: per level ``blocks_per_level`` WaveletBlocks, then
     a stride-2 3x3x3 conv to the next level's width; a 1x1x1 conv gives mean and
@@ -91,7 +93,8 @@ class WaveletVAE(nn.Module):
         gw, wrm, nb = plan.group_width, plan.wrm, max(1, plan.blocks_per_level)
         in_channels = {"mr": mr_channels, "ct": 1}
 
-        self.stems = nn.ModuleDict({m: nn.Conv3d(in_channels[m], channels[0], 3, padding=1) for m in MODALITIES})
+        stem_in = {"mr": network_channels(mr_channels), "ct": 1}
+        self.stems = nn.ModuleDict({m: nn.Conv3d(stem_in[m], channels[0], 3, padding=1) for m in MODALITIES})
         self.encoder = nn.ModuleList()
         for i, ch in enumerate(channels):
             level: list[nn.Module] = [WaveletBlock(ch, ch, gw, wrm) for _ in range(nb)]
@@ -135,10 +138,11 @@ class WaveletVAE(nn.Module):
                 f"downsampling factor {self.downsampling_factor}"
             )
 
-    def encode(self, x: torch.Tensor, modality: str) -> DiagonalGaussian:
+    def encode(self, x: torch.Tensor, modality: str, available: torch.Tensor | None = None) -> DiagonalGaussian:
+        """Posterior of ``x``; for MR, ``available`` (B, C) or (C,) flags missing sequences (None: all there)."""
         check_modality(modality)
         self._check_input(x, modality)
-        h = self.stems[modality](x)
+        h = self.stems[modality](with_flags(x, available) if modality == "mr" else x)
         for level in self.encoder:
             h = level(h)
         mean, logvar = self.to_moments(h).chunk(2, dim=1)
@@ -153,9 +157,10 @@ class WaveletVAE(nn.Module):
             h = level(h)
         return self.heads[modality](F.silu(self.out_norm(h)))
 
-    def forward(self, x: torch.Tensor, modality: str, sample: bool = True) -> tuple[torch.Tensor, DiagonalGaussian]:
+    def forward(self, x: torch.Tensor, modality: str, sample: bool = True,
+                available: torch.Tensor | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
         """Encode, draw (``sample``) or take the mean, decode with the same modality."""
-        posterior = self.encode(x, modality)
+        posterior = self.encode(x, modality, available)
         z = posterior.sample() if sample else posterior.mode()
         return self.decode(z, modality), posterior
 

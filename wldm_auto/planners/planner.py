@@ -16,7 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from wldm_auto.planners.schema import (
-    ConfigurationPlan, DiffusionPlan, InferencePlan, Plans, PreprocessingPlan, RegistrationPlan, VAEPlan,
+    WDM_UNET_CHANNELS, ConfigurationPlan, DiffusionPlan, InferencePlan, Plans, PreprocessingPlan, RegistrationPlan,
+    VAEPlan, wavelet_diffusion_plan,
 )
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,15 @@ CPU_MEMORY_GB = 2.0
 # per WaveletBlock (convs, DWT sub-bands, activations) in encoder + decoder.
 TENSORS_PER_LEVEL = 24
 MAX_BATCH = 8
+CHANNEL_DROPOUT = 0.5
+
+
+def wavelet_unet_levels(patch: Sequence[int], most: int = len(WDM_UNET_CHANNELS)) -> int:
+    """Most U-Net levels (<= ``most``) whose downsamplings divide the Haar sub-band patch (half the patch)."""
+    levels = 1
+    while levels < most and all((p // 2) % 2**levels == 0 and p % 2 == 0 for p in patch):
+        levels += 1
+    return levels
 
 
 def default_memory_target() -> tuple[float, str]:
@@ -137,6 +147,9 @@ def plan_dataset(
     total_voxels = float(sum(np.prod(np.ceil((np.array(c["body_extent_mm"]) + 2 * pre.crop_margin_mm)
                                              / np.array(pre.target_spacing))) for c in fingerprint["cases"].values()))
     patch, batch, estimate, patch_reason = plan_patch_and_batch(median, memory, vae, diffusion, total_voxels)
+    wavelet = wavelet_diffusion_plan()
+    wavelet.unet_channels = list(WDM_UNET_CHANNELS[:wavelet_unet_levels(patch)])
+    several = len(channel_names) > 1
     config = ConfigurationPlan(
         data_identifier=f"{PLANS_NAME}_{CONFIGURATION}",
         spacing=list(pre.target_spacing),
@@ -144,7 +157,8 @@ def plan_dataset(
         patch_size=patch,
         batch_size=batch,
         estimated_memory_gb=estimate,
-        vae=vae, diffusion=diffusion, inference=inference,
+        vae=vae, diffusion=diffusion, wavelet_diffusion=wavelet, inference=inference,
+        mr_channel_dropout=CHANNEL_DROPOUT if several else 0.0,
         notes={
             "memory_target": f"{memory:g} GB: {memory_reason}",
             "patch_size": patch_reason,
@@ -154,6 +168,14 @@ def plan_dataset(
                     "while a trained VAE's L2 is ~1e-2: 0.1 let it dominate and lowered reconstruction PSNR on the "
                     "phantom); adversarial 0.05 after 10k steps"),
             "diffusion": "paper: T=1000, linear betas from 1e-4 (paper prints 0.2 as end; 0.02 is the standard value used)",
+            "wavelet_diffusion": (f"WDM/cWDM-style alternative (wldm_train DATASET wavelet_diffusion): fixed Haar "
+                                  f"sub-bands instead of a VAE, x0-prediction, no DSCA; U-Net widths "
+                                  f"{wavelet.unet_channels}: WDM's 64 x (1, 2, 2, 4, 4), as many levels as half "
+                                  f"the patch {patch} divides into"),
+            "mr_channel_dropout": (f"{len(channel_names)} MR sequences: a training sample sees a random non-empty "
+                                   f"proper subset of them with probability {CHANNEL_DROPOUT} (flagged missing), so "
+                                   "prediction works with any subset" if several
+                                   else "one MR sequence: nothing to drop"),
             "inference": ("50 DDIM steps; VAE tiles overlap by half; latent sampling tiles 2x the patch latent with "
                           "0.25 overlap (one shared noise field, re-blended every step); 1 sample (raise for a std map)"),
         },

@@ -108,8 +108,15 @@ class VAEPlan:
 
 @dataclass
 class DiffusionPlan:
-    """Stage 2: latent diffusion U-Net with DSCA."""
+    """Stage 2: conditional diffusion U-Net in the space of a first stage.
 
+    ``first_stage``: ``"vae"`` (3D-WLDM: the latent space of the fold's trained
+    wavelet VAE, DSCA on the skips) or ``"haar"`` (WDM/cWDM style: the fixed
+    one-level 3D Haar transform, 8 sub-bands per channel at half resolution,
+    the low-pass band divided by sqrt(8); no training, no S/M split, so no DSCA).
+    """
+
+    first_stage: str = "vae"
     timesteps: int = 1000
     beta_schedule: str = "linear"
     beta_start: float = 1e-4
@@ -120,6 +127,15 @@ class DiffusionPlan:
     ema_decay: float = 0.999
     validation_ddim_steps: int = 10
     training: TrainingPlan = field(default_factory=TrainingPlan)
+
+
+# WDM (Friedrich et al. 2024): base 64, multipliers (1, 2, 2, 4, 4), x0-prediction, no attention
+WDM_UNET_CHANNELS = [64, 128, 128, 256, 256]
+
+
+def wavelet_diffusion_plan() -> DiffusionPlan:
+    """Defaults of the wavelet-domain (WDM-style) configuration: Haar first stage, x0 target, no DSCA."""
+    return DiffusionPlan(first_stage="haar", prediction="x0", dsca=False, unet_channels=list(WDM_UNET_CHANNELS))
 
 
 @dataclass
@@ -159,9 +175,16 @@ class ConfigurationPlan:
     estimated_memory_gb: float
     vae: VAEPlan = field(default_factory=VAEPlan)
     diffusion: DiffusionPlan = field(default_factory=DiffusionPlan)
+    wavelet_diffusion: DiffusionPlan = field(default_factory=wavelet_diffusion_plan)
     regression: RegressionPlan = field(default_factory=RegressionPlan)
     inference: InferencePlan = field(default_factory=InferencePlan)
+    # probability that a training sample sees only a random non-empty proper subset of its MR channels
+    # (the others are zeroed and flagged missing), so one model serves any subset at prediction
+    mr_channel_dropout: float = 0.0
     notes: dict[str, str] = field(default_factory=dict)
+
+
+FIRST_STAGES = ("vae", "haar")
 
 
 @dataclass

@@ -35,11 +35,11 @@ class PreprocessedMR:
 
 
 def check_channels(images: Sequence[sitk.Image], names: Sequence[str]) -> None:
-    """All MR channels of a case must share channel 0's grid."""
+    """All MR channels of a case must share the first one's grid."""
     reference = Geometry.of(images[0])
     for image, name in zip(images[1:], names[1:]):
         if not Geometry.of(image).is_close(reference):
-            raise CaseError(f"{name}: geometry differs from channel 0 ({names[0]})")
+            raise CaseError(f"{name}: geometry differs from the first MR channel ({names[0]})")
 
 
 def body_mask(mr0: sitk.Image, plans: Plans, provided: sitk.Image | None = None) -> sitk.Image:

@@ -183,7 +183,8 @@ class BaseTrainer:
     def batches(self, start: int, end: int) -> Any:
         num_workers = self.options.num_workers if self.options.num_workers is not None else default_num_workers()
         data = StepBatches(self.train_data, self.config.patch_size, self.config.batch_size, self.options.seed,
-                           augment=True, rank=self.rank, world_size=self.world_size)
+                           augment=True, rank=self.rank, world_size=self.world_size,
+                           channel_dropout=self.config.mr_channel_dropout)
         return make_loader(data, start, end, num_workers, pin_memory=self.device.type == "cuda")
 
     # -- the loop ---------------------------------------------------------------------

@@ -135,6 +135,27 @@ def sample_patch(
             _read_padded(masks, start, size, PAD_MASK, np.uint8))
 
 
+def drop_channels(mr: np.ndarray, probability: float, rng: np.random.Generator) -> np.ndarray:
+    """Zero random MR sequences in place; returns the (B, C) float32 availability flags.
+
+    With ``probability`` a sample keeps only a uniformly drawn non-empty proper
+    subset of its C sequences (C > 1); otherwise it keeps all. Nothing is drawn
+    from ``rng`` for single-sequence data or ``probability`` 0, so such batches
+    stay exactly what they were before channel dropout existed.
+    """
+    batch, channels = mr.shape[:2]
+    available = np.ones((batch, channels), dtype=np.float32)
+    if channels < 2 or probability <= 0:
+        return available
+    for b in range(batch):
+        if rng.random() < probability:
+            subset = int(rng.integers(1, 2**channels - 1))  # bit c set = sequence c kept; never none, never all
+            keep = np.array([(subset >> c) & 1 for c in range(channels)], dtype=bool)
+            mr[b, ~keep] = 0.0
+            available[b] = keep
+    return available
+
+
 def step_rngs(seed: int, step: int, rank: int) -> tuple[np.random.Generator, np.ndarray]:
     """A generator and a legacy ``np.random.seed`` state, both derived from ``(seed, step, rank)`` only."""
     sequence = np.random.SeedSequence([int(seed), int(step), int(rank)])
@@ -146,14 +167,15 @@ class StepBatches(torch.utils.data.Dataset):
     """Map-style dataset whose item ``k`` is the batch of training step ``k`` (see the module docstring).
 
     Items are dicts: ``mr`` (B, C, *patch), ``ct``, ``valid``, ``body`` (B, 1, *patch),
-    all float32 tensors (masks 0/1), and ``cases`` (list of B names). ``rank`` (of
+    all float32 tensors (masks 0/1), ``available`` (B, C) flags of the MR sequences
+    kept by ``channel_dropout`` (dropped ones are zeroed), and ``cases`` (list of B names). ``rank`` (of
     ``world_size`` processes) enters the seed so every process draws its own batches.
     """
 
     def __init__(
         self, dataset: PreprocessedDataset, patch_size: Sequence[int], batch_size: int, seed: int,
         augment: bool = True, rank: int = 0, world_size: int = 1, augment_params: dict | None = None,
-        body_fraction: float = 0.67, num_steps: int = 2**62,
+        body_fraction: float = 0.67, num_steps: int = 2**62, channel_dropout: float = 0.0,
     ) -> None:
         if batch_size < 2 or batch_size % 2:
             raise ValueError(f"batch_size must be even and >= 2 (pairs of patients for the SMD loss), got {batch_size}")
@@ -165,6 +187,9 @@ class StepBatches(torch.utils.data.Dataset):
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.body_fraction = body_fraction
         self.num_steps = num_steps
+        if not 0.0 <= channel_dropout <= 1.0:
+            raise ValueError(f"mr_channel_dropout must be in [0, 1], got {channel_dropout}")
+        self.channel_dropout = float(channel_dropout)
         self.augmentation: Augmentation | None = (
             build_augmentation(augment_params, self.patch_size) if augment else None)
         if len(dataset) < 2:
@@ -201,8 +226,11 @@ class StepBatches(torch.utils.data.Dataset):
         if self.augmentation is not None:
             arrays = self.augmentation(arrays)
         masks = arrays["masks"].astype(np.float32)
+        mr = np.ascontiguousarray(arrays["mr"], dtype=np.float32)
+        available = drop_channels(mr, self.channel_dropout, rng)
         return {
-            "mr": torch.from_numpy(np.ascontiguousarray(arrays["mr"], dtype=np.float32)),
+            "mr": torch.from_numpy(mr),
+            "available": torch.from_numpy(available),
             "ct": torch.from_numpy(np.ascontiguousarray(arrays["ct"], dtype=np.float32)),
             "valid": torch.from_numpy(np.ascontiguousarray(masks[:, 0:1])),
             "body": torch.from_numpy(np.ascontiguousarray(masks[:, 1:2])),

@@ -1,4 +1,4 @@
-"""Stage 2: latent diffusion with DSCA on the frozen VAE of the same fold.
+"""Stage 2: conditional diffusion in the space of a first stage (the fold's frozen VAE, or fixed Haar).
 
 The VAE (from ``<vae trainer>__<plans>__<config>/fold_F/checkpoint_final.pt``)
 encodes MR and CT patches to posterior means; CT latents are scaled to unit
@@ -9,6 +9,11 @@ behind them. An exponential moving average of the U-Net weights is kept and
 used for validation, which samples whole validation volumes with DDIM. The
 checkpoint embeds the VAE weights, so the diffusion model folder is all that
 prediction needs.
+
+With ``first_stage: "haar"`` (the ``wavelet_diffusion`` plan section and
+:class:`WaveletDiffusionTrainer`, WDM/cWDM style) the "latents" are the Haar
+sub-bands of MR and CT (see ``networks/haar.py``): nothing to load, no
+latent scaling (the low band is already normalised), no DSCA.
 """
 from __future__ import annotations
 
@@ -23,8 +28,9 @@ from torch import nn
 from wldm_auto.diffusion.schedule import NoiseSchedule
 from wldm_auto.diffusion.synthesis import LatentSynthesizer
 from wldm_auto.networks.diffusion_unet import DiffusionUNet
+from wldm_auto.networks.haar import HaarFirstStage
 from wldm_auto.networks.vae import WaveletVAE
-from wldm_auto.planners.schema import DiffusionPlan, Plans, TrainingPlan
+from wldm_auto.planners.schema import FIRST_STAGES, DiffusionPlan, Plans, TrainingPlan
 from wldm_auto.trainers.base import BaseTrainer
 from wldm_auto.trainers.checkpoint import load_checkpoint
 from wldm_auto.trainers.losses import masked_mse
@@ -46,21 +52,42 @@ def load_frozen_vae(path: Path, device: torch.device) -> tuple[WaveletVAE, dict[
     return vae.to(device).eval(), state
 
 
+def check_first_stage(plan: DiffusionPlan, where: str) -> None:
+    """The plan's first stage is known, and DSCA is only asked for where a VAE gives S/M halves."""
+    if plan.first_stage not in FIRST_STAGES:
+        raise ValueError(f"{where}.first_stage={plan.first_stage!r}: must be one of {', '.join(FIRST_STAGES)}")
+    if plan.first_stage == "haar" and plan.dsca:
+        raise ValueError(f"{where}: first_stage 'haar' has no structure/modality latent halves for DSCA; "
+                         "set dsca to false")
+
+
+def build_unet(plan: DiffusionPlan, first_stage: torch.nn.Module) -> DiffusionUNet:
+    """The denoiser for ``first_stage``'s space: CT latent channels out, MR latent (+flags) as condition."""
+    if isinstance(first_stage, HaarFirstStage):
+        return DiffusionUNet(first_stage.channels("ct"), plan, cond_channels=first_stage.channels("mr"))
+    return DiffusionUNet(first_stage.latent_channels, plan)
+
+
 class DiffusionTrainer(BaseTrainer):
     """Latent DDPM training of the DSCA U-Net; validation by whole-volume DDIM sampling."""
 
     stage = "diffusion"
+    plan_section = "diffusion"  # the ConfigurationPlan attribute holding this trainer's DiffusionPlan
     best_metric = "val_mae_ct_hu"
     best_mode = "min"
     vae_trainer = "VAETrainer"
 
     @property
     def diffusion_plan(self) -> DiffusionPlan:
-        return self.config.diffusion
+        return getattr(self.config, self.plan_section)
 
     @property
     def training_plan(self) -> TrainingPlan:
-        return self.config.diffusion.training
+        return self.diffusion_plan.training
+
+    @property
+    def haar(self) -> bool:
+        return self.diffusion_plan.first_stage == "haar"
 
     def vae_checkpoint(self) -> Path:
         name = self.options.vae_trainer or self.vae_trainer
@@ -72,26 +99,39 @@ class DiffusionTrainer(BaseTrainer):
         return path
 
     def build(self) -> None:
-        path = self.vae_checkpoint()
-        self.vae, vae_state = load_frozen_vae(path, self.device)
-        self.vae_source = str(path)
-        self.vae_plans = vae_state["plans"]
-        self.config.vae = Plans.from_dict(vae_state["plans"]).configuration(vae_state["configuration"]).vae
-        latent = self.config.vae.latent_channels
-        self.unet = DiffusionUNet(latent, self.diffusion_plan)
+        check_first_stage(self.diffusion_plan, self.plan_section)
+        if self.haar:
+            self.vae = HaarFirstStage(self.train_data.num_mr_channels).to(self.device)
+            self.vae_source = "haar"
+        else:
+            path = self.vae_checkpoint()
+            self.vae, vae_state = load_frozen_vae(path, self.device)
+            self.vae_source = str(path)
+            self.config.vae = Plans.from_dict(vae_state["plans"]).configuration(vae_state["configuration"]).vae
+        self.unet = build_unet(self.diffusion_plan, self.vae)
+        divisor = int(self.vae.required_divisor) * self.unet.required_divisor
+        if any(p % divisor for p in self.config.patch_size):
+            raise ValueError(f"patch size {self.config.patch_size} is not divisible by {divisor} (first stage "
+                             f"x{self.vae.required_divisor}, U-Net with {len(self.diffusion_plan.unet_channels)} "
+                             f"levels): edit patch_size or {self.plan_section}.unet_channels in plans.json")
         self.ema = copy.deepcopy(self.unet).requires_grad_(False)
         self.model = self.wrap(self.unet)
         self.ema.to(self.device)
         self.schedule = NoiseSchedule.from_plan(self.diffusion_plan)
         self.opt = self.make_optimizer(self.unet.parameters(), self.training_plan.learning_rate)
-        self.latent_scale = torch.zeros((), dtype=torch.float32)  # 0 = not measured yet
+        # 0 = not measured yet; Haar coefficients are used as they are (low band already in [-1, 1])
+        self.latent_scale = torch.tensor(1.0 if self.haar else 0.0, dtype=torch.float32)
 
     def networks(self) -> dict[str, nn.Module]:
-        return {"unet": self.unet, "ema": self.ema, "vae": self.vae}
+        networks = {"unet": self.unet, "ema": self.ema}
+        if not self.haar:
+            networks["vae"] = self.vae
+        return networks
 
     def state(self) -> dict[str, Any]:
         state = super().state()
-        state.update(latent_scale=float(self.latent_scale), vae_source=self.vae_source)
+        state.update(latent_scale=float(self.latent_scale), vae_source=self.vae_source,
+                     plan_section=self.plan_section, first_stage=self.diffusion_plan.first_stage)
         return state
 
     def restore_extra(self, state: dict[str, Any]) -> None:
@@ -114,8 +154,9 @@ class DiffusionTrainer(BaseTrainer):
         mr = batch["mr"].to(self.device, non_blocking=True)
         ct = batch["ct"].to(self.device, non_blocking=True)
         valid = batch["valid"].to(self.device, non_blocking=True)
+        available = batch["available"].to(self.device, non_blocking=True)
         with torch.no_grad():
-            z_mr = self.vae.encode(mr, "mr").mode() * scale
+            z_mr = self.vae.encode(mr, "mr", available).mode() * scale
             z_ct = self.vae.encode(ct, "ct").mode() * scale
             factor = self.vae.required_divisor
             valid_latent = (torch.nn.functional.avg_pool3d(valid, factor) > 0.5).float()
@@ -159,3 +200,16 @@ class DiffusionTrainer_noDSCA(DiffusionTrainer):  # noqa: N801 - ablation names 
 
     def apply_plan_overrides(self) -> None:
         self.config.diffusion.dsca = False
+
+
+class WaveletDiffusionTrainer(DiffusionTrainer):
+    """WDM/cWDM-style diffusion on Haar sub-bands (plan section ``wavelet_diffusion``); no VAE, no DSCA."""
+
+    stage = "wavelet_diffusion"
+    plan_section = "wavelet_diffusion"
+
+    def apply_plan_overrides(self) -> None:
+        plan = self.config.wavelet_diffusion
+        if plan.first_stage != "haar":
+            raise ValueError(f"{self.plan_section}.first_stage is {plan.first_stage!r}: WaveletDiffusionTrainer "
+                             "works on Haar sub-bands; set it to \"haar\" (or train stage 'diffusion' for a VAE)")

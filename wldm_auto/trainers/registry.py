@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from wldm_auto.trainers.base import BaseTrainer
-from wldm_auto.trainers.diffusion_trainer import DiffusionTrainer, DiffusionTrainer_noDSCA
+from wldm_auto.trainers.diffusion_trainer import DiffusionTrainer, DiffusionTrainer_noDSCA, WaveletDiffusionTrainer
 from wldm_auto.trainers.regression_trainer import RegressionTrainer
 from wldm_auto.trainers.vae_trainer import VAETrainer, VAETrainer_noSMD, VAETrainer_noWRM
 
@@ -12,10 +12,12 @@ TRAINERS: dict[str, type[BaseTrainer]] = {
     "VAETrainer_noSMD": VAETrainer_noSMD,
     "DiffusionTrainer": DiffusionTrainer,
     "DiffusionTrainer_noDSCA": DiffusionTrainer_noDSCA,
+    "WaveletDiffusionTrainer": WaveletDiffusionTrainer,
     "RegressionTrainer": RegressionTrainer,
 }
 
-DEFAULT_TRAINER = {"vae": "VAETrainer", "diffusion": "DiffusionTrainer", "regression": "RegressionTrainer"}
+DEFAULT_TRAINER = {"vae": "VAETrainer", "diffusion": "DiffusionTrainer",
+                   "wavelet_diffusion": "WaveletDiffusionTrainer", "regression": "RegressionTrainer"}
 
 
 def trainer_class(name: str) -> type[BaseTrainer]:

@@ -51,8 +51,9 @@ class RegressionTrainer(BaseTrainer):
         mr = batch["mr"].to(self.device, non_blocking=True)
         ct = batch["ct"].to(self.device, non_blocking=True)
         valid = batch["valid"].to(self.device, non_blocking=True)
+        available = batch["available"].to(self.device, non_blocking=True)
         with self.autocast():
-            prediction = self.model(mr)
+            prediction = self.model(mr, available)
         loss = masked_l1(prediction.float(), ct, valid)
         self.optimise(loss, self.opt, self.net.parameters())
         return {"loss": loss.item()}

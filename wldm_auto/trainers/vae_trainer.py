@@ -1,7 +1,7 @@
 """Stage 1: the shared MR/CT wavelet VAE with SMD and an adversarial CT loss.
 
 Loss (paper, DESIGN.md section 7): L = L_rec + a L_KL + b L_D + g L_adv with
-L_rec the L2 reconstruction of MR (all voxels) and CT (valid voxels only),
+L_rec the L2 reconstruction of MR (all voxels of the sequences present) and CT (valid voxels only),
 L_KL on both posteriors, L_D the structure-modality disentanglement on the
 posterior means of each CT/MR pair of patients, and L_adv a hinge loss from a
 3D patch discriminator on CT reconstructions, switched on after
@@ -33,8 +33,8 @@ class VAEPair(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, mr: torch.Tensor, ct: torch.Tensor) -> tuple[Any, ...]:
-        rec_mr, post_mr = self.vae(mr, "mr")
+    def forward(self, mr: torch.Tensor, ct: torch.Tensor, available: torch.Tensor | None = None) -> tuple[Any, ...]:
+        rec_mr, post_mr = self.vae(mr, "mr", available=available)
         rec_ct, post_ct = self.vae(ct, "ct")
         return rec_mr, post_mr.mean, post_mr.logvar, rec_ct, post_ct.mean, post_ct.logvar
 
@@ -82,10 +82,12 @@ class VAETrainer(BaseTrainer):
         mr = batch["mr"].to(self.device, non_blocking=True)
         ct = batch["ct"].to(self.device, non_blocking=True)
         valid = batch["valid"].to(self.device, non_blocking=True)
+        available = batch["available"].to(self.device, non_blocking=True)
         adversarial = p.adv_weight > 0 and self.step >= p.adv_start_step
         with self.autocast():
-            rec_mr, mean_mr, logvar_mr, rec_ct, mean_ct, logvar_ct = self.model(mr, ct)
-            rec = masked_mse(rec_ct, ct, valid) + masked_mse(rec_mr, mr, torch.ones_like(mr[:, :1]))
+            rec_mr, mean_mr, logvar_mr, rec_ct, mean_ct, logvar_ct = self.model(mr, ct, available)
+            # MR: only the sequences the encoder was given (a dropped one is not reconstructed)
+            rec = masked_mse(rec_ct, ct, valid) + masked_mse(rec_mr, mr, available[:, :, None, None, None])
             kl = _kl(mean_mr, logvar_mr) + _kl(mean_ct, logvar_ct)
             loss = rec + p.kl_weight * kl
             out = {"loss": 0.0, "rec": rec.item(), "kl": kl.item()}
