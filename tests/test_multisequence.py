@@ -80,12 +80,12 @@ def test_two_sequences_are_planned_and_normalised_separately(preprocessed_two_se
 
 @pytest.fixture(scope="module")
 def trained(preprocessed_two_sequences, tmp_path_factory):
-    """VAE, latent diffusion and regression baseline trained 8 steps each on the two-sequence dataset."""
+    """VAE, latent and wavelet-domain diffusion and the regression baseline, 8 steps each, on two sequences."""
     monkeypatch = pytest.MonkeyPatch()
     root = tmp_path_factory.mktemp("two_sequences")
     dataset = tiny_copy(preprocessed_two_sequences, root, monkeypatch)
     options = TrainerOptions(device="cpu", num_workers=0, num_steps=8, steps_per_epoch=4)
-    for stage in ("vae", "diffusion", "regression"):
+    for stage in ("vae", "diffusion", "wavelet_diffusion", "regression"):
         run_training(dataset, stage, 0, options=options)
     yield {"root": root, "dataset": dataset, "results": root / "results" / dataset, "mp": monkeypatch}
     monkeypatch.undo()
@@ -99,6 +99,10 @@ def test_networks_take_images_and_flags(trained):
     net = load_checkpoint(trained["results"] / "RegressionTrainer__wldmPlans__3d_wldm" / "fold_0"
                           / "checkpoint_final.pt")
     assert net["networks"]["net"]["stem.weight"].shape[1] == 4
+    wavelet = load_checkpoint(trained["results"] / "WaveletDiffusionTrainer__wldmPlans__3d_wldm" / "fold_0"
+                              / "checkpoint_final.pt")
+    # 8 noisy CT sub-bands + 2 x 8 MR sub-bands + 2 flags
+    assert wavelet["networks"]["unet"]["stem.weight"].shape[1] == 26
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +120,7 @@ def inputs(tmp_path_factory):
     return folder, crop
 
 
-@pytest.mark.parametrize("trainer", ["DiffusionTrainer", "RegressionTrainer"])
+@pytest.mark.parametrize("trainer", ["DiffusionTrainer", "WaveletDiffusionTrainer", "RegressionTrainer"])
 def test_prediction_with_any_subset_and_a_clear_error_for_unknown_channels(trained, inputs, trainer, tmp_path,
                                                                           capsys, caplog):
     folder, reference = inputs

@@ -9,11 +9,15 @@ from wldm_auto.cli.common import add_log_file, run_cli, setup_logging
 
 DESCRIPTION = """\
 Predict synthetic CT for every MR in a folder with a trained diffusion model
-(or the regression baseline: -tr RegressionTrainer; deterministic, so --steps,
---samples and --eta do not apply and --save-std needs several folds).
+(-tr DiffusionTrainer, the default; -tr WaveletDiffusionTrainer for the
+wavelet-domain model) or the regression baseline (-tr RegressionTrainer;
+deterministic, so --steps, --samples and --eta do not apply and --save-std needs
+several folds).
 
 Input: CASE_0000.nii.gz (+ _0001 ... for more MR channels), CASE.mha (one channel)
-or DICOM series sub-folders. Output per case: CASE<ending> (int16 HU, exactly the
+or DICOM series sub-folders. A model trained on several MR sequences takes any
+non-empty subset of them (e.g. only CASE_0001): the log says which were used and
+which were missing; a channel the model never saw fails that case, naming it. Output per case: CASE<ending> (int16 HU, exactly the
 input MR's size, spacing, origin and direction; outside the body -1024), with
 --save-std CASE_std<ending> (voxel-wise standard deviation over samples and folds,
 HU), with --dicom-out a CT DICOM series flagged as synthetic.

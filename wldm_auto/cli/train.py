@@ -12,6 +12,9 @@ Train a stage of the model for one cross-validation fold.
   wldm_train 001 vae -f 0            stage 1: the shared MR/CT wavelet VAE
   wldm_train 001 vae -f 0 --c        continue from checkpoint_latest.pt, exactly
   wldm_train 001 diffusion -f 0      stage 2: latent diffusion with DSCA on the fold's frozen VAE
+  wldm_train 001 wavelet_diffusion -f 0
+                                     WDM-style alternative: diffusion on fixed Haar sub-bands
+                                     (plan section wavelet_diffusion; no VAE needed, no DSCA)
   wldm_train 001 regression -f 0     baseline: plain 3D U-Net, masked L1 (fast; no VAE needed)
   torchrun --nproc_per_node 4 -m wldm_auto.cli.train 001 vae -f 0
                                      the same on 4 GPUs (DistributedDataParallel)
@@ -19,6 +22,10 @@ Train a stage of the model for one cross-validation fold.
 Results: $wldm_results/DatasetXXX_Name/<Trainer>__<plans>__<configuration>/fold_F/
 with checkpoint_latest.pt / checkpoint_best.pt / checkpoint_final.pt, progress.png,
 history.json and a training log. Everything else comes from plans.json.
+
+Several MR sequences (imagesTr CASE_0000, CASE_0001, ...) are all used; with the
+plan's mr_channel_dropout (0.5 when there are several) each training sample sees
+a random subset, flagged, so the model also works when sequences are missing.
 """
 
 
