@@ -247,3 +247,31 @@ def test_sample_whole_latent_many_tiles_runs() -> None:
             for _ in range(2)]
     assert runs[0].shape == (1, 2, 12, 16, 20) and torch.isfinite(runs[0]).all()
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v", "x0"])
+def test_min_snr_weight_hand_values(prediction: str) -> None:
+    schedule = NoiseSchedule(1000, "linear", 1e-4, 0.02, prediction)
+    t = torch.tensor([0, 300, 999])
+    abar = schedule.alphas_cumprod[t]
+    snr = abar / (1 - abar)
+    capped = torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64))
+    expected = {"epsilon": capped / snr, "x0": capped, "v": capped / (snr + 1)}[prediction]
+    assert torch.allclose(schedule.min_snr_weight(t, 5.0), expected.float())
+    assert torch.equal(schedule.min_snr_weight(t, 0.0), torch.ones(3))
+    # low noise (huge SNR) is capped: every type weighs step 0 like an x0 loss of weight 5
+    x0_weight = {"epsilon": snr[0], "x0": 1.0, "v": snr[0] + 1}[prediction]
+    assert float(schedule.min_snr_weight(t, 5.0)[0] * x0_weight) == pytest.approx(5.0, rel=1e-5)
+
+
+def test_ablation_diffusion_trainers_pick_their_first_stage() -> None:
+    """The paper's ablation rows as registered trainers: each diffusion variant names the VAE it stands on."""
+    from wldm_auto.trainers.registry import trainer_class
+
+    expected = {"DiffusionTrainer": "VAETrainer", "DiffusionTrainer_noDSCA": "VAETrainer",
+                "DiffusionTrainer_noDSCA_noSMD": "VAETrainer_noSMD",
+                "DiffusionTrainer_noDSCA_noSMD_noWRM": "VAETrainer_noWRM_noSMD"}
+    for name, vae in expected.items():
+        cls = trainer_class(name)
+        assert cls.vae_trainer == vae and cls.stage == "diffusion"
+        assert trainer_class(vae).stage == "vae"

@@ -40,6 +40,20 @@ def test_diffusion_training_writes_a_self_contained_model(trained):
     assert (trained["model"] / "plans.json").is_file()
 
 
+def test_prediction_settings_can_replace_those_stored_at_training(trained):
+    import torch
+
+    from wldm_auto.inference.predictor import load_model
+    from wldm_auto.planners.schema import InferencePlan
+
+    stored = load_model(trained["model"], [0], torch.device("cpu"))[0]
+    assert stored.synthesizer.latent_tile_scale == stored.plans.configuration("3d_wldm").inference.latent_tile_scale
+    given = InferencePlan(ddim_steps=3, latent_tile_scale=3, latent_overlap=0.125, image_tile_scale=2)
+    fold = load_model(trained["model"], [0], torch.device("cpu"), inference=given)[0]
+    assert (fold.synthesizer.latent_tile_scale, fold.synthesizer.latent_overlap) == (3, 0.125)
+    assert fold.synthesizer.image_tile_scale == 2
+
+
 def test_diffusion_needs_a_trained_vae(preprocessed_small, tmp_path, monkeypatch):
     dataset = tiny_copy(preprocessed_small, tmp_path, monkeypatch)
     with pytest.raises(FileNotFoundError, match="train stage 1 first"):

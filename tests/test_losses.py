@@ -99,7 +99,9 @@ def test_kl_loss_reduction() -> None:
     mean = torch.tensor([[[1.0, 0.0]], [[0.0, 0.0]]])  # (B=2, C=1, 2 voxels)
     logvar = torch.tensor([[[0.0, 0.0]], [[np.log(2.0), 0.0]]])
     post = DiagonalGaussian(mean, logvar)
-    # sample 0: 0.5 * 1 ; sample 1: 0.5 * (2 - 1 - ln 2)
+    # sample 0: 0.5 * 1 ; sample 1: 0.5 * (2 - 1 - ln 2); summed per sample, averaged over the batch
     expected = (0.5 + 0.5 * (1.0 - np.log(2.0))) / 2
-    assert kl_loss(post).item() == pytest.approx(expected, rel=1e-6)
+    assert post.kl().item() == pytest.approx(expected, rel=1e-6)
+    # the training loss averages over the 2 latent elements per sample as well
+    assert kl_loss(post).item() == pytest.approx(expected / 2, rel=1e-6)
     assert post.kl_per_sample().shape == (2,)

@@ -92,6 +92,11 @@ def test_ablation_trainers_change_the_model(preprocessed_small, tmp_path, monkey
     assert no_wrm["plans"]["configurations"]["3d_wldm"]["vae"]["wrm"] is False
     assert set(full["networks"]["vae"]) != set(no_wrm["networks"]["vae"])
     assert "train_smd_stru" in full["history"][0] and "train_smd_stru" not in no_smd["history"][0]
+    vanilla = load_checkpoint(run_training(dataset, "vae", 0, "VAETrainer_noWRM_noSMD", options=options))
+    vae_plan = vanilla["plans"]["configurations"]["3d_wldm"]["vae"]
+    assert vae_plan["wrm"] is False and vae_plan["smd_weight"] == 0.0 and "train_smd_stru" not in vanilla["history"][0]
+    # the losses are recorded per modality
+    assert {"train_rec_ct", "train_rec_mr", "train_kl"} <= set(full["history"][0])
     with pytest.raises(ValueError, match="unknown trainer"):
         run_training(dataset, "vae", 0, "NoSuchTrainer", options=options)
 

@@ -154,3 +154,35 @@ def test_tiny_vae_learns_phantom_patches() -> None:
         opt.step()
     final = rec_loss()
     assert final < 0.5 * initial, (initial, final)
+
+
+def test_voxel_norm_vae_is_local_group_norm_is_not() -> None:
+    """Adding air far away leaves a voxel-normalised VAE's output unchanged there; GroupNorm shifts it everywhere
+    (its statistics cover the whole input), which is why a GroupNorm VAE needs inference tiles of its patch size."""
+    torch.manual_seed(0)
+    volume = torch.rand(1, 1, 16, 32, 64) * 2 - 1
+    larger = torch.nn.functional.pad(volume, (0, 64), value=-1.0)  # 64 voxels of air beyond x = 63
+    change = {}
+    for norm in ("voxel", "group"):
+        torch.manual_seed(1)
+        vae = WaveletVAE(1, tiny_plan(channels=[8, 16], downsampling_factor=2, normalization=norm)).eval()
+        assert vae.local == (norm == "voxel")
+        with torch.no_grad():
+            alone = vae.decode(vae.encode(volume, "ct").mode(), "ct")
+            inside = vae.decode(vae.encode(larger, "ct").mode(), "ct")[..., :64]
+        change[norm] = float((alone - inside)[..., :16].abs().max())  # 48+ voxels from the added air
+    assert change["voxel"] == 0.0
+    assert change["group"] > 0.1
+
+
+def test_voxel_norm_matches_layer_norm_over_channels() -> None:
+    from wldm_auto.networks.blocks import VoxelNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 3, 4, 5)
+    norm = VoxelNorm(6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 6))
+        norm.bias.copy_(torch.linspace(-1.0, 1.0, 6))
+    expected = torch.nn.functional.layer_norm(x.movedim(1, -1), (6,), norm.weight, norm.bias).movedim(-1, 1)
+    assert torch.allclose(norm(x), expected, atol=1e-5)

@@ -119,6 +119,33 @@ class NoiseSchedule:
         b = self._gather(self.sqrt_one_minus_alphas_cumprod, t, x0)
         return a * noise - b * x0
 
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio abar_t / (1 - abar_t) at timesteps ``t`` (float64, on ``t``'s device)."""
+        t = torch.as_tensor(t).long()
+        abar = self.alphas_cumprod.to(t.device)[t]
+        return abar / (1.0 - abar)
+
+    def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Per-sample loss weight of min-SNR-gamma weighting (Hang et al. 2023), float32.
+
+        Weights the loss of every prediction type as an x0 loss weighted by min(SNR, gamma):
+        epsilon min(SNR, gamma) / SNR, x0 min(SNR, gamma), v min(SNR, gamma) / (SNR + 1).
+        Low-noise steps (huge SNR), which dominate an unweighted x0 loss and teach little,
+        are capped. ``gamma <= 0``: all ones (no weighting).
+        """
+        t = torch.as_tensor(t).long()
+        if gamma <= 0:
+            return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+        snr = self.snr(t)
+        capped = snr.clamp(max=float(gamma))
+        if self.prediction == "epsilon":
+            weight = capped / snr
+        elif self.prediction == "x0":
+            weight = capped
+        else:
+            weight = capped / (snr + 1.0)
+        return weight.float()
+
     def split(self, x_t: torch.Tensor, t: torch.Tensor, model_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0_pred, eps_pred) implied by ``model_output`` at (x_t, t), for any prediction type."""
         model_output = model_output.to(x_t.dtype)

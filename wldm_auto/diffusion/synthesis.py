@@ -37,6 +37,7 @@ class LatentSynthesizer:
     batch_size: int = 4
     latent_tile_scale: int = 2  # sampling tiles are this many patch-latents wide per axis
     latent_overlap: float = 0.25
+    image_tile_scale: int = 1  # VAE tiles are this many patches wide per axis (local VAEs only)
 
     @property
     def factor(self) -> int:
@@ -47,41 +48,55 @@ class LatentSynthesizer:
         tile = [max(1, self.latent_tile_scale * t // self.factor) for t in self.image_tile]
         return fit_tile(latent_shape, tile, int(getattr(self.unet, "required_divisor", 1)))
 
+    def first_stage_tile(self) -> list[int]:
+        """Encode/decode tile (image voxels): ``image_tile_scale`` patches for a local VAE, else the patch."""
+        scale = self.image_tile_scale if getattr(self.vae, "local", False) else 1
+        return [int(t) * max(1, int(scale)) for t in self.image_tile]
+
     @property
     def whole_volume(self) -> bool:
         return bool(getattr(self.vae, "whole_volume", False))
 
     @torch.no_grad()
-    def encode_mr(self, mr: torch.Tensor, available: torch.Tensor | None = None) -> torch.Tensor:
-        """(C, z, y, x) normalised MR -> (L, z/f, y/f, x/f) scaled latent (posterior mode), tiled.
+    def encode(self, volume: torch.Tensor, modality: str, available: torch.Tensor | None = None) -> torch.Tensor:
+        """(C, z, y, x) normalised volume -> (L, z/f, y/f, x/f) scaled latent (posterior mode), tiled.
 
         ``available``: (C,) flags of the MR sequences present (None: all).
         """
         if self.whole_volume:
-            z = self.vae.encode(pad_even(mr[None].to(self.device), -1.0), "mr", available).mode()[0]
-            return z * self.latent_scale
-        tile = fit_tile(mr.shape[-3:], self.image_tile, self.factor)
+            z = self.vae.encode(pad_even(volume[None].to(self.device), -1.0), modality, available).mode()[0]
+        else:
+            tile = fit_tile(volume.shape[-3:], self.first_stage_tile(), self.factor)
 
-        def encode(batch: torch.Tensor) -> torch.Tensor:
-            return self.vae.encode(batch, "mr", available).mode()
+            def encode(batch: torch.Tensor) -> torch.Tensor:
+                return self.vae.encode(batch, modality, available).mode()
 
-        z = sliding_window(mr, tile, encode, overlap=self.overlap, batch_size=self.batch_size,
-                           scale=1.0 / self.factor, pad_value=-1.0, device=self.device, align=self.factor)
+            z = sliding_window(volume, tile, encode, overlap=self.overlap, batch_size=self.batch_size,
+                               scale=1.0 / self.factor, pad_value=-1.0, device=self.device, align=self.factor)
         return z * self.latent_scale
+
+    def encode_mr(self, mr: torch.Tensor, available: torch.Tensor | None = None) -> torch.Tensor:
+        """(C, z, y, x) normalised MR -> scaled latent; ``available``: (C,) flags of the sequences present."""
+        return self.encode(mr, "mr", available)
+
+    def reconstruct_ct(self, ct: torch.Tensor) -> torch.Tensor:
+        """(1, z, y, x) normalised CT -> (z, y, x) through the first stage (encode, decode): its ceiling."""
+        return self.decode_ct(self.encode(ct, "ct").to(self.device), ct.shape[-3:]).to(ct.device)
 
     @torch.no_grad()
     def decode_ct(self, z: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         """(L, d, h, w) scaled CT latent -> (z, y, x) normalised CT cropped to ``shape``, tiled."""
+        z = z / self.latent_scale
         if self.whole_volume:
-            ct = self.vae.decode((z / self.latent_scale)[None].to(self.device), "ct")[0]
+            ct = self.vae.decode(z[None].to(self.device), "ct")[0]
             return ct[0, : shape[0], : shape[1], : shape[2]]
-        tile = [max(1, t // self.factor) for t in self.image_tile]
+        tile = [max(1, t // self.factor) for t in self.first_stage_tile()]
         tile = [min(t, s) for t, s in zip(tile, z.shape[-3:])]
 
         def decode(batch: torch.Tensor) -> torch.Tensor:
             return self.vae.decode(batch, "ct")
 
-        ct = sliding_window(z / self.latent_scale, tile, decode, overlap=self.overlap, batch_size=self.batch_size,
+        ct = sliding_window(z, tile, decode, overlap=self.overlap, batch_size=self.batch_size,
                             scale=self.factor, pad_value=0.0, device=self.device)
         return ct[0, : shape[0], : shape[1], : shape[2]]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,7 +29,7 @@ from wldm_auto.io.images import ImageReadError, file_ending, read_image, write_i
 from wldm_auto.networks.haar import HaarFirstStage
 from wldm_auto.networks.regression_unet import RegressionSynthesizer, RegressionUNet
 from wldm_auto.networks.vae import WaveletVAE
-from wldm_auto.planners.schema import ConfigurationPlan, Plans
+from wldm_auto.planners.schema import ConfigurationPlan, InferencePlan, Plans
 from wldm_auto.preprocessing.case import CaseError, body_mask, check_channels, preprocess_mr
 from wldm_auto.preprocessing.normalization import denormalise_ct
 from wldm_auto.trainers.checkpoint import CheckpointError, load_checkpoint
@@ -60,8 +60,11 @@ class PredictionOutcome:
     outputs: list[Path] = field(default_factory=list)
 
 
-def load_fold(folder: Path, device: torch.device, overlap: float | None = None, checkpoint: str = CHECKPOINT) -> LoadedFold:
-    """The synthesizer of one ``fold_F`` folder (diffusion or regression); ValueError naming the file on problems."""
+def load_fold(folder: Path, device: torch.device, overlap: float | None = None, checkpoint: str = CHECKPOINT,
+              inference: InferencePlan | None = None) -> LoadedFold:
+    """The synthesizer of one ``fold_F`` folder (diffusion or regression); ValueError naming the file on problems.
+
+    ``inference``: prediction settings to use instead of those stored with the checkpoint (tiles, steps)."""
     path = folder / checkpoint
     if not path.is_file():
         raise ValueError(f"{path}: not found (is training of {folder.name} finished? "
@@ -76,6 +79,8 @@ def load_fold(folder: Path, device: torch.device, overlap: float | None = None, 
                          f"{' or '.join(repr(k) for k in BUILDERS)} model")
     plans = Plans.from_dict(state["plans"], str(path))
     config = plans.configuration(state["configuration"])
+    if inference is not None:
+        config = replace(config, inference=inference)
     overlap = config.inference.tile_overlap if overlap is None else overlap
     try:
         synthesizer = BUILDERS[stage](state, config, overlap, device)
@@ -100,7 +105,8 @@ def _diffusion(state: dict[str, Any], config: ConfigurationPlan, overlap: float,
     return LatentSynthesizer(first_stage.to(device).eval(), unet.to(device).eval(), NoiseSchedule.from_plan(plan),
                              float(state["latent_scale"]), config.patch_size, overlap, device,
                              latent_tile_scale=config.inference.latent_tile_scale,
-                             latent_overlap=config.inference.latent_overlap)
+                             latent_overlap=config.inference.latent_overlap,
+                             image_tile_scale=config.inference.image_tile_scale)
 
 
 def _regression(state: dict[str, Any], config: ConfigurationPlan, overlap: float, device: torch.device) -> Synthesizer:
@@ -114,15 +120,16 @@ BUILDERS = {"diffusion": _diffusion, "wavelet_diffusion": _diffusion, "regressio
 
 
 def load_model(model_folder: Path, folds: Sequence[int] | None, device: torch.device,
-               overlap: float | None = None, checkpoint: str = CHECKPOINT) -> list[LoadedFold]:
-    """All requested folds (default: every ``fold_*`` folder) of a model folder."""
+               overlap: float | None = None, checkpoint: str = CHECKPOINT,
+               inference: InferencePlan | None = None) -> list[LoadedFold]:
+    """All requested folds (default: every ``fold_*`` folder) of a model folder (``inference``: see load_fold)."""
     model_folder = Path(model_folder)
     if not model_folder.is_dir():
         raise ValueError(f"{model_folder}: model folder not found")
     names = [f"fold_{f}" for f in folds] if folds else sorted(p.name for p in model_folder.glob("fold_*") if p.is_dir())
     if not names:
         raise ValueError(f"{model_folder}: holds no fold_* folder")
-    loaded = [load_fold(model_folder / name, device, overlap, checkpoint) for name in names]
+    loaded = [load_fold(model_folder / name, device, overlap, checkpoint, inference) for name in names]
     first = loaded[0]
     for other in loaded[1:]:
         if other.plans.preprocessing != first.plans.preprocessing or other.mr_channels != first.mr_channels:

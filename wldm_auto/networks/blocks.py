@@ -21,6 +21,41 @@ def num_groups(channels: int, group_width: int) -> int:
     return groups
 
 
+NORMALIZATIONS = ("group", "voxel")
+
+
+class VoxelNorm(nn.Module):
+    """LayerNorm over the channels of each voxel, with a per-channel scale and shift.
+
+    Unlike GroupNorm it uses no statistics over space, so a network built from it is
+    local: its output at a voxel depends only on that voxel's receptive field, and a
+    volume processed in tiles of any size (or whole) gives the output of training-sized
+    patches. GroupNorm statistics of a 16x32x32 training patch differ from those of a
+    larger inference tile, and the output shifts with the tile size.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=1, keepdim=True)
+        var = (x - mean).pow(2).mean(dim=1, keepdim=True)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+
+
+def norm_layer(kind: str, channels: int, group_width: int) -> nn.Module:
+    """``"group"``: GroupNorm with ``group_width`` channels per group; ``"voxel"``: :class:`VoxelNorm`."""
+    if kind == "group":
+        return nn.GroupNorm(num_groups(channels, group_width), channels)
+    if kind == "voxel":
+        return VoxelNorm(channels)
+    raise ValueError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {kind!r}")
+
+
 def group_conv(channels: int, groups: int) -> nn.Conv3d:
     """Group-wise 3x3x3 convolution that keeps the channel count."""
     return nn.Conv3d(channels, channels, 3, padding=1, groups=groups)
@@ -56,31 +91,30 @@ class WaveletBlock(nn.Module):
 
     The two DWT levels need spatial sizes divisible by 4; other sizes are
     replicate-padded at the far end for the frequency streams only and the
-    fused map is cropped back, so any size works. GroupNorm uses the same
-    group count as the group-wise convs (``group_width`` channels per group).
+    fused map is cropped back, so any size works. ``norm``: ``"group"`` (GroupNorm
+    with the group count of the group-wise convs) or ``"voxel"`` (:class:`VoxelNorm`).
 
     ``wrm=False`` (ablation): ``GN-SiLU-conv3 -> GN-SiLU-conv3`` plus shortcut,
     full 3x3x3 convs, of similar parameter count.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, group_width: int, wrm: bool = True) -> None:
+    def __init__(self, in_ch: int, out_ch: int, group_width: int, wrm: bool = True, norm: str = "group") -> None:
         super().__init__()
         self.in_ch, self.out_ch, self.wrm = in_ch, out_ch, wrm
         g_in = num_groups(in_ch, group_width)
         if wrm:
             self.primary = nn.Sequential(
-                group_conv(in_ch, g_in), nn.GroupNorm(g_in, in_ch), nn.SiLU(), nn.Conv3d(in_ch, in_ch, 1)
+                group_conv(in_ch, g_in), norm_layer(norm, in_ch, group_width), nn.SiLU(), nn.Conv3d(in_ch, in_ch, 1)
             )
             self.high1 = group_conv(7 * in_ch, 7 * g_in)
             self.low2 = group_conv(in_ch, g_in)
             self.high2 = group_conv(7 * in_ch, 7 * g_in)
-            self.out_norm = nn.GroupNorm(g_in, in_ch)
+            self.out_norm = norm_layer(norm, in_ch, group_width)
             self.out_conv = nn.Conv3d(in_ch, out_ch, 1)
         else:
-            g_out = num_groups(out_ch, group_width)
             self.body = nn.Sequential(
-                nn.GroupNorm(g_in, in_ch), nn.SiLU(), nn.Conv3d(in_ch, out_ch, 3, padding=1),
-                nn.GroupNorm(g_out, out_ch), nn.SiLU(), nn.Conv3d(out_ch, out_ch, 3, padding=1),
+                norm_layer(norm, in_ch, group_width), nn.SiLU(), nn.Conv3d(in_ch, out_ch, 3, padding=1),
+                norm_layer(norm, out_ch, group_width), nn.SiLU(), nn.Conv3d(out_ch, out_ch, 3, padding=1),
             )
         self.shortcut: nn.Module = nn.Conv3d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 

@@ -7,12 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wldm_auto.networks.blocks import WaveletBlock, num_groups
+from wldm_auto.networks.blocks import WaveletBlock, norm_layer
 from wldm_auto.networks.channels import network_channels, with_flags
 from wldm_auto.planners.schema import VAEPlan
 
 MODALITIES = ("mr", "ct")
 LOGVAR_RANGE = (-30.0, 20.0)
+INITIAL_LOGVAR = -10.0
 
 
 def check_modality(modality: str) -> str:
@@ -48,10 +49,6 @@ class DiagonalGaussian:
     def kl(self) -> torch.Tensor:
         """Scalar KL: summed over latent dimensions, averaged over the batch."""
         return self.kl_per_sample().mean()
-
-
-def _norm(channels: int, group_width: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups(channels, group_width), channels)
 
 
 class WaveletVAE(nn.Module):
@@ -90,30 +87,37 @@ class WaveletVAE(nn.Module):
         self.mr_channels = mr_channels
         self.latent_channels = plan.latent_channels
         self.downsampling_factor = plan.downsampling_factor
-        gw, wrm, nb = plan.group_width, plan.wrm, max(1, plan.blocks_per_level)
+        gw, wrm, nb, norm = plan.group_width, plan.wrm, max(1, plan.blocks_per_level), plan.normalization
         in_channels = {"mr": mr_channels, "ct": 1}
 
         stem_in = {"mr": network_channels(mr_channels), "ct": 1}
         self.stems = nn.ModuleDict({m: nn.Conv3d(stem_in[m], channels[0], 3, padding=1) for m in MODALITIES})
         self.encoder = nn.ModuleList()
         for i, ch in enumerate(channels):
-            level: list[nn.Module] = [WaveletBlock(ch, ch, gw, wrm) for _ in range(nb)]
+            level: list[nn.Module] = [WaveletBlock(ch, ch, gw, wrm, norm) for _ in range(nb)]
             if i + 1 < len(channels):
                 level.append(nn.Conv3d(ch, channels[i + 1], 3, stride=2, padding=1))
             self.encoder.append(nn.Sequential(*level))
         self.to_moments = nn.Sequential(
-            _norm(channels[-1], gw), nn.SiLU(), nn.Conv3d(channels[-1], 2 * plan.latent_channels, 1)
+            norm_layer(norm, channels[-1], gw), nn.SiLU(), nn.Conv3d(channels[-1], 2 * plan.latent_channels, 1)
         )
+        with torch.no_grad():  # start with a narrow posterior (std e^-5): a fresh decoder is not fed pure noise
+            self.to_moments[-1].bias[plan.latent_channels:].fill_(INITIAL_LOGVAR)
 
         self.from_latent = nn.Conv3d(plan.latent_channels, channels[-1], 3, padding=1)
         self.decoder = nn.ModuleList()
         for i in range(len(channels) - 1, -1, -1):
-            level = [WaveletBlock(channels[i], channels[i], gw, wrm) for _ in range(nb)]
+            level = [WaveletBlock(channels[i], channels[i], gw, wrm, norm) for _ in range(nb)]
             if i > 0:
                 level += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv3d(channels[i], channels[i - 1], 3, padding=1)]
             self.decoder.append(nn.Sequential(*level))
-        self.out_norm = _norm(channels[0], gw)
+        self.out_norm = norm_layer(norm, channels[0], gw)
         self.heads = nn.ModuleDict({m: nn.Conv3d(channels[0], in_channels[m], 3, padding=1) for m in MODALITIES})
+
+    @property
+    def local(self) -> bool:
+        """True when no layer uses statistics over space (voxel normalisation): any tile size gives the same output."""
+        return not any(isinstance(m, nn.GroupNorm) for m in self.modules())
 
     @property
     def required_divisor(self) -> int:

@@ -88,6 +88,11 @@ class VAEPlan:
     ``channels`` has one width per resolution level; the latent sits at
     ``downsampling_factor`` = 2 ** (len(channels) - 1). ``group_width`` is the
     number of channels per group of the group-wise convolutions.
+    ``reconstruction_loss``: ``"l1"`` or ``"l2"`` (the paper's), per voxel, MR
+    and CT each averaged over their own voxels; ``ct_weight`` scales the CT term
+    (MR weight 1). ``kl_weight`` multiplies the KL averaged over latent elements.
+    ``normalization``: ``"voxel"`` (per-voxel LayerNorm: the VAE is local, so tiles of
+    any size give the same output) or ``"group"`` (GroupNorm).
     """
 
     channels: list[int] = field(default_factory=lambda: [32, 64, 128])
@@ -96,6 +101,9 @@ class VAEPlan:
     latent_channels: int = 8
     downsampling_factor: int = 4
     wrm: bool = True
+    normalization: str = "voxel"
+    reconstruction_loss: str = "l1"
+    ct_weight: float = 1.0
     kl_weight: float = 1e-6
     smd_weight: float = 0.01
     adv_weight: float = 0.05
@@ -114,6 +122,8 @@ class DiffusionPlan:
     wavelet VAE, DSCA on the skips) or ``"haar"`` (WDM/cWDM style: the fixed
     one-level 3D Haar transform, 8 sub-bands per channel at half resolution,
     the low-pass band divided by sqrt(8); no training, no S/M split, so no DSCA).
+    ``prediction``: ``"epsilon"`` (the paper's), ``"v"`` or ``"x0"``; ``min_snr_gamma``
+    > 0 weights the loss over timesteps by min-SNR-gamma (0: unweighted).
     """
 
     first_stage: str = "vae"
@@ -121,7 +131,8 @@ class DiffusionPlan:
     beta_schedule: str = "linear"
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    prediction: str = "epsilon"
+    prediction: str = "x0"
+    min_snr_gamma: float = 0.0
     unet_channels: list[int] = field(default_factory=lambda: [64, 128, 256])
     dsca: bool = True
     ema_decay: float = 0.999
@@ -150,7 +161,9 @@ class RegressionPlan:
 
 @dataclass
 class InferencePlan:
-    """Prediction settings. ``tile_overlap`` applies to VAE encoding/decoding tiles;
+    """Prediction settings. ``tile_overlap`` applies to VAE encoding/decoding tiles, which are
+    ``image_tile_scale`` training patches wide per axis when the VAE is local (voxel
+    normalisation; a GroupNorm VAE's output depends on the tile, so it keeps the patch);
     latent sampling uses tiles ``latent_tile_scale`` times the patch's latent size
     with ``latent_overlap`` (every DDIM step re-blends the whole latent, so a small
     overlap leaves no seams)."""
@@ -158,6 +171,7 @@ class InferencePlan:
     ddim_steps: int = 50
     ddim_eta: float = 0.0
     tile_overlap: float = 0.5
+    image_tile_scale: int = 4
     latent_tile_scale: int = 2
     latent_overlap: float = 0.25
     samples: int = 1

@@ -3,7 +3,7 @@
 The VAE (from ``<vae trainer>__<plans>__<config>/fold_F/checkpoint_final.pt``)
 encodes MR and CT patches to posterior means; CT latents are scaled to unit
 standard deviation (the scale, measured on the first batches, is stored in
-the checkpoint); the U-Net predicts the plan's target (epsilon or v) from
+the checkpoint); the U-Net predicts the plan's target (x0, v or epsilon) from
 [Z_CT^t, Z_MR] and t, with the loss kept to latent voxels that have real CT
 behind them. An exponential moving average of the U-Net weights is kept and
 used for validation, which samples whole validation volumes with DDIM. The
@@ -33,7 +33,7 @@ from wldm_auto.networks.vae import WaveletVAE
 from wldm_auto.planners.schema import FIRST_STAGES, DiffusionPlan, Plans, TrainingPlan
 from wldm_auto.trainers.base import BaseTrainer
 from wldm_auto.trainers.checkpoint import load_checkpoint
-from wldm_auto.trainers.losses import masked_mse
+from wldm_auto.trainers.losses import masked_mse_per_sample
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +163,12 @@ class DiffusionTrainer(BaseTrainer):
         t = torch.randint(0, self.schedule.timesteps, (len(ct),), device=self.device)
         noise = torch.randn_like(z_ct)
         x_t = self.schedule.add_noise(z_ct, noise, t)
+        weight = self.schedule.min_snr_weight(t, self.diffusion_plan.min_snr_gamma)
         with self.autocast():
             prediction = self.model(x_t, t, z_mr)
-            loss = masked_mse(prediction.float(), self.schedule.training_target(z_ct, noise, t), valid_latent)
+            per_sample = masked_mse_per_sample(prediction.float(), self.schedule.training_target(z_ct, noise, t),
+                                               valid_latent)
+            loss = (weight * per_sample).mean()
         self.optimise(loss, self.opt, self.unet.parameters())
         self._update_ema()
         return {"loss": loss.item()}
@@ -182,7 +185,7 @@ class DiffusionTrainer(BaseTrainer):
         inference = self.config.inference
         return LatentSynthesizer(self.vae, self.ema, self.schedule, float(self.latent_scale), self.config.patch_size,
                                  inference.tile_overlap, self.device, latent_tile_scale=inference.latent_tile_scale,
-                                 latent_overlap=inference.latent_overlap)
+                                 latent_overlap=inference.latent_overlap, image_tile_scale=inference.image_tile_scale)
 
     def validate(self) -> dict[str, float]:
         """Whole validation volumes sampled with DDIM (EMA weights, fixed seed): CT MAE and PSNR in HU."""
@@ -200,6 +203,18 @@ class DiffusionTrainer_noDSCA(DiffusionTrainer):  # noqa: N801 - ablation names 
 
     def apply_plan_overrides(self) -> None:
         self.config.diffusion.dsca = False
+
+
+class DiffusionTrainer_noDSCA_noSMD(DiffusionTrainer_noDSCA):  # noqa: N801
+    """Ablation "+WRM": plain skips on the latent space of a VAE trained without SMD (VAETrainer_noSMD)."""
+
+    vae_trainer = "VAETrainer_noSMD"
+
+
+class DiffusionTrainer_noDSCA_noSMD_noWRM(DiffusionTrainer_noDSCA):  # noqa: N801
+    """Ablation "vanilla LDM": plain skips on a VAE without WRM or SMD (VAETrainer_noWRM_noSMD)."""
+
+    vae_trainer = "VAETrainer_noWRM_noSMD"
 
 
 class WaveletDiffusionTrainer(DiffusionTrainer):

@@ -20,6 +20,14 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return ((pred - target).pow(2) * weight).sum() / weight.sum().clamp_min(1.0)
 
 
+def masked_mse_per_sample(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the voxels where ``mask > 0``, one value per sample: shape (B,)."""
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    weight = (mask > 0).to(pred.dtype).expand_as(pred)
+    return ((pred - target).pow(2) * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1.0)
+
+
 def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean absolute error over the voxels where ``mask > 0`` (as :func:`masked_mse`)."""
     if pred.shape != target.shape:
@@ -29,8 +37,14 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> t
 
 
 def kl_loss(posterior: DiagonalGaussian) -> torch.Tensor:
-    """KL to N(0, I), summed over latent dimensions and averaged over the batch."""
-    return posterior.kl()
+    """KL to N(0, I) averaged over latent elements (and the batch).
+
+    A per-element mean, like the per-voxel reconstruction losses it is added to, so a
+    KL weight means the same for any patch size or latent width. (The sum over a
+    latent, :meth:`DiagonalGaussian.kl`, made the paper-style weight 1e-6 thousands of
+    times stronger against a per-voxel mean reconstruction loss.)
+    """
+    return posterior.kl() / posterior.mean[0].numel()
 
 
 def _pairwise(z: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -2,16 +2,22 @@
 from __future__ import annotations
 
 from wldm_auto.trainers.base import BaseTrainer
-from wldm_auto.trainers.diffusion_trainer import DiffusionTrainer, DiffusionTrainer_noDSCA, WaveletDiffusionTrainer
+from wldm_auto.trainers.diffusion_trainer import (
+    DiffusionTrainer, DiffusionTrainer_noDSCA, DiffusionTrainer_noDSCA_noSMD, DiffusionTrainer_noDSCA_noSMD_noWRM,
+    WaveletDiffusionTrainer,
+)
 from wldm_auto.trainers.regression_trainer import RegressionTrainer
-from wldm_auto.trainers.vae_trainer import VAETrainer, VAETrainer_noSMD, VAETrainer_noWRM
+from wldm_auto.trainers.vae_trainer import VAETrainer, VAETrainer_noSMD, VAETrainer_noWRM, VAETrainer_noWRM_noSMD
 
 TRAINERS: dict[str, type[BaseTrainer]] = {
     "VAETrainer": VAETrainer,
     "VAETrainer_noWRM": VAETrainer_noWRM,
     "VAETrainer_noSMD": VAETrainer_noSMD,
+    "VAETrainer_noWRM_noSMD": VAETrainer_noWRM_noSMD,
     "DiffusionTrainer": DiffusionTrainer,
     "DiffusionTrainer_noDSCA": DiffusionTrainer_noDSCA,
+    "DiffusionTrainer_noDSCA_noSMD": DiffusionTrainer_noDSCA_noSMD,
+    "DiffusionTrainer_noDSCA_noSMD_noWRM": DiffusionTrainer_noDSCA_noSMD_noWRM,
     "WaveletDiffusionTrainer": WaveletDiffusionTrainer,
     "RegressionTrainer": RegressionTrainer,
 }

@@ -22,8 +22,11 @@ from wldm_auto.networks.vae import DiagonalGaussian, WaveletVAE
 from wldm_auto.planners.schema import TrainingPlan, VAEPlan
 from wldm_auto.preprocessing.normalization import denormalise_ct
 from wldm_auto.trainers.base import BaseTrainer
-from wldm_auto.trainers.losses import d_hinge_loss, g_adv_loss, kl_loss, masked_mse, smd_loss
+from wldm_auto.trainers.losses import d_hinge_loss, g_adv_loss, kl_loss, masked_l1, masked_mse, smd_loss
 from wldm_auto.trainers.metrics import PSNR_RANGE_HU, mae, psnr
+
+
+RECONSTRUCTION_LOSSES = {"l1": masked_l1, "l2": masked_mse}
 
 
 class VAEPair(nn.Module):
@@ -67,6 +70,9 @@ class VAETrainer(BaseTrainer):
 
     def build(self) -> None:
         p = self.vae_plan
+        if p.reconstruction_loss not in RECONSTRUCTION_LOSSES:
+            raise ValueError(f"vae.reconstruction_loss={p.reconstruction_loss!r}: must be one of "
+                             f"{', '.join(RECONSTRUCTION_LOSSES)}")
         self.vae = WaveletVAE(self.train_data.num_mr_channels, p)
         self.disc = PatchDiscriminator3D(1, p.discriminator_channels, p.discriminator_layers)
         self.model = self.wrap(VAEPair(self.vae))
@@ -84,13 +90,16 @@ class VAETrainer(BaseTrainer):
         valid = batch["valid"].to(self.device, non_blocking=True)
         available = batch["available"].to(self.device, non_blocking=True)
         adversarial = p.adv_weight > 0 and self.step >= p.adv_start_step
+        reconstruction = RECONSTRUCTION_LOSSES[p.reconstruction_loss]
         with self.autocast():
             rec_mr, mean_mr, logvar_mr, rec_ct, mean_ct, logvar_ct = self.model(mr, ct, available)
             # MR: only the sequences the encoder was given (a dropped one is not reconstructed)
-            rec = masked_mse(rec_ct, ct, valid) + masked_mse(rec_mr, mr, available[:, :, None, None, None])
+            rec_ct_loss = reconstruction(rec_ct.float(), ct, valid)
+            rec_mr_loss = reconstruction(rec_mr.float(), mr, available[:, :, None, None, None])
+            rec = p.ct_weight * rec_ct_loss + rec_mr_loss
             kl = _kl(mean_mr, logvar_mr) + _kl(mean_ct, logvar_ct)
             loss = rec + p.kl_weight * kl
-            out = {"loss": 0.0, "rec": rec.item(), "kl": kl.item()}
+            out = {"loss": 0.0, "rec_ct": rec_ct_loss.item(), "rec_mr": rec_mr_loss.item(), "kl": kl.item()}
             if p.smd_weight > 0:
                 smd = smd_loss(mean_ct, mean_mr)
                 loss = loss + p.smd_weight * smd["total"]
@@ -118,9 +127,12 @@ class VAETrainer(BaseTrainer):
         for case in self.val_data.cases:
             mr, ct, masks = (np.array(a) for a in self.val_data.arrays(case))
             window = self.val_data.properties(case)["ct_window"]
+            tile = self.config.patch_size
+            if self.vae.local:  # its output does not depend on the tile: use the larger inference tiles
+                tile = [p * max(1, self.config.inference.image_tile_scale) for p in tile]
             with self.autocast():
-                rec_ct = reconstruct(self.vae, torch.from_numpy(ct), "ct", self.config.patch_size, overlap, self.device)
-                rec_mr = reconstruct(self.vae, torch.from_numpy(mr), "mr", self.config.patch_size, overlap, self.device)
+                rec_ct = reconstruct(self.vae, torch.from_numpy(ct), "ct", tile, overlap, self.device)
+                rec_mr = reconstruct(self.vae, torch.from_numpy(mr), "mr", tile, overlap, self.device)
             region = (masks[0] > 0) & (masks[1] > 0)
             ct_hu, rec_hu = denormalise_ct(ct[0], window), denormalise_ct(rec_ct[0].clamp(-1, 1).numpy(), window)
             figures["mae_ct_hu"].append(mae(rec_hu, ct_hu, region))
@@ -144,4 +156,12 @@ class VAETrainer_noSMD(VAETrainer):  # noqa: N801
     """Ablation: no structure-modality disentanglement loss."""
 
     def apply_plan_overrides(self) -> None:
+        self.config.vae.smd_weight = 0.0
+
+
+class VAETrainer_noWRM_noSMD(VAETrainer):  # noqa: N801
+    """Ablation: the vanilla LDM's first stage (plain residual blocks, no SMD loss)."""
+
+    def apply_plan_overrides(self) -> None:
+        self.config.vae.wrm = False
         self.config.vae.smd_weight = 0.0
