@@ -24,7 +24,8 @@ volumes); NCC (Pearson); bone Dice (> 250 HU); with a std map the Spearman corre
 
 Outputs in OUT (default SCT_DIR/evaluation): metrics.csv (one row per case), summary.json
 (mean, std, median, n per metric, and the definitions), CASE.png (axial/coronal/sagittal
-through the mask's centre: MR, CT, sCT, |error| 0..500 HU, std), logs/.
+through the mask's centre: MR, CT and sCT in a wide and a soft-tissue window, |error| 0..500 HU,
+std; titled with --label), logs/.
 
 A sCT on another grid than its CT is an error unless --resample (linear, air -1024 outside).
 A case present on one side only is an error unless --allow-missing.
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-missing", action="store_true",
                         help="evaluate the cases present on both sides (with a warning) instead of failing")
     parser.add_argument("--no-figures", action="store_true", help="skip the per-case PNG figures")
+    parser.add_argument("--label", help="model name for figure titles and summary.json (e.g. 'regression U-Net')")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         add_log_file(out, "evaluate")
         summary = evaluate_folder(args.ct_dir, args.sct_dir, out, args.mask_dir, args.mr_dir, args.resample,
-                                  args.allow_missing, not args.no_figures)
+                                  args.allow_missing, not args.no_figures, args.label)
         print(f"{summary['n_cases']} case(s) evaluated -> {out}")
         for key in METRICS:
             stats = summary["metrics"][key]

@@ -27,8 +27,9 @@ DEFAULT_MASK = ("default body mask of the reference CT: CT > -500 HU, largest co
                 "holes filled (3D, then per axial slice)")
 
 
-def evaluate_case(files: CaseFiles, resample: bool = False, figure: Path | None = None) -> dict[str, Any]:
-    """Metrics of one case (a CSV row); writes its figure to ``figure`` when given."""
+def evaluate_case(files: CaseFiles, resample: bool = False, figure: Path | None = None,
+                  label: str | None = None) -> dict[str, Any]:
+    """Metrics of one case (a CSV row); writes its figure to ``figure`` when given (titled with ``label``)."""
     case = files.case
     ct_image = read_image(files.ct, sitk.sitkFloat32)
     sct_image = on_ct_grid(read_image(files.sct, sitk.sitkFloat32), ct_image, case, "sCT", resample,
@@ -71,7 +72,7 @@ def evaluate_case(files: CaseFiles, resample: bool = False, figure: Path | None 
         if files.mr is not None:  # display only: always brought onto the CT grid
             mr_image = on_ct_grid(read_image(files.mr, sitk.sitkFloat32), ct_image, case, "MR", True,
                                   sitk.sitkLinear, 0.0)
-        save_case_figure(figure, case, ct_image, sct_image, mask_image, mr_image, std_image, row)
+        save_case_figure(figure, case, ct_image, sct_image, mask_image, mr_image, std_image, row, label)
     return row
 
 
@@ -106,7 +107,7 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 def evaluate_folder(ct_dir: str | Path, sct_dir: str | Path, out_dir: str | Path | None = None,
                     mask_dir: str | Path | None = None, mr_dir: str | Path | None = None, resample: bool = False,
-                    allow_missing: bool = False, figures: bool = True) -> dict[str, Any]:
+                    allow_missing: bool = False, figures: bool = True, label: str | None = None) -> dict[str, Any]:
     """Evaluate every sCT in ``sct_dir`` against its CT in ``ct_dir``; returns the summary.
 
     Writes to ``out_dir`` (default ``sct_dir/evaluation``): ``metrics.csv``,
@@ -124,9 +125,10 @@ def evaluate_folder(ct_dir: str | Path, sct_dir: str | Path, out_dir: str | Path
     with logging_redirect_tqdm():
         for files in tqdm(cases, desc="evaluate", unit="case", disable=None):
             figure = out_dir / f"{files.case}.png" if figures else None
-            rows.append(evaluate_case(files, resample, figure))
+            rows.append(evaluate_case(files, resample, figure, label))
     write_csv(rows, out_dir / "metrics.csv")
     summary = {
+        "model": label,
         "n_cases": len(rows),
         "cases": [row["case"] for row in rows],
         "mask": f"masks from {mask_dir}" if mask_dir is not None else DEFAULT_MASK,

@@ -1,6 +1,7 @@
 """Per-case evaluation figure: axial/coronal/sagittal slices through the mask's centre.
 
-Columns: MR (if given), CT, sCT, |sCT - CT| (0..500 HU), std (if given).
+Columns: MR (if given), CT and sCT in a wide window (-1000..1500 HU: bone), CT and sCT in a
+soft-tissue window (-160..240 HU: errors of tens of HU show), |sCT - CT| (0..500 HU), std (if given).
 Images are shown in LPS orientation (radiological: patient right on the
 left; anterior and superior up) with the aspect ratio of the voxel spacing.
 """
@@ -22,6 +23,7 @@ from wldm_auto.io.files import atomic_path
 log = logging.getLogger(__name__)
 
 CT_WINDOW = (-1000.0, 1500.0)
+SOFT_TISSUE_WINDOW = (-160.0, 240.0)  # W 400 / L 40
 ERROR_RANGE = (0.0, 500.0)
 PANEL_INCHES = 3.0
 
@@ -67,22 +69,21 @@ def mask_centre(mask: np.ndarray) -> tuple[int, int, int]:
     return tuple(int(np.clip(round(c), 0, n - 1)) for c, n in zip(centre, mask.shape))  # type: ignore[return-value]
 
 
-def _title(case: str, metrics: Mapping[str, float] | None) -> str:
-    if not metrics:
-        return case
-    parts = [case]
-    for key, label, fmt in (("mae", "MAE", "{:.1f} HU"), ("psnr", "PSNR", "{:.2f} dB"), ("ssim", "SSIM", "{:.3f}"),
-                            ("ms_ssim", "MS-SSIM", "{:.3f}"), ("dice_bone", "bone Dice", "{:.3f}")):
-        value = metrics.get(key)
+def _title(case: str, metrics: Mapping[str, float] | None, label: str | None = None) -> str:
+    parts = [f"{label}: {case}" if label else case]
+    for key, name, fmt in (("mae", "MAE", "{:.1f} HU (lower better)"), ("psnr", "PSNR", "{:.2f} dB"),
+                           ("ssim", "SSIM", "{:.3f}"), ("ms_ssim", "MS-SSIM", "{:.3f}"),
+                           ("dice_bone", "bone Dice", "{:.3f} (higher better)")):
+        value = (metrics or {}).get(key)
         if value is not None and np.isfinite(value):
-            parts.append(f"{label} {fmt.format(value)}")
+            parts.append(f"{name} {fmt.format(value)}")
     return "   ".join(parts)
 
 
 def save_case_figure(path: str | Path, case: str, ct: sitk.Image, sct: sitk.Image, mask: sitk.Image,
                      mr: sitk.Image | None = None, std: sitk.Image | None = None,
-                     metrics: Mapping[str, float] | None = None) -> None:
-    """Write the PNG for one case; every image must be on ``ct``'s grid."""
+                     metrics: Mapping[str, float] | None = None, label: str | None = None) -> None:
+    """Write the PNG for one case; every image must be on ``ct``'s grid. ``label`` names the model in the title."""
     oriented = sitk.DICOMOrient(ct, "LPS")
     spacing = oriented.GetSpacing()
     ct_a, sct_a = sitk.GetArrayFromImage(oriented), _lps_array(sct)
@@ -91,9 +92,13 @@ def save_case_figure(path: str | Path, case: str, ct: sitk.Image, sct: sitk.Imag
     if mr is not None:
         mr_a = _lps_array(mr)
         columns.append(Column("MR", mr_a, "gray", _limits(mr_a[mask_a] if mask_a.any() else mr_a, 0.5, 99.5), ""))
-    columns.append(Column("CT", ct_a, "gray", CT_WINDOW, "HU"))
-    columns.append(Column("sCT", sct_a, "gray", CT_WINDOW, "HU"))
-    columns.append(Column("|sCT - CT|", np.abs(sct_a.astype(np.float32) - ct_a), "inferno", ERROR_RANGE, "HU"))
+    wide, soft = "{} -1000..1500 HU", "{} soft tissue -160..240 HU"
+    columns.append(Column(wide.format("CT"), ct_a, "gray", CT_WINDOW, "HU"))
+    columns.append(Column(wide.format("sCT"), sct_a, "gray", CT_WINDOW, "HU"))
+    columns.append(Column(soft.format("CT"), ct_a, "gray", SOFT_TISSUE_WINDOW, "HU"))
+    columns.append(Column(soft.format("sCT"), sct_a, "gray", SOFT_TISSUE_WINDOW, "HU"))
+    columns.append(Column("|sCT - CT| 0..500 HU", np.abs(sct_a.astype(np.float32) - ct_a), "inferno", ERROR_RANGE,
+                          "HU"))
     if std is not None:
         std_a = _lps_array(std)
         columns.append(Column("std", std_a, "viridis", _limits(std_a[mask_a], 0, 99, floor=0.0), "HU"))
@@ -113,14 +118,14 @@ def save_case_figure(path: str | Path, case: str, ct: sitk.Image, sct: sitk.Imag
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
-                ax.set_title(column.title)
+                ax.set_title(column.title, fontsize=9)
             if col == 0:
                 ax.set_ylabel(view)
             bar = figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
             bar.ax.tick_params(labelsize=7)
             if column.unit:
                 bar.set_label(column.unit, fontsize=7)
-    figure.suptitle(_title(case, metrics), fontsize=10)
+    figure.suptitle(_title(case, metrics, label), fontsize=10)
     with atomic_path(path, suffix=".png") as tmp:
         figure.savefig(tmp, format="png", dpi=100)
     log.debug("%s: figure written", path)

@@ -1,0 +1,101 @@
+"""Reports a person reads: training curves, the demo's comparison table and verdicts, stage timings."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from wldm_auto.evaluation.report import ModelRow, table_lines, verdicts, write_report
+from wldm_auto.trainers.progress import draw_progress, progress_panels
+
+
+def _summary(mae: float, dice: float) -> dict:
+    metrics = {k: {"mean": v} for k, v in (("mae", mae), ("psnr", 25.0), ("ssim", 0.8), ("ms_ssim", 0.8),
+                                              ("ncc", 0.9), ("dice_bone", dice))}
+    return {"metrics": metrics}
+
+
+HISTORY = [{"epoch": i, "step": 100 * (i + 1), "lr": 1e-3, "epoch_seconds": 5.0, "train_rec_ct": 0.1 / (i + 1),
+            "train_smd_stru": -0.5 * i, "val_mae_ct_hu": 90.0 - 10 * i, "val_psnr_ct": 25.0 + i, "val_psnr_mr": 20.0}
+           for i in range(3)]
+
+
+def test_progress_separates_units_and_keeps_negative_losses(tmp_path: Path) -> None:
+    panels = dict((title, keys) for title, keys in progress_panels(HISTORY))
+    hu = [t for t in panels if "HU" in t]
+    db = [t for t in panels if "dB" in t]
+    assert len(hu) == 1 and panels[hu[0]] == ["val_mae_ct_hu"] and "lower is better" in hu[0]
+    assert len(db) == 1 and set(panels[db[0]]) == {"val_psnr_ct", "val_psnr_mr"} and "higher is better" in db[0]
+    # every training loss has an axis of its own (a negative SMD term is not squashed by a log scale)
+    assert ["train_smd_stru"] in panels.values() and ["train_rec_ct"] in panels.values()
+    draw_progress(HISTORY, tmp_path / "progress.png", "test")
+    assert (tmp_path / "progress.png").stat().st_size > 1000
+
+
+def test_report_headers_say_units_and_direction_and_verdicts_explain(tmp_path: Path) -> None:
+    bulk = ModelRow("bulk density", _summary(110.0, 0.0))
+    good = ModelRow("regression U-Net", _summary(60.0, 0.5))
+    vae_limited = ModelRow("3D-WLDM", _summary(130.0, 0.3), ceiling_mae=120.0)
+    diffusion_limited = ModelRow("LDM", _summary(115.0, 0.2), ceiling_mae=40.0)
+    header = table_lines([good, bulk])[0]
+    assert "MAE HU (lower better)" in header and "PSNR dB (higher better)" in header
+    assert "bone Dice (higher better)" in header
+    sentences = verdicts([good, vae_limited, diffusion_limited, bulk], bulk)
+    assert len(sentences) == 3
+    assert sentences[0].startswith("regression U-Net beats bulk density")
+    assert "does NOT beat" in sentences[1] and "first stage alone loses 120.0 HU" in sentences[1]
+    assert "does NOT beat" in sentences[2] and "diffusion stage loses the rest" in sentences[2]
+    text = write_report(tmp_path, "title", [good, vae_limited, bulk], bulk, ["a note"])
+    assert (tmp_path / "metrics.csv").read_text().startswith("model,MAE HU (lower better)")
+    assert "a note" in text and (tmp_path / "README.txt").read_text() == text
+
+
+def test_demo_timings_survive_a_rerun_that_reuses_stages(tmp_path: Path) -> None:
+    from wldm_auto.cli.demo import Timings
+
+    first = Timings(tmp_path / "timings.json")
+    first.record("train_vae", 321.0, did_work=True)
+    again = Timings(tmp_path / "timings.json")
+    again.record("train_vae", 0.4, did_work=False)  # reused: a later run must not overwrite 321 s with ~0
+    assert again.values["train_vae"] == 321.0 and "earlier run" in again.line()
+    assert Timings(tmp_path / "timings.json").values["train_vae"] == 321.0
+
+
+_FINGERPRINT = {"key": "k", "cases": {"a": {"body_extent_mm": [40.0, 40.0, 50.0], "ct": {"p0.5": -1000, "max": 100}}}}
+
+
+def test_bulk_density_is_water_in_the_body_and_air_outside(small_phantom) -> None:
+    from wldm_auto.inference.baselines import bulk_density_sct
+    from wldm_auto.planners.planner import plan_dataset
+    from wldm_auto.preprocessing.body_mask import body_mask_from_mr
+
+    mr, _ = small_phantom
+    plans = plan_dataset("Dataset999_X", _FINGERPRINT, {"0": "MR"}, spacing=[4.0])
+    sct = bulk_density_sct(sitk.Cast(mr, sitk.sitkFloat32), plans)
+    body = sitk.GetArrayViewFromImage(body_mask_from_mr(sitk.Cast(mr, sitk.sitkFloat32),
+                                                        plans.preprocessing.body_mask)) > 0
+    values = sitk.GetArrayViewFromImage(sct)
+    assert sct.GetSize() == mr.GetSize() and sct.GetOrigin() == mr.GetOrigin()
+    assert np.all(values[body] == 0) and np.all(values[~body] == -1024) and body.any()
+
+
+def test_first_stage_path_without_a_network_is_the_resampling_floor(small_phantom) -> None:
+    from wldm_auto.inference.first_stage import first_stage_reconstruction
+    from wldm_auto.planners.planner import plan_dataset
+
+    mr, _ = small_phantom
+    mr = sitk.Cast(mr, sitk.sitkFloat32)
+    rng = np.random.default_rng(0)
+    ct_array = np.where(sitk.GetArrayViewFromImage(mr) > 200, 40.0, -1024.0) + rng.normal(0, 5, mr.GetSize()[::-1])
+    ct = sitk.GetImageFromArray(ct_array.astype(np.float32))
+    ct.CopyInformation(mr)
+    plans = plan_dataset("Dataset999_X", _FINGERPRINT, {"0": "MR"}, spacing=[4.0])
+    back = first_stage_reconstruction(mr, ct, plans, "3d_wldm")
+    assert back.GetSize() == mr.GetSize() and back.GetSpacing() == mr.GetSpacing()
+    body = sitk.GetArrayViewFromImage(back) > -1024
+    error = np.abs(sitk.GetArrayViewFromImage(back) - ct_array)[body]
+    assert 0 < error.mean() < 200  # resampling to 4 mm and back loses something, not everything
+    with pytest.raises(ValueError, match="MR grid"):
+        first_stage_reconstruction(mr, sitk.Shrink(ct, [2, 2, 2]), plans, "3d_wldm")
