@@ -4,8 +4,7 @@
 
 Everything goes through the command-line tools a user runs: ``wldm_convert_example`` (plain, and
 ``--derived-second-sequence``: the T2 plus a channel DERIVED from it, not a second scan),
-``wldm_plan_and_preprocess`` (3 mm, registration on), the demo's plan shrink (plus a demo-sized
-``wavelet_diffusion`` section), ``wldm_train`` (same seed and steps for the two diffusion kinds),
+``wldm_plan_and_preprocess`` (3 mm, registration on), the 'cpu' plan preset, ``wldm_train`` (same seed and steps for the two diffusion kinds),
 ``wldm_predict`` (same DDIM steps and seed) and ``wldm_evaluate`` against the registered CT inside
 body AND real CT. Finished stages are reused when run again. Prints one JSON line per evaluated
 prediction and a table at the end; training seconds per step come from each model's history.json.
@@ -23,21 +22,16 @@ from pathlib import Path
 
 import torch
 
-from wldm_auto.cli.demo import _reference, shrink_plan
 from wldm_auto.cli.evaluate import main as evaluate_main
 from wldm_auto.cli.predict import main as predict_main
 from wldm_auto.cli.train import main as train_main
 from wldm_auto.dataset_conversion.example import install_example
 from wldm_auto.io.files import read_json, write_json
 from wldm_auto.paths import PREPROCESSED, RAW, RESULTS
+from wldm_auto.planners.presets import apply_preset_file
 from wldm_auto.preprocessing.pipeline import plan_and_preprocess
 
 ONE, TWO = 11, 12  # dataset ids
-WAVELET_DEMO = {"unet_channels": [32, 64], "validation_ddim_steps": 10, "ema_decay": 0.995,
-                "training": {"learning_rate": 1e-3, "warmup_steps": 50, "num_epochs": 4, "steps_per_epoch": 500,
-                             "checkpoint_every_steps": 500}}
-
-
 def _prepare(dataset_id: int, derived: bool, spacing: float) -> tuple[Path, Path, str]:
     raw_root = Path(os.environ[RAW])
     existing = sorted(raw_root.glob(f"Dataset{dataset_id:03d}_*"))
@@ -45,15 +39,29 @@ def _prepare(dataset_id: int, derived: bool, spacing: float) -> tuple[Path, Path
     summary = plan_and_preprocess(dataset_id, 1, spacing=[spacing])
     if summary.failed:
         raise SystemExit(f"preprocessing failed: {summary.failed[0].message}")
-    plans_path = summary.folder / "plans.json"
-    shrink_plan(plans_path)
-    plans = read_json(plans_path)
-    section = plans["configurations"]["3d_wldm"]["wavelet_diffusion"]
-    if section["unet_channels"] != WAVELET_DEMO["unet_channels"]:
-        section.update({k: v for k, v in WAVELET_DEMO.items() if k != "training"})
-        section["training"].update(WAVELET_DEMO["training"])
-        write_json(plans, plans_path)
+    apply_preset_file(summary.folder / "plans.json", "cpu")
     return raw, summary.folder, summary.dataset
+
+
+def _reference(out: Path, preprocessed: Path, raw: Path) -> tuple[Path, Path, Path]:
+    """Registered CT (HU, MR grid), evaluation mask (body AND real CT) and MR folders for the evaluation."""
+    import SimpleITK as sitk
+
+    from wldm_auto.io.images import read_image, write_image
+    from wldm_auto.planners.schema import Plans
+    from wldm_auto.preprocessing.case import body_mask
+
+    ref, masks, mr_dir = out / "reference" / "ct", out / "reference" / "masks", out / "reference" / "mr"
+    for folder in (ref, masks, mr_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    registration = preprocessed / "registration" / "phantom"
+    mr_path = raw / "imagesTr" / "phantom_0000.nii.gz"
+    shutil.copyfile(registration / "ct_registered.nii.gz", ref / "phantom.nii.gz")
+    shutil.copyfile(mr_path, mr_dir / "phantom.nii.gz")
+    body = body_mask(read_image(mr_path, sitk.sitkFloat32), Plans.load(preprocessed / "plans.json"))
+    valid = read_image(registration / "valid_mask.nii.gz")
+    write_image(sitk.And(body > 0, valid > 0), masks / "phantom.nii.gz")
+    return ref, masks, mr_dir
 
 
 def _train(dataset: str, stage: str, trainer: str, steps: int, epochs: int) -> dict:

@@ -1,0 +1,422 @@
+"""Fidelity benchmark: every model trained on training cases and graded on cases it never saw.
+
+    python bench/fidelity.py [--work DIR] [--quick] [--threads N] [--rows ROW,ROW] [--fresh]
+
+Data (``fidelity_data.py``): the MRI-DIR phantom cut into a training slab and a held-out test
+slab along its long axis (a gap of at least one training patch between them), and MR-like
+volumes simulated from real CTs (``mr_simulator.py``; whole cases held out). The simulated cases
+are a PROXY for learnability, not a claim about patients; every output says so.
+
+Rows: 3D-WLDM (WRM + SMD + DSCA), its ablations (vanilla LDM without WRM/SMD/DSCA, +WRM, +WRM+SMD),
+wavelet-domain diffusion (fixed Haar first stage), the regression U-Net and a bulk-density sCT
+(body = 0 HU). Every learned model gets the same budget, steps x batch x patch voxels summed over
+its stages: a latent model splits it between its VAE and its diffusion U-Net, the one-stage
+models (regression, wavelet-domain) train for the sum. (The VAE of "+WRM+SMD" and 3D-WLDM is the
+same network, trained once.) All networks use the ``cpu`` plan preset.
+
+Columns: MAE (HU), PSNR (dB), SSIM, MS-SSIM, bone Dice (> 250 HU), all computed by
+``wldm_evaluate``'s code inside the test masks and averaged over the test cases; for latent models
+the first-stage ceiling: MAE of VAE encode -> decode of the TRUE CT, on the same grid and mask
+as the sCT (no sCT can beat it); training seconds (including validation) and prediction seconds
+per case. Also written to ``WORK/report``: ``fidelity.csv`` (per model and case),
+``learning_curves.png`` (validation MAE against step, per trainer), the evaluation figures.
+
+The last stdout line is one JSON object. ``--quick`` (run by the test suite) does the same at a
+tiny size (6 mm, a few steps): it checks the machinery, its numbers mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fidelity_data  # noqa: E402
+from mr_simulator import PROXY_NOTE  # noqa: E402
+from wldm_auto.evaluation import metrics as M  # noqa: E402
+from wldm_auto.evaluation.evaluate import evaluate_folder  # noqa: E402
+from wldm_auto.inference.baselines import bulk_density_sct  # noqa: E402
+from wldm_auto.inference.first_stage import first_stage_reconstruction  # noqa: E402
+from wldm_auto.inference.predictor import load_model, predict_folder  # noqa: E402
+from wldm_auto.io.files import hash_data, hash_file, read_json, write_json  # noqa: E402
+from wldm_auto.io.images import read_image, write_image  # noqa: E402
+from wldm_auto.paths import PREPROCESSED, RAW, RESULTS  # noqa: E402
+from wldm_auto.planners.presets import CPU_PRESET, apply_preset, merge  # noqa: E402
+from wldm_auto.planners.schema import InferencePlan, Plans  # noqa: E402
+from wldm_auto.preprocessing.pipeline import plan_and_preprocess  # noqa: E402
+from wldm_auto.trainers.base import TrainerOptions  # noqa: E402
+from wldm_auto.trainers.run import run_training  # noqa: E402
+
+log = logging.getLogger("fidelity")
+
+CONFIGURATION = "3d_wldm"
+PLANS_NAME = "wldmPlans"
+SEED = 12345
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    vae: str | None  # stage-1 trainer (latent models)
+    stage: str | None  # the (second) stage's name and trainer
+    trainer: str | None
+
+
+ROWS: dict[str, Row] = {
+    "3d_wldm": Row("3D-WLDM (WRM + SMD + DSCA)", "VAETrainer", "diffusion", "DiffusionTrainer"),
+    "ldm_vanilla": Row("vanilla LDM (no WRM, SMD, DSCA)", "VAETrainer_noWRM_noSMD", "diffusion",
+                       "DiffusionTrainer_noDSCA_noSMD_noWRM"),
+    "ldm_wrm": Row("LDM + WRM", "VAETrainer_noSMD", "diffusion", "DiffusionTrainer_noDSCA_noSMD"),
+    "ldm_wrm_smd": Row("LDM + WRM + SMD", "VAETrainer", "diffusion", "DiffusionTrainer_noDSCA"),
+    "wavelet_diffusion": Row("wavelet-domain diffusion (Haar)", None, "wavelet_diffusion", "WaveletDiffusionTrainer"),
+    "regression": Row("regression U-Net", None, "regression", "RegressionTrainer"),
+    "bulk_density": Row("bulk density (body = 0 HU)", None, None, None),
+}
+LATENT_ROWS = ("3d_wldm", "ldm_vanilla", "ldm_wrm", "ldm_wrm_smd")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Sizes of a benchmark run (full or quick)."""
+
+    spacing: float  # mm, isotropic preprocessing grid
+    vae_steps: int
+    diffusion_steps: int
+    curve_points: int  # validations per training run (points of the learning curves)
+    ddim_steps: int
+    plan: dict  # plan edits on top of the cpu preset
+
+    @property
+    def one_stage_steps(self) -> int:
+        return self.vae_steps + self.diffusion_steps
+
+
+FULL = Setup(spacing=3.0, vae_steps=700, diffusion_steps=1200, curve_points=4, ddim_steps=10, plan={})
+QUICK = Setup(spacing=6.0, vae_steps=4, diffusion_steps=4, curve_points=2, ddim_steps=2, plan={
+    "patch_size": [8, 16, 16],
+    "vae": {"channels": [8, 16, 16], "discriminator_channels": 8, "adv_start_step": 2},
+    "diffusion": {"unet_channels": [16, 16], "validation_ddim_steps": 2},
+    "wavelet_diffusion": {"unet_channels": [16, 16], "validation_ddim_steps": 2},
+    "regression": {"unet_channels": [8, 16, 16], "blocks_per_level": 1},
+})
+
+
+def _timer() -> float:
+    return time.perf_counter()
+
+
+# -- preparation ---------------------------------------------------------------------------------
+def prepare(work: Path, setup: Setup, overrides: dict) -> tuple[fidelity_data.BenchData, Path, Plans]:
+    """Data, preprocessing, the benchmark's plan and its split (fold 0: training vs validation cases)."""
+    patch_z = setup.plan.get("patch_size", CPU_PRESET["patch_size"])[0]
+    data = fidelity_data.build(work, setup is QUICK, patch_z * setup.spacing)
+    for variable, sub in ((RAW, "data/raw"), (PREPROCESSED, "preprocessed")):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+        os.environ[variable] = str(work / sub)
+    summary = plan_and_preprocess(fidelity_data.DATASET_ID, 1, registration=False, spacing=[setup.spacing])
+    if summary.failed:
+        raise SystemExit(f"preprocessing failed: {summary.failed[0].case}: {summary.failed[0].message}")
+    plans_path = summary.folder / "plans.json"
+    plans = apply_preset(read_json(plans_path), "cpu", CONFIGURATION)
+    config = plans["configurations"][CONFIGURATION]
+    merge(config, setup.plan)
+    merge(config, overrides)
+    # prediction settings: the package defaults (a plan written by an older planner keeps what it had)
+    config["inference"] = {**asdict(InferencePlan()), "ddim_steps": setup.ddim_steps}
+    for section, steps in (("vae", setup.vae_steps), ("diffusion", setup.diffusion_steps),
+                           ("wavelet_diffusion", setup.one_stage_steps), ("regression", setup.one_stage_steps)):
+        per_epoch = max(1, steps // setup.curve_points)  # the benchmark's budget, written where a reader looks
+        config[section]["training"].update(num_epochs=setup.curve_points, steps_per_epoch=per_epoch,
+                                           checkpoint_every_steps=per_epoch)
+    config["notes"]["fidelity_benchmark"] = f"bench/fidelity.py: {PROXY_NOTE}"
+    if read_json(plans_path) != plans:
+        write_json(plans, plans_path)
+    write_json([{"train": data.cases("train"), "val": data.cases("val")}], summary.folder / "splits_final.json")
+    # one results folder per plan and budget: a changed recipe never reuses a model trained under another
+    key = hash_data({k: v for k, v in config.items() if k not in ("notes", "inference")}, plans["preprocessing"])[:12]
+    results = work / "results" / key
+    results.mkdir(parents=True, exist_ok=True)
+    os.environ[RESULTS] = str(results)
+    return data, summary.folder, Plans.load(plans_path)
+
+
+def model_folder(trainer: str) -> Path:
+    return Path(os.environ[RESULTS]) / f"Dataset{fidelity_data.DATASET_ID:03d}_{fidelity_data.DATASET_NAME}" / \
+        f"{trainer}__{PLANS_NAME}__{CONFIGURATION}"
+
+
+# -- training ------------------------------------------------------------------------------------
+def train(work: Path, stage: str, trainer: str, steps: int, setup: Setup, workers: int | None) -> float:
+    """Train one stage (or reuse a finished run); returns its seconds (training + validation, from history.json)."""
+    fold = model_folder(trainer) / "fold_0"
+    if not (fold / "checkpoint_final.pt").is_file():
+        resume = (fold / "checkpoint_latest.pt").is_file()
+        log.info("training %s (%s): %d steps%s", trainer, stage, steps, " (resumed)" if resume else "")
+        options = TrainerOptions(device="cpu" if not torch.cuda.is_available() else "auto", seed=SEED,
+                                 num_steps=steps, steps_per_epoch=max(1, steps // setup.curve_points),
+                                 num_workers=workers)
+        run_training(fidelity_data.DATASET_ID, stage, 0, trainer, CONFIGURATION, resume=resume, options=options)
+    else:
+        log.info("%s already trained: reusing %s", trainer, fold)
+    return float(sum(h.get("epoch_seconds", 0.0) for h in read_json(fold / "history.json")))
+
+
+def budget(row: str, setup: Setup, plans: Plans) -> dict[str, Any]:
+    """Steps, batch and patch of every stage a row trains, and their voxels in total."""
+    config = plans.configuration(CONFIGURATION)
+    patch, batch = list(config.patch_size), config.batch_size
+    spec = ROWS[row]
+    stages = []
+    if spec.vae:
+        stages.append({"stage": "vae", "trainer": spec.vae, "steps": setup.vae_steps})
+    if spec.stage:
+        steps = setup.diffusion_steps if spec.vae else setup.one_stage_steps
+        stages.append({"stage": spec.stage, "trainer": spec.trainer, "steps": steps})
+    for s in stages:
+        s.update(batch=batch, patch=patch, voxels=s["steps"] * batch * int(np.prod(patch)))
+    return {"stages": stages, "voxels": sum(s["voxels"] for s in stages)}
+
+
+# -- prediction, first-stage ceiling, bulk density -------------------------------------------------
+def predict(work: Path, row: str, test_mr: Path, plans: Plans) -> tuple[Path, float]:
+    """Predict every test MR with the row's model (1 sample, seed 0); returns (folder, mean seconds per case).
+
+    Reused when the model's checkpoint and the prediction settings are unchanged (stored with the timings)."""
+    trainer = ROWS[row].trainer
+    checkpoint = model_folder(trainer) / "fold_0" / "checkpoint_final.pt"
+    out = work / "predictions" / row
+    inference = plans.configuration(CONFIGURATION).inference  # the benchmark's, not the one stored at training
+    stamp = {"checkpoint": hash_file(checkpoint), "inference": asdict(inference)}
+    timing_path = work / "predictions" / f"{row}.json"
+    if timing_path.is_file() and read_json(timing_path).get("stamp") == stamp and out.is_dir():
+        return out, float(read_json(timing_path)["seconds_per_case"])
+    shutil.rmtree(out, ignore_errors=True)
+    folds = load_model(model_folder(trainer), [0], torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                       inference=inference)
+    outcomes = predict_folder(test_mr, out, folds, steps=inference.ddim_steps, samples=1, seed=0)
+    failed = [o for o in outcomes if o.status != "done"]
+    if failed:
+        raise SystemExit(f"{row}: prediction failed for {failed[0].case}: {failed[0].message}")
+    seconds = float(np.mean([o.seconds for o in outcomes]))
+    write_json({"stamp": stamp, "seconds_per_case": seconds, "cases": {o.case: o.seconds for o in outcomes}},
+               timing_path)
+    return out, seconds
+
+
+def first_stage_ceilings(data: fidelity_data.BenchData, plans: Plans, trainer: str | None) -> dict[str, float]:
+    """Per test case: MAE (HU, test mask, MR grid) of the true CT through the row's first stage and back.
+
+    ``trainer`` None: no network, only preprocessing and the way back (the resampling floor)."""
+    synthesizer = None
+    if trainer is not None:
+        synthesizer = load_model(model_folder(trainer), [0], torch.device("cpu"),
+                                 inference=plans.configuration(CONFIGURATION).inference)[0].synthesizer
+    out = {}
+    for case in data.cases("test"):
+        mr = read_image(data.test / "mr" / f"{case}.nii.gz", sitk.sitkFloat32)
+        ct = read_image(data.test / "ct" / f"{case}.nii.gz", sitk.sitkFloat32)
+        mask = sitk.GetArrayViewFromImage(read_image(data.test / "mask" / f"{case}.nii.gz")) > 0
+        back = first_stage_reconstruction(mr, ct, plans, CONFIGURATION, synthesizer)
+        out[case] = M.mae(sitk.GetArrayViewFromImage(ct), sitk.GetArrayViewFromImage(back), mask)
+    return out
+
+
+def bulk_density(data: fidelity_data.BenchData, plans: Plans, out: Path) -> Path:
+    """sCT = 0 HU inside the pipeline's MR body mask, -1024 outside (the simplest MR-only baseline)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for case in data.cases("test"):
+        mr = read_image(data.test / "mr" / f"{case}.nii.gz", sitk.sitkFloat32)
+        write_image(bulk_density_sct(mr, plans), out / f"{case}.nii.gz")
+    return out
+
+
+# -- evaluation and report ---------------------------------------------------------------------------
+METRIC_KEYS = {"mae_hu": "mae", "psnr": "psnr", "ssim": "ssim", "ms_ssim": "ms_ssim", "bone_dice": "dice_bone"}
+
+
+def evaluate(work: Path, data: fidelity_data.BenchData, row: str, predictions: Path, figures: bool
+             ) -> dict[str, dict[str, float]]:
+    """Per test case: the metrics ``wldm_evaluate`` writes to metrics.csv (read back from it)."""
+    out = work / "evaluation" / row
+    shutil.rmtree(out, ignore_errors=True)
+    evaluate_folder(data.test / "ct", predictions, out, mask_dir=data.test / "mask", mr_dir=data.test / "mr",
+                    figures=figures)
+    per_case = {}
+    with open(out / "metrics.csv", newline="") as handle:
+        for record in csv.DictReader(handle):
+            per_case[record["case"]] = {key: float(record[column]) if record[column] else math.nan
+                                        for key, column in METRIC_KEYS.items()}
+    return per_case
+
+
+def learning_curves(work: Path, rows: list[str], path: Path) -> None:
+    """Validation MAE (HU) against training step: first stages (CT reconstruction) and sCT models."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    seen = set()
+    for row in rows:
+        spec = ROWS[row]
+        for trainer, ax, label in ((spec.vae, axes[0], spec.vae), (spec.trainer, axes[1], spec.label)):
+            if trainer is None or trainer in seen:
+                continue
+            seen.add(trainer)
+            history = model_folder(trainer) / "fold_0" / "history.json"
+            if not history.is_file():
+                continue
+            records = [h for h in read_json(history) if "val_mae_ct_hu" in h]
+            ax.plot([h["step"] for h in records], [h["val_mae_ct_hu"] for h in records], marker="o", label=label)
+    axes[0].set_title("first stage: CT reconstruction (encode -> decode)")
+    axes[1].set_title("synthetic CT from MR")
+    for ax in axes:
+        ax.set_xlabel("training step")
+        ax.set_ylabel("validation MAE (HU, lower is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("validation case: simulated MR (a proxy, not patients); one curve per trainer", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _f(value: Any, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def print_table(results: dict[str, dict], cases: list[str]) -> None:
+    header = (f"{'model':34s} {'MAE HU v':>9s} {'PSNR dB ^':>9s} {'SSIM ^':>7s} {'MS-SSIM ^':>9s} {'bone Dice ^':>11s} "
+              f"{'1st-stage MAE':>13s} {'train s':>8s} {'predict s':>9s}")
+    print("\n" + header)
+    print("-" * len(header))
+    for row, r in results.items():
+        print(f"{ROWS[row].label:34s} {_f(r['mae_hu']):>9s} {_f(r['psnr'], 2):>9s} {_f(r['ssim'], 3):>7s} "
+              f"{_f(r['ms_ssim'], 3):>9s} {_f(r['bone_dice'], 3):>11s} {_f(r.get('first_stage_mae_hu')):>13s} "
+              f"{_f(r['train_seconds'], 0):>8s} {_f(r['predict_seconds'], 1):>9s}")
+    print("\nMAE (HU) per test case (v lower is better):")
+    print(f"{'model':34s}" + "".join(f"{c:>18s}" for c in cases))
+    for row, r in results.items():
+        print(f"{ROWS[row].label:34s}" + "".join(f"{_f(r['per_case'][c]['mae_hu']):>18s}" for c in cases))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/wldm_fidelity"), help="work folder (reused by reruns)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a few steps (checks the machinery only)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--workers", type=int, default=None, help="augmentation workers (default: cores - 1)")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
+    parser.add_argument("--set", dest="overrides", default="{}",
+                        help="JSON merged into the benchmark's configuration (e.g. '{\"vae\": {\"kl_weight\": 0}}')")
+    parser.add_argument("--fresh", action="store_true", help="retrain and repredict everything (keeps the data)")
+    parser.add_argument("--no-figures", action="store_true", help="skip the per-case evaluation figures (--quick: "
+                        "always skipped)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown row(s) {', '.join(unknown)} (known: {', '.join(ROWS)})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    setup = QUICK if args.quick else FULL
+    work = args.work.resolve()
+    if args.fresh:
+        for sub in ("results", "predictions", "evaluation", "report"):
+            shutil.rmtree(work / sub, ignore_errors=True)
+    start = _timer()
+    data, preprocessed, plans = prepare(work, setup, json.loads(args.overrides))
+    test_cases = data.cases("test")
+
+    seconds: dict[str, float] = {}
+    vaes = sorted({ROWS[r].vae for r in rows if ROWS[r].vae})
+    for trainer in vaes:
+        seconds[trainer] = train(work, "vae", trainer, setup.vae_steps, setup, args.workers)
+    for row in rows:
+        spec = ROWS[row]
+        if spec.trainer:
+            steps = setup.diffusion_steps if spec.vae else setup.one_stage_steps
+            seconds[spec.trainer] = train(work, spec.stage, spec.trainer, steps, setup, args.workers)
+
+    results: dict[str, dict] = {}
+    floor = first_stage_ceilings(data, plans, None)
+    for row in rows:
+        spec = ROWS[row]
+        if spec.trainer is None:
+            folder, predict_seconds = bulk_density(data, plans, work / "predictions" / row), 0.0
+        else:
+            folder, predict_seconds = predict(work, row, data.test / "mr", plans)
+        per_case = evaluate(work, data, row, folder, figures=not (args.no_figures or args.quick))
+        result: dict[str, Any] = {key: float(np.nanmean([per_case[c][key] for c in test_cases])) for key in METRIC_KEYS}
+        if spec.vae:
+            ceilings = first_stage_ceilings(data, plans, spec.trainer)
+            result["first_stage_mae_hu"] = float(np.mean(list(ceilings.values())))
+            for case in test_cases:
+                per_case[case]["first_stage_mae_hu"] = ceilings[case]
+        result["train_seconds"] = float(sum(seconds.get(t, 0.0) for t in (spec.vae, spec.trainer) if t))
+        result["predict_seconds"] = predict_seconds
+        result["budget"] = budget(row, setup, plans) if spec.trainer else None
+        result["per_case"] = per_case
+        results[row] = result
+
+    report = work / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    learning_curves(work, rows, report / "learning_curves.png")
+    with open(report / "fidelity.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["model", "case", *METRIC_KEYS, "first_stage_mae_hu"])
+        for row, r in results.items():
+            for case in test_cases:
+                values = r["per_case"][case]
+                writer.writerow([row, case, *[f"{values[k]:.6g}" for k in METRIC_KEYS],
+                                 f"{values['first_stage_mae_hu']:.6g}" if "first_stage_mae_hu" in values else ""])
+
+    print(f"\nfidelity benchmark ({'quick: machinery check only' if args.quick else 'full'}); test cases: "
+          f"{', '.join(test_cases)}")
+    print(f"NOTE: {PROXY_NOTE}; phantom_test is the real phantom's held-out slab.")
+    for row in rows:
+        b = results[row]["budget"]
+        if b:
+            print(f"budget {row}: " + " + ".join(f"{s['trainer']} {s['steps']} steps x batch {s['batch']} x patch "
+                                                f"{'x'.join(map(str, s['patch']))}" for s in b["stages"])
+                  + f" = {b['voxels']:,} voxels")
+    print(f"resampling floor (true CT to the {setup.spacing:g} mm grid and back, no network): "
+          f"{np.mean(list(floor.values())):.1f} HU MAE")
+    print_table(results, test_cases)
+    print(f"\nreport: {report}; total {(_timer() - start):.0f} s")
+    summary = {
+        "models": {row: {k: v for k, v in r.items()} for row, r in results.items()},
+        "test_cases": test_cases,
+        "resampling_floor_mae_hu": float(np.mean(list(floor.values()))),
+        "quick": bool(args.quick),
+        "threads": torch.get_num_threads(),
+        "spacing_mm": setup.spacing,
+        "ddim_steps": setup.ddim_steps,
+        "seconds": round(_timer() - start, 1),
+        "note": PROXY_NOTE,
+    }
+    write_json(summary, report / "fidelity.json")
+    print(json.dumps(summary, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

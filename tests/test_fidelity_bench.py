@@ -1,0 +1,84 @@
+"""bench/fidelity.py --quick: every row and column in its JSON, and the table's metrics are wldm_evaluate's."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+ROWS = ("3d_wldm", "ldm_vanilla", "ldm_wrm", "ldm_wrm_smd", "wavelet_diffusion", "regression", "bulk_density")
+COLUMNS = ("mae_hu", "psnr", "ssim", "ms_ssim", "bone_dice", "train_seconds", "predict_seconds")
+LATENT = ("3d_wldm", "ldm_vanilla", "ldm_wrm", "ldm_wrm_smd")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    work = tmp_path_factory.mktemp("fidelity")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("wldm_")}
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "fidelity.py"), "--quick", "--work", str(work)],
+                            capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_quick_json_has_every_row_and_column(quick_run: tuple[Path, dict]) -> None:
+    work, summary = quick_run
+    assert set(summary["models"]) == set(ROWS)
+    assert summary["quick"] is True and "proxy" in summary["note"]
+    assert summary["test_cases"] == ["phantom_test", "sim_abdomen_t0"]
+    for row in ROWS:
+        values = summary["models"][row]
+        for column in COLUMNS:
+            assert isinstance(values[column], float), (row, column)
+        assert values["mae_hu"] > 0 and 0 <= values["bone_dice"] <= 1
+        assert ("first_stage_mae_hu" in values) == (row in LATENT)
+        if row in LATENT:
+            assert values["first_stage_mae_hu"] > 0
+            voxels = values["budget"]["voxels"]
+            # the same budget for every learned model: the one-stage models train for the sum of both stages
+            assert voxels == summary["models"]["regression"]["budget"]["voxels"]
+    assert (work / "report" / "learning_curves.png").stat().st_size > 0
+    assert summary["models"]["bulk_density"]["train_seconds"] == 0.0
+
+
+def test_quick_metrics_are_those_of_wldm_evaluate(quick_run: tuple[Path, dict], tmp_path: Path) -> None:
+    from wldm_auto.cli.evaluate import main as evaluate_main
+
+    work, summary = quick_run
+    data = work / "data" / "test"
+    out = tmp_path / "evaluation"
+    assert evaluate_main(["-r", str(data / "ct"), "-p", str(work / "predictions" / "regression"), "-m",
+                          str(data / "mask"), "-o", str(out), "--no-figures"]) == 0
+    with open(out / "metrics.csv", newline="") as handle:
+        rows = {r["case"]: r for r in csv.DictReader(handle)}
+    per_case = summary["models"]["regression"]["per_case"]
+    for case, values in per_case.items():
+        assert values["mae_hu"] == pytest.approx(float(rows[case]["mae"]), rel=1e-5)
+        assert values["ssim"] == pytest.approx(float(rows[case]["ssim"]), rel=1e-5)
+        assert values["bone_dice"] == pytest.approx(float(rows[case]["dice_bone"]), rel=1e-5, abs=1e-9)
+    mean_mae = sum(v["mae_hu"] for v in per_case.values()) / len(per_case)
+    assert summary["models"]["regression"]["mae_hu"] == pytest.approx(mean_mae, rel=1e-9)
+
+
+def test_quick_phantom_holdout_shares_no_voxel_with_training(quick_run: tuple[Path, dict]) -> None:
+    import SimpleITK as sitk
+
+    work, _ = quick_run
+    manifest = json.loads((work / "data" / "manifest.json").read_text())
+    split = manifest["phantom_split"]
+    assert split["train"][1] <= split["gap"][0] < split["gap"][1] <= split["test"][0]
+    train = sitk.ReadImage(str(next((work / "data" / "raw").glob("Dataset*/imagesTr/phantom_train_0000.nii.gz"))))
+    test = sitk.ReadImage(str(work / "data" / "test" / "mr" / "phantom_test.nii.gz"))
+    axis = "xyz".index(split["axis"])
+    last_train = train.TransformIndexToPhysicalPoint([n - 1 if a == axis else 0 for a, n in enumerate(train.GetSize())])
+    first_test = test.TransformIndexToPhysicalPoint([0, 0, 0])
+    # no training voxel within the gap (one training patch) of the first test voxel
+    assert abs(first_test[axis] - last_train[axis]) > split["gap_mm"]
+    # and no test case name among the training cases
+    raw_cases = {p.name.split("_0000")[0] for p in (work / "data" / "raw").glob("Dataset*/imagesTr/*")}
+    assert not raw_cases & {p.name.split(".")[0] for p in (work / "data" / "test" / "mr").iterdir()}
