@@ -108,7 +108,7 @@ class Setup:
 FULL = Setup(spacing=3.0, vae_steps=700, diffusion_steps=1200, curve_points=4, ddim_steps=10, plan={})
 QUICK = Setup(spacing=6.0, vae_steps=4, diffusion_steps=4, curve_points=2, ddim_steps=2, plan={
     "patch_size": [8, 16, 16],
-    "vae": {"channels": [8, 16, 16], "discriminator_channels": 8, "adv_start_step": 2},
+    "vae": {"channels": [8, 16], "discriminator_channels": 8, "adv_start_step": 2},
     "diffusion": {"unet_channels": [16, 16], "validation_ddim_steps": 2},
     "wavelet_diffusion": {"unet_channels": [16, 16], "validation_ddim_steps": 2},
     "regression": {"unet_channels": [8, 16, 16], "blocks_per_level": 1},

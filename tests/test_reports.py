@@ -69,16 +69,18 @@ _FINGERPRINT = {"key": "k", "cases": {"a": {"body_extent_mm": [40.0, 40.0, 50.0]
 def test_bulk_density_is_water_in_the_body_and_air_outside(small_phantom) -> None:
     from wldm_auto.inference.baselines import bulk_density_sct
     from wldm_auto.planners.planner import plan_dataset
-    from wldm_auto.preprocessing.body_mask import body_mask_from_mr
+    from wldm_auto.preprocessing.case import body_mask
 
     mr, _ = small_phantom
+    mr = sitk.ConstantPad(sitk.Cast(mr, sitk.sitkFloat32), [6, 6, 0], [6, 6, 0], 0.0)  # air around the body
     plans = plan_dataset("Dataset999_X", _FINGERPRINT, {"0": "MR"}, spacing=[4.0])
-    sct = bulk_density_sct(sitk.Cast(mr, sitk.sitkFloat32), plans)
-    body = sitk.GetArrayViewFromImage(body_mask_from_mr(sitk.Cast(mr, sitk.sitkFloat32),
-                                                        plans.preprocessing.body_mask)) > 0
+    sct = bulk_density_sct(mr, plans)
+    body = sitk.GetArrayViewFromImage(body_mask(mr, plans)) > 0
     values = sitk.GetArrayViewFromImage(sct)
     assert sct.GetSize() == mr.GetSize() and sct.GetOrigin() == mr.GetOrigin()
-    assert np.all(values[body] == 0) and np.all(values[~body] == -1024) and body.any()
+    assert sct.GetPixelID() == sitk.sitkInt16
+    assert np.all(values[body] == 0) and np.all(values[~body] == -1024)
+    assert 0.3 < body.mean() < 0.8  # the phantom's body, not the air around it
 
 
 def test_first_stage_path_without_a_network_is_the_resampling_floor(small_phantom) -> None:

@@ -99,7 +99,8 @@ class VAETrainer(BaseTrainer):
             rec = p.ct_weight * rec_ct_loss + rec_mr_loss
             kl = _kl(mean_mr, logvar_mr) + _kl(mean_ct, logvar_ct)
             loss = rec + p.kl_weight * kl
-            out = {"loss": 0.0, "rec_ct": rec_ct_loss.item(), "rec_mr": rec_mr_loss.item(), "kl": kl.item()}
+            out = {"loss": 0.0, "rec": rec.item(), "rec_ct": rec_ct_loss.item(), "rec_mr": rec_mr_loss.item(),
+                   "kl": kl.item()}
             if p.smd_weight > 0:
                 smd = smd_loss(mean_ct, mean_mr)
                 loss = loss + p.smd_weight * smd["total"]
