@@ -226,7 +226,7 @@ def test_mask_folder_and_default_output(folders: Path, phantom_ct: sitk.Image, t
     for path in (folders / "sct").iterdir():
         (sct / path.name).symlink_to(path)
     summary = evaluate_folder(folders / "ct", sct, None, mask_dir=masks, figures=False)
-    rows = read_rows(sct / "evaluation" / "metrics.csv")
+    rows = read_rows(tmp_path / "sct_evaluation" / "metrics.csv")
     assert int(rows["noise"]["mask_voxels"]) == 20 * 20 * 20 and summary["mask"].startswith("masks from")
 
 
@@ -245,9 +245,9 @@ def test_geometry_mismatch_and_resample(folders: Path, phantom_ct: sitk.Image, t
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and "noise" in err and "origin" in err and "--resample" in err
     assert main(["-r", str(ct), "-p", str(sct), "--resample", "--no-figures"]) == 0
-    row = read_rows(sct / "evaluation" / "metrics.csv")["noise"]
+    row = read_rows(tmp_path / "sct_evaluation" / "metrics.csv")["noise"]
     assert float(row["mae"]) < 30  # exact except the first x column, which lies outside the shifted sCT
-    summary = json.loads((sct / "evaluation" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "sct_evaluation" / "summary.json").read_text())
     assert summary["resampled_onto_ct_grid"] == ["noise"]
 
 
@@ -263,7 +263,7 @@ def test_missing_pairs(phantom_ct: sitk.Image, tmp_path: Path, capsys: pytest.Ca
     err = capsys.readouterr().err
     assert "ctonly" in err and "sctonly" in err and "both" not in err.split("(")[0]
     assert main(["-r", str(ct), "-p", str(sct), "--no-figures", "--allow-missing"]) == 0
-    rows = read_rows(sct / "evaluation" / "metrics.csv")
+    rows = read_rows(tmp_path / "sct_evaluation" / "metrics.csv")
     assert list(rows) == ["both"] and float(rows["both"]["mae"]) == 0.0
 
 

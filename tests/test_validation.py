@@ -69,6 +69,7 @@ def break_dataset(kind: str, folder: Path, phantom) -> None:
         "partial_masks": lambda: (tr["masksTr"] / "beta.nii.gz").unlink(),
         "not_3d": lambda: sitk.WriteImage(mr[:, :, 0], str(tr["imagesTr"] / "beta_0000.nii.gz")),
         "unreadable": lambda: (tr["targetsTr"] / "beta.nii.gz").write_bytes(b"not an image at all" * 10),
+        "truncated": lambda: _cut_in_half(tr["imagesTr"] / "alpha_0000.nii.gz"),
         "channel_geometry": lambda: (
             edit_json(folder, channel_names={"0": "T1", "1": "T2"}),
             sitk.WriteImage(shifted(mr, spacing=(2.0, 2.0, 2.0)), str(tr["imagesTr"] / "alpha_0001.nii.gz")),
@@ -99,9 +100,15 @@ PROBLEMS = {
     "partial_masks": ["case beta", "missing mask", "masksTr/beta.nii.gz"],
     "not_3d": ["case beta", "imagesTr/beta_0000.nii.gz", "3D"],
     "unreadable": ["case beta", "targetsTr/beta.nii.gz", "cannot be read"],
+    "truncated": ["case alpha", "imagesTr/alpha_0000.nii.gz", "truncated"],
     "channel_geometry": ["case alpha", "alpha_0001.nii.gz", "differs from channel 0", "spacing"],
     "mask_geometry": ["case beta", "masksTr/beta.nii.gz", "mask geometry differs", "origin"],
 }
+
+
+def _cut_in_half(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # the header survives; half the voxels do not
 
 
 def test_valid_dataset_has_no_problems(tmp_path, small_phantom):

@@ -19,15 +19,20 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def add_log_file(folder: Path, prefix: str) -> Path:
-    """Also log (DEBUG and up) to ``folder/logs/<prefix>_<time>.log``; returns its path."""
-    path = folder / "logs" / f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}.log"
+def attach_log_file(logs: Path, prefix: str) -> logging.FileHandler:
+    """Also log (DEBUG and up) to ``logs/<prefix>_<time>.log`` (folder created); returns the handler."""
+    path = logs / f"{prefix}_{time.strftime('%Y%m%d-%H%M%S')}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter(FORMAT))
     logging.getLogger().addHandler(handler)
-    return path
+    return handler
+
+
+def add_log_file(folder: Path, prefix: str) -> Path:
+    """Also log (DEBUG and up) to ``folder/logs/<prefix>_<time>.log``; returns its path."""
+    return Path(attach_log_file(folder / "logs", prefix).baseFilename)
 
 
 def run_cli(action: Callable[[], int], interrupted: str = "interrupted") -> int:

@@ -22,13 +22,16 @@ window, mean inside the mask); masked MS-SSIM as SynthRAD2025 (5 scales, fewer f
 volumes); NCC (Pearson); bone Dice (> 250 HU); with a std map the Spearman correlation of
 |sCT - CT| and std.
 
-Outputs in OUT (default SCT_DIR/evaluation): metrics.csv (one row per case), summary.json
-(mean, std, median, n per metric, and the definitions), CASE.png (axial/coronal/sagittal
-through the mask's centre: MR, CT and sCT in a wide and a soft-tissue window, |error| 0..500 HU,
-std; titled with --label), logs/.
+Outputs in OUT (default SCT_DIR_evaluation/ beside SCT_DIR, never inside it): metrics.csv
+(one row per case), summary.json (mean, std, median, n per metric with n_nan/n_inf counting
+the cases whose value is not finite, the failed cases, and the definitions), CASE.png
+(axial/coronal/sagittal through the mask's centre: MR, CT and sCT in a wide and a soft-tissue
+window, |error| 0..500 HU, std; titled with --label), logs/.
 
 A sCT on another grid than its CT is an error unless --resample (linear, air -1024 outside).
 A case present on one side only is an error unless --allow-missing.
+A case that cannot be evaluated (unreadable or truncated image, empty mask) is reported by
+name and the others are evaluated; the failed ones are listed at the end (exit status 1).
 
   wldm_evaluate -r ct/ -p sct/ -m masks/ --mr mr/ -o report/
 """
@@ -44,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-m", "--masks", dest="mask_dir", type=Path, metavar="MASK_DIR",
                         help="folder of masks (> 0 inside); default: body mask of each reference CT")
     parser.add_argument("--mr", dest="mr_dir", type=Path, metavar="MR_DIR", help="folder of MR images (figures only)")
-    parser.add_argument("-o", "--output", type=Path, metavar="OUT", help="output folder (default SCT_DIR/evaluation)")
+    parser.add_argument("-o", "--output", type=Path, metavar="OUT",
+                        help="output folder (default SCT_DIR_evaluation beside SCT_DIR)")
     parser.add_argument("--resample", action="store_true",
                         help="resample sCT/std/mask that lie on another grid onto the CT's (else an error)")
     parser.add_argument("--allow-missing", action="store_true",
@@ -56,21 +60,34 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def action() -> int:
-        from wldm_auto.evaluation.evaluate import METRICS, evaluate_folder
+        from wldm_auto.evaluation.evaluate import METRICS, EvaluationError, default_output, evaluate_folder
 
-        out = args.output if args.output is not None else args.sct_dir / "evaluation"
-        if not args.sct_dir.is_dir():
-            raise ValueError(f"sCT folder {args.sct_dir} not found")
+        out = args.output if args.output is not None else default_output(args.sct_dir)
+        inputs = (("CT", args.ct_dir), ("sCT", args.sct_dir), ("mask", args.mask_dir), ("MR", args.mr_dir))
+        for what, folder in inputs:  # checked before anything is created
+            if folder is not None and not folder.is_dir():
+                raise ValueError(f"{what} folder {folder} not found" + (" (it is a file)" if folder.is_file() else ""))
+            if folder is not None and folder.resolve() == out.resolve():
+                raise ValueError(f"{out}: the output folder is the {what} folder; choose another (-o)")
         out.mkdir(parents=True, exist_ok=True)
         add_log_file(out, "evaluate")
-        summary = evaluate_folder(args.ct_dir, args.sct_dir, out, args.mask_dir, args.mr_dir, args.resample,
-                                  args.allow_missing, not args.no_figures, args.label)
+        failed: dict[str, str] = {}
+        try:
+            summary = evaluate_folder(args.ct_dir, args.sct_dir, out, args.mask_dir, args.mr_dir, args.resample,
+                                      args.allow_missing, not args.no_figures, args.label)
+        except EvaluationError as exc:
+            summary, failed = exc.summary, exc.failed
         print(f"{summary['n_cases']} case(s) evaluated -> {out}")
         for key in METRICS:
             stats = summary["metrics"][key]
             if stats["n"]:
                 print(f"  {key:<13} {stats['mean']:10.4f} +- {stats['std']:.4f}  (median {stats['median']:.4f}, "
                       f"n={stats['n']})")
+        for case, message in failed.items():
+            print(f"failed: {case}: {message}", file=sys.stderr)
+        if failed:
+            print(f"error: {len(failed)} case(s) could not be evaluated: {', '.join(failed)}", file=sys.stderr)
+            return 1
         return 0
 
     return run_cli(action)

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
-from wldm_auto.cli.common import add_log_file, run_cli, setup_logging
+from wldm_auto.cli.common import attach_log_file, run_cli, setup_logging
 
 DESCRIPTION = """\
 Predict synthetic CT for every MR in a folder with a trained diffusion model
@@ -20,18 +21,31 @@ non-empty subset of them (e.g. only CASE_0001): the log says which were used and
 which were missing; a channel the model never saw fails that case, naming it. Output per case: CASE<ending> (int16 HU, exactly the
 input MR's size, spacing, origin and direction; outside the body -1024), with
 --save-std CASE_std<ending> (voxel-wise standard deviation over samples and folds,
-HU), with --dicom-out a CT DICOM series flagged as synthetic.
+HU), with --dicom-out a CT DICOM series flagged as synthetic. The output folder
+holds nothing else: the log goes to OUTPUT_logs/ beside it. The output folder must
+not be the input folder or lie inside it. Every image is written to a temporary
+name, checked, then renamed: a full disk fails the case (and the rest), naming the
+file, and --continue skips only cases whose outputs read back completely.
 
   wldm_predict -i mr/ -o sct/ -d 001 -f 0 --steps 50 --samples 5 --save-std
   wldm_predict -i mr/ -o sct/ -m $wldm_results/Dataset001_X/DiffusionTrainer__wldmPlans__3d_wldm
 """
 
 
+def log_beside(output: Path, prefix: str) -> logging.FileHandler:
+    """Also log (DEBUG and up) to ``<output>_logs/<prefix>_<time>.log`` beside ``output``; returns the handler.
+
+    The prediction folder holds only predictions (``wldm_evaluate`` and PACS imports read all of it)."""
+    resolved = output.resolve()
+    return attach_log_file(resolved.parent / f"{resolved.name}_logs" if resolved.name else resolved / "logs", prefix)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="wldm_predict", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-i", "--input", type=Path, required=True, help="folder of MR images or DICOM folders")
-    parser.add_argument("-o", "--output", type=Path, required=True, help="folder for the sCT files")
+    parser.add_argument("-o", "--output", type=Path, required=True,
+                        help="folder for the sCT files (not the input folder nor inside it; log in OUTPUT_logs/)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("-d", "--dataset", help="dataset id/name whose trained model to use (with -tr, -p, -c)")
     source.add_argument("-m", "--model", type=Path, help="a model folder (<Trainer>__<plans>__<config>)")
@@ -49,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-std", action="store_true", help="write CASE_std: standard deviation over samples (HU)")
     parser.add_argument("--dicom-out", action="store_true", help="also write a CT DICOM series per case")
     parser.add_argument("--file-ending", help="output file ending (default: the input's; .nii.gz for DICOM)")
-    parser.add_argument("--continue", dest="resume", action="store_true", help="skip cases whose output exists")
+    parser.add_argument("--continue", dest="resume", action="store_true",
+                        help="skip cases whose outputs exist and read back completely")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
@@ -58,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     def action() -> int:
         import torch
 
-        from wldm_auto.inference.predictor import load_model, predict_folder
+        from wldm_auto.inference.inputs import check_input_folder
+        from wldm_auto.inference.predictor import load_model, predict_folder, prepare_prediction
 
         if args.samples < 1 or (args.steps is not None and args.steps < 1):
             raise ValueError("--samples and --steps must be at least 1")
@@ -66,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                               ("cpu" if args.device == "auto" else args.device))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is available")
+        check_input_folder(args.input)
         if args.model is not None:
             model = args.model
         else:
@@ -73,11 +90,18 @@ def main(argv: list[str] | None = None) -> int:
 
             name = resolve_dataset_name(args.dataset, (RESULTS,))
             model = results_root() / name / f"{args.trainer}__{args.plans}__{args.configuration}"
-        args.output.mkdir(parents=True, exist_ok=True)
-        add_log_file(args.output, "predict")
         folds = load_model(model, args.folds, device, args.overlap, args.checkpoint)
-        outcomes = predict_folder(args.input, args.output, folds, args.steps, args.samples, args.seed, args.eta,
-                                  args.save_std, args.resume, args.overwrite, args.file_ending, args.dicom_out)
+        cases = prepare_prediction(args.input, args.output, args.resume, args.overwrite, args.file_ending)
+        # every check passed: only now create anything
+        args.output.mkdir(parents=True, exist_ok=True)
+        handler = log_beside(args.output, "predict")
+        try:
+            outcomes = predict_folder(args.input, args.output, folds, args.steps, args.samples, args.seed, args.eta,
+                                      args.save_std, args.resume, args.overwrite, args.file_ending, args.dicom_out,
+                                      cases=cases)
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
         failed = [o for o in outcomes if o.status == "failed"]
         done = sum(o.status == "done" for o in outcomes)
         skipped = sum(o.status == "skipped" for o in outcomes)

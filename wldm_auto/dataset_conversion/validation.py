@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from wldm_auto.io.files import read_json
 from wldm_auto.io.geometry import Geometry
-from wldm_auto.io.images import FILE_ENDINGS, file_ending
+from wldm_auto.io.images import FILE_ENDINGS, ImageReadError, check_complete, file_ending
 from wldm_auto.io.raw_dataset import CHANNEL_RE, REQUIRED_KEYS, RawDataset
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,10 @@ def read_header(path: Path) -> tuple[Geometry | None, str | None]:
                         tuple(reader.GetOrigin()), tuple(reader.GetDirection()))
     if min(geometry.size) < 2:
         return None, f"image is empty or flat (size {geometry.size})"
+    try:
+        check_complete(path)  # a truncated file has a valid header: compare its voxel payload with it
+    except ImageReadError as exc:
+        return None, str(exc).split(": ", 1)[-1]
     return geometry, None
 
 

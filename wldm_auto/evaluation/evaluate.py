@@ -1,4 +1,9 @@
-"""Evaluate a folder of sCT against reference CT: metrics.csv, summary.json and a PNG per case."""
+"""Evaluate a folder of sCT against reference CT: metrics.csv, summary.json and a PNG per case.
+
+A case that cannot be evaluated (unreadable or truncated image, empty mask)
+is reported by name and the others are still evaluated; the failed ones are
+listed in summary.json and :class:`EvaluationError` is raised at the end.
+"""
 from __future__ import annotations
 
 import csv
@@ -76,17 +81,37 @@ def evaluate_case(files: CaseFiles, resample: bool = False, figure: Path | None 
     return row
 
 
+class EvaluationError(ValueError):
+    """Some cases could not be evaluated; the others were. ``summary`` is what was written, ``failed``
+    maps each failed case to its one-line reason."""
+
+    def __init__(self, message: str, summary: dict[str, Any], failed: dict[str, str]) -> None:
+        super().__init__(message)
+        self.summary = summary
+        self.failed = failed
+
+
+def default_output(sct_dir: str | Path) -> Path:
+    """Where results go without ``-o``: ``<sct_dir>_evaluation`` beside the sCT folder, never inside it."""
+    resolved = Path(sct_dir).resolve()
+    return resolved.parent / f"{resolved.name or 'sct'}_evaluation"
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per metric: mean, std (population), median and n over the cases with a finite value."""
+    """Per metric: mean, std (population), median and n over the cases with a finite value.
+
+    ``n_nan`` and ``n_inf`` count the others (e.g. PSNR inf for identical
+    images, NCC NaN for a constant sCT, Spearman NaN without a std map), so a
+    mean over fewer cases than evaluated is never silent.
+    """
     out = {}
     for key in METRICS:
         values = np.array([row[key] for row in rows], np.float64)
         finite = values[np.isfinite(values)]
-        stats: dict[str, Any] = {"mean": None, "std": None, "median": None, "n": int(finite.size)}
+        stats: dict[str, Any] = {"mean": None, "std": None, "median": None, "n": int(finite.size),
+                                 "n_nan": int(np.isnan(values).sum()), "n_inf": int(np.isinf(values).sum())}
         if finite.size:
             stats.update(mean=float(finite.mean()), std=float(finite.std()), median=float(np.median(finite)))
-        if finite.size < values.size and key != "spearman_std":
-            stats["n_not_finite"] = int(values.size - finite.size)  # e.g. PSNR inf for identical images
         out[key] = stats
     return out
 
@@ -110,27 +135,41 @@ def evaluate_folder(ct_dir: str | Path, sct_dir: str | Path, out_dir: str | Path
                     allow_missing: bool = False, figures: bool = True, label: str | None = None) -> dict[str, Any]:
     """Evaluate every sCT in ``sct_dir`` against its CT in ``ct_dir``; returns the summary.
 
-    Writes to ``out_dir`` (default ``sct_dir/evaluation``): ``metrics.csv``,
-    ``summary.json`` and, with ``figures``, ``CASE.png`` per case. Errors
-    (missing pairs, grids that differ without ``resample``, unreadable
-    images, empty masks) are ValueErrors naming the case.
+    Writes to ``out_dir`` (default ``<sct_dir>_evaluation`` beside the sCT
+    folder): ``metrics.csv``, ``summary.json`` and, with ``figures``,
+    ``CASE.png`` per case. Errors of the whole run (missing pairs, grids that
+    differ without ``resample``, an output folder that is an input folder)
+    are ValueErrors before anything is written. A case that fails (unreadable
+    or truncated image, empty mask) is logged by name and the others are
+    evaluated; then :class:`EvaluationError` lists the failed cases.
     """
     ct_dir, sct_dir = Path(ct_dir), Path(sct_dir)
-    out_dir = Path(out_dir) if out_dir is not None else sct_dir / "evaluation"
+    out_dir = Path(out_dir) if out_dir is not None else default_output(sct_dir)
+    for what, folder in (("CT", ct_dir), ("sCT", sct_dir), ("mask", mask_dir), ("MR", mr_dir)):
+        if folder is not None and Path(folder).resolve() == out_dir.resolve():
+            raise ValueError(f"{out_dir}: the output folder is the {what} folder; choose another (-o)")
     cases = pair_cases(ct_dir, sct_dir, mask_dir, mr_dir, allow_missing, exclude=(out_dir,))
     resampled = check_geometries(cases, resample)
     out_dir.mkdir(parents=True, exist_ok=True)
     log.info("evaluating %d case(s); mask: %s", len(cases), mask_dir or DEFAULT_MASK)
     rows = []
+    failed: dict[str, str] = {}
     with logging_redirect_tqdm():
         for files in tqdm(cases, desc="evaluate", unit="case", disable=None):
             figure = out_dir / f"{files.case}.png" if figures else None
-            rows.append(evaluate_case(files, resample, figure, label))
+            try:
+                rows.append(evaluate_case(files, resample, figure, label))
+            except (ValueError, OSError, RuntimeError) as exc:  # ImageReadError is a ValueError
+                lines = str(exc).strip().splitlines() or [type(exc).__name__]
+                failed[files.case] = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"[:400]
+                log.error("case %s failed: %s", files.case, failed[files.case])
     write_csv(rows, out_dir / "metrics.csv")
     summary = {
         "model": label,
         "n_cases": len(rows),
         "cases": [row["case"] for row in rows],
+        "n_failed": len(failed),
+        "failed": failed,
         "mask": f"masks from {mask_dir}" if mask_dir is not None else DEFAULT_MASK,
         "metrics": summarise(rows),
         "definitions": dict(M.DEFINITIONS),
@@ -139,4 +178,7 @@ def evaluate_folder(ct_dir: str | Path, sct_dir: str | Path, out_dir: str | Path
     }
     write_json(summary, out_dir / "summary.json")
     log.info("wrote %s and %s", out_dir / "metrics.csv", out_dir / "summary.json")
+    if failed:
+        raise EvaluationError(f"{len(failed)} of {len(cases)} case(s) could not be evaluated: "
+                              f"{', '.join(failed)} (the others are in {out_dir})", summary, failed)
     return summary

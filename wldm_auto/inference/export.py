@@ -1,6 +1,9 @@
 """Put a prediction made on the preprocessed grid back onto the input MR's grid."""
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -9,7 +12,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from wldm_auto.io.geometry import Geometry
-from wldm_auto.io.images import write_image
+from wldm_auto.io.files import write_error
+from wldm_auto.io.images import ImageWriteError, write_image
 
 AIR_HU = -1024
 
@@ -41,8 +45,38 @@ def hu_int16(image: sitk.Image, window: tuple[float, float]) -> sitk.Image:
 
 def write_dicom_series(image: sitk.Image, folder: Path, series_description: str = "SYNTHETIC CT (wldm_auto)",
                        frame_of_reference: str | None = None) -> None:
-    """Write an int16 HU volume as a CT DICOM series flagged as derived/synthetic."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write an int16 HU volume as a CT DICOM series flagged as derived/synthetic.
+
+    The slices go to a temporary folder beside ``folder``, which replaces
+    ``folder`` only once every slice is written: a failed write (full disk)
+    is an :class:`ImageWriteError` naming ``folder`` and leaves no partial series.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; give the usual mode
+        _write_slices(image, tmp, series_description, frame_of_reference)
+        old = None
+        if folder.exists():
+            old = folder.parent / f"{tmp.name}.old"
+            folder.rename(old)
+        tmp.rename(folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except ImageWriteError:
+        raise
+    except (OSError, RuntimeError) as exc:
+        raise write_error(folder, exc, ImageWriteError) from exc
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_slices(image: sitk.Image, folder: Path, series_description: str, frame_of_reference: str | None) -> None:
+    """One DICOM file per axial slice of ``image`` into ``folder``; each is checked to be non-empty."""
     uid_root = "1.2.826.0.1.3680043.8.498"
     stamp = f"{int(time.time() * 1000)}{np.random.randint(1000, 9999)}"
     series_uid, study_uid = f"{uid_root}.1.{stamp}", f"{uid_root}.2.{stamp}"
@@ -64,8 +98,12 @@ def write_dicom_series(image: sitk.Image, folder: Path, series_description: str 
         slice_image.SetMetaData("0020|0032", "\\".join(f"{v:.4f}" for v in position))
         slice_image.SetMetaData("0020|0013", str(z + 1))
         slice_image.SetMetaData("0008|0018", f"{series_uid}.{z + 1}")
-        writer.SetFileName(str(folder / f"slice_{z:04d}.dcm"))
+        path = folder / f"slice_{z:04d}.dcm"
+        writer.SetFileName(str(path))
         writer.Execute(slice_image)
+        pixel_bytes = slice_image.GetNumberOfPixels() * slice_image.GetSizeOfPixelComponent()
+        if not path.is_file() or path.stat().st_size < 128 + pixel_bytes:  # ITK may not notice a short write
+            raise OSError(f"{path.name} was written incompletely")
 
 
 def write_prediction(image: sitk.Image, path: Path) -> None:

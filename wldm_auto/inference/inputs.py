@@ -24,11 +24,39 @@ class InputCase:
     channels: dict[int, Path]  # channel index -> file or DICOM folder
 
 
-def find_cases(folder: str | Path) -> list[InputCase]:
-    """All cases in ``folder`` sorted by name; ValueError if the folder holds none."""
+def check_input_folder(folder: str | Path) -> Path:
+    """``folder`` if it is an existing folder; ValueError saying what it is otherwise."""
     folder = Path(folder)
+    if folder.is_file():
+        raise ValueError(f"{folder}: is a file; the input must be a folder of MR images "
+                         "(put the file in a folder of its own)")
     if not folder.is_dir():
         raise ValueError(f"{folder}: input folder not found")
+    return folder
+
+
+def check_output_folder(input_dir: str | Path, output_dir: str | Path) -> None:
+    """ValueError if ``output_dir`` is ``input_dir`` or lies inside it (symlinks resolved).
+
+    Predictions (and anything else written) there would become inputs of the
+    next run, and with ``--overwrite`` could replace an input MR.
+    """
+    source, target = Path(input_dir).resolve(), Path(output_dir).resolve()
+    if target == source:
+        raise ValueError(f"{output_dir}: the output folder is the input folder; choose another output folder")
+    if source in target.parents:
+        raise ValueError(f"{output_dir}: the output folder lies inside the input folder {input_dir}; "
+                         "choose one outside it")
+
+
+def input_files(cases: list[InputCase]) -> set[Path]:
+    """Resolved paths of every input file and DICOM folder of ``cases`` (never to be written to)."""
+    return {Path(p).resolve() for case in cases for p in case.channels.values()}
+
+
+def find_cases(folder: str | Path) -> list[InputCase]:
+    """All cases in ``folder`` sorted by name; ValueError if the folder holds none."""
+    folder = check_input_folder(folder)
     cases: dict[str, dict[int, Path]] = {}
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):

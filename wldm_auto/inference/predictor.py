@@ -12,6 +12,7 @@ tiled U-Net pass each, so only several folds give a standard deviation.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,8 +25,9 @@ import torch
 from wldm_auto.diffusion.schedule import NoiseSchedule
 from wldm_auto.diffusion.synthesis import LatentSynthesizer
 from wldm_auto.inference.export import AIR_HU, hu_int16, to_input_grid, write_dicom_series
-from wldm_auto.inference.inputs import InputCase, find_cases
-from wldm_auto.io.images import ImageReadError, file_ending, read_image, write_image
+from wldm_auto.inference.inputs import InputCase, check_output_folder, find_cases, input_files
+from wldm_auto.io.files import is_disk_full
+from wldm_auto.io.images import FILE_ENDINGS, ImageReadError, file_ending, read_image, write_image
 from wldm_auto.networks.haar import HaarFirstStage
 from wldm_auto.networks.regression_unet import RegressionSynthesizer, RegressionUNet
 from wldm_auto.networks.vae import WaveletVAE
@@ -122,13 +124,23 @@ BUILDERS = {"diffusion": _diffusion, "wavelet_diffusion": _diffusion, "regressio
 def load_model(model_folder: Path, folds: Sequence[int] | None, device: torch.device,
                overlap: float | None = None, checkpoint: str = CHECKPOINT,
                inference: InferencePlan | None = None) -> list[LoadedFold]:
-    """All requested folds (default: every ``fold_*`` folder) of a model folder (``inference``: see load_fold)."""
+    """The requested folds of a model folder (``inference``: see load_fold).
+
+    Default: every ``fold_*`` folder holding ``checkpoint``; folders without one
+    (training unfinished or failed) are skipped with a warning. Requested folds must have it."""
     model_folder = Path(model_folder)
     if not model_folder.is_dir():
         raise ValueError(f"{model_folder}: model folder not found")
     names = [f"fold_{f}" for f in folds] if folds else sorted(p.name for p in model_folder.glob("fold_*") if p.is_dir())
     if not names:
         raise ValueError(f"{model_folder}: holds no fold_* folder")
+    if not folds:
+        finished = [n for n in names if (model_folder / n / checkpoint).is_file()]
+        skipped = [n for n in names if n not in finished]
+        if finished and skipped:
+            log.warning("%s: skipping %s: no %s (training unfinished or failed); using %s", model_folder,
+                        ", ".join(skipped), checkpoint, ", ".join(finished))
+        names = finished or names  # none finished: load_fold names the missing file
     loaded = [load_fold(model_folder / name, device, overlap, checkpoint, inference) for name in names]
     first = loaded[0]
     for other in loaded[1:]:
@@ -177,16 +189,44 @@ def usable_channels(case: InputCase, fold: LoadedFold, config: ConfigurationPlan
     return present, torch.tensor([float(c in case.channels) for c in expected])
 
 
+def _refuse_inputs(paths: Sequence[Path], protected: set[Path]) -> None:
+    """ValueError if any of ``paths`` is (a link to) an input of this run: inputs are never written."""
+    for path in paths:
+        if Path(path).resolve() in protected:
+            raise ValueError(f"{path}: is an input of this run; refusing to overwrite it")
+
+
+def _remove_outputs(paths: Sequence[Path]) -> None:
+    """Best-effort removal of the outputs an attempt wrote before failing (so --continue redoes the case)."""
+    for path in paths:
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("%s: could not remove this incomplete output (%s)", path, exc)
+
+
 def predict_case(
     folds: list[LoadedFold], case: InputCase, output: Path, steps: int | None = None, samples: int = 1,
     seed: int = 0, eta: float = 0.0, save_std: bool = False, ending: str | None = None, dicom_out: bool = False,
+    protected: set[Path] | None = None,
 ) -> PredictionOutcome:
-    """Predict one case; raises ImageReadError/CaseError/ValueError for inputs that cannot be used."""
+    """Predict one case; raises ImageReadError/CaseError/ValueError for inputs that cannot be used.
+
+    A failed write (full disk) raises an OSError naming the file; the outputs
+    this call already wrote for the case are removed. ``protected``: resolved
+    paths never to write to (the run's inputs).
+    """
     start = time.time()
     first = folds[0]
     plans, config = first.plans, first.plans.configuration(first.configuration)
     present, available = usable_channels(case, first, config)
     paths = [case.channels[c] for c in present]
+    sct_path, std_path = output_paths(case, output, ending)
+    dicom_folder = output / f"{case.name}_dicom"
+    _refuse_inputs([sct_path, std_path, dicom_folder], protected or set())
     images = [read_image(p, sitk.sitkFloat32) for p in paths]
     check_channels(images, [str(p) for p in paths])
     body = body_mask(images[0], plans)  # from the first sequence present
@@ -203,51 +243,120 @@ def predict_case(
         normalised = fold.synthesizer.sample(mr, steps, eta, count, generator, progress=True, available=available)
         draws.append(denormalise_ct(normalised.clamp(-1, 1).cpu().numpy(), window))
     stack = np.concatenate(draws)
-    sct_path, std_path = output_paths(case, output, ending)
     sct = hu_int16(to_input_grid(stack.mean(0), pre.properties, images[0], body, AIR_HU), window)
-    write_image(sct, sct_path)
-    outputs = [sct_path]
-    if save_std and len(stack) > 1:
-        std = to_input_grid(stack.std(0), pre.properties, images[0], body, 0.0)
-        write_image(std, std_path)
-        outputs.append(std_path)
-    elif save_std:
-        deterministic = all(getattr(f.synthesizer, "deterministic", False) for f in folds)
-        reason = "a deterministic regression model with one fold" if deterministic else "one fold and one sample"
-        log.info("%s: std map not written: %s gives no spread (use several folds%s)", case.name, reason,
-                 "" if deterministic else " or --samples")
-    if dicom_out:
-        folder = output / f"{case.name}_dicom"
-        write_dicom_series(sct, folder)
-        outputs.append(folder)
+    outputs: list[Path] = []
+    try:
+        write_image(sct, sct_path)
+        outputs.append(sct_path)
+        if save_std and len(stack) > 1:
+            std = to_input_grid(stack.std(0), pre.properties, images[0], body, 0.0)
+            write_image(std, std_path)
+            outputs.append(std_path)
+        elif save_std:
+            deterministic = all(getattr(f.synthesizer, "deterministic", False) for f in folds)
+            reason = "a deterministic regression model with one fold" if deterministic else "one fold and one sample"
+            log.info("%s: std map not written: %s gives no spread (use several folds%s)", case.name, reason,
+                     "" if deterministic else " or --samples")
+        if dicom_out:
+            write_dicom_series(sct, dicom_folder)
+            outputs.append(dicom_folder)
+    except OSError:
+        _remove_outputs(outputs)
+        raise
     return PredictionOutcome(case.name, "done", seconds=time.time() - start, outputs=outputs)
 
 
-def predict_folder(
-    input_dir: Path, output_dir: Path, folds: list[LoadedFold], steps: int | None = None, samples: int = 1,
-    seed: int = 0, eta: float = 0.0, save_std: bool = False, resume: bool = False, overwrite: bool = False,
-    ending: str | None = None, dicom_out: bool = False,
-) -> list[PredictionOutcome]:
-    """Predict every case of ``input_dir``; failing cases are reported, the others still run."""
+def expects_std(folds: list[LoadedFold], samples: int, save_std: bool) -> bool:
+    """Whether ``predict_case`` writes a std map with these settings (more than one draw)."""
+    if not save_std:
+        return False
+    deterministic = all(getattr(f.synthesizer, "deterministic", False) for f in folds)
+    return len(folds) > 1 or (samples > 1 and not deterministic)
+
+
+def incomplete_outputs(case: InputCase, output: Path, ending: str | None, std: bool = False,
+                       dicom_out: bool = False) -> str | None:
+    """Why the existing outputs of ``case`` cannot be trusted (missing, truncated, unreadable), or None.
+
+    Each image is read back fully (``read_image`` checks the voxel payload
+    against the header), so a prediction cut short by a full disk or a kill
+    does not count as finished.
+    """
+    sct_path, std_path = output_paths(case, output, ending)
+    for path, needed in ((sct_path, True), (std_path, std)):
+        if not needed:
+            continue
+        if not path.exists():
+            return f"{path.name} is missing"
+        try:
+            read_image(path, check_values=False)
+        except ImageReadError as exc:
+            return str(exc)
+    if dicom_out and not (output / f"{case.name}_dicom").is_dir():
+        return f"{case.name}_dicom is missing"
+    return None
+
+
+def prepare_prediction(input_dir: Path, output_dir: Path, resume: bool = False, overwrite: bool = False,
+                       ending: str | None = None) -> list[InputCase]:
+    """The cases of ``input_dir`` after every check that needs no model; creates nothing.
+
+    ValueError for an input that is not a folder of MR images or an output
+    folder that is (inside) the input folder; FileExistsError when outputs
+    exist and neither ``resume`` nor ``overwrite`` is given.
+    """
+    if ending is not None and ending not in FILE_ENDINGS:
+        raise ValueError(f"--file-ending {ending!r}: use one of {', '.join(FILE_ENDINGS)}")
     cases = find_cases(input_dir)
+    check_output_folder(input_dir, output_dir)
     output_dir = Path(output_dir)
     existing = [c for c in cases if output_paths(c, output_dir, ending)[0].exists()]
     if existing and not (resume or overwrite):
         raise FileExistsError(
             f"{output_dir}: predictions exist for {', '.join(c.name for c in existing[:5])}"
             f"{' ...' if len(existing) > 5 else ''}: use --continue to skip them or --overwrite to replace them")
+    return cases
+
+
+def predict_folder(
+    input_dir: Path, output_dir: Path, folds: list[LoadedFold], steps: int | None = None, samples: int = 1,
+    seed: int = 0, eta: float = 0.0, save_std: bool = False, resume: bool = False, overwrite: bool = False,
+    ending: str | None = None, dicom_out: bool = False, cases: list[InputCase] | None = None,
+) -> list[PredictionOutcome]:
+    """Predict every case of ``input_dir``; failing cases are reported, the others still run.
+
+    ``cases``: those :func:`prepare_prediction` returned (else it is called
+    here). With ``resume`` a case is skipped only when its outputs read back
+    completely. A full disk fails the case being written and every case
+    after it (they could not be written either).
+    """
+    output_dir = Path(output_dir)
+    if cases is None:
+        cases = prepare_prediction(input_dir, output_dir, resume, overwrite, ending)
     output_dir.mkdir(parents=True, exist_ok=True)
+    protected = input_files(cases)
+    want_std = expects_std(folds, samples, save_std)
     outcomes = []
+    disk_full: str | None = None
     for index, case in enumerate(cases, 1):
-        if case in existing and resume:
-            outcomes.append(PredictionOutcome(case.name, "skipped", "output exists (--continue)"))
+        if disk_full is not None:
+            outcomes.append(PredictionOutcome(case.name, "failed", f"not predicted: {disk_full}"))
             continue
+        if resume and output_paths(case, output_dir, ending)[0].exists():
+            problem = incomplete_outputs(case, output_dir, ending, want_std, dicom_out)
+            if problem is None:
+                outcomes.append(PredictionOutcome(case.name, "skipped", "output exists (--continue)"))
+                continue
+            log.warning("%s: existing output not complete (%s): predicting it again", case.name, problem)
         log.info("case %d/%d: %s", index, len(cases), case.name)
         try:
-            outcome = predict_case(folds, case, output_dir, steps, samples, seed, eta, save_std, ending, dicom_out)
+            outcome = predict_case(folds, case, output_dir, steps, samples, seed, eta, save_std, ending, dicom_out,
+                                   protected)
             log.info("%s: done in %.1f s -> %s", case.name, outcome.seconds, outcome.outputs[0])
-        except (ImageReadError, CaseError, ValueError) as exc:
+        except (ImageReadError, CaseError, ValueError, OSError) as exc:
             outcome = PredictionOutcome(case.name, "failed", str(exc))
             log.error("%s failed: %s", case.name, exc)
+            if isinstance(exc, OSError) and is_disk_full(exc):
+                disk_full = f"the disk is full (writing {case.name} failed)"
         outcomes.append(outcome)
     return outcomes

@@ -6,15 +6,64 @@ never leaves a half-written file under a name that looks finished.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+DISK_FULL_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
+DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "disk full")
+
+
+class WriteError(OSError):
+    """Writing a file failed; the one-line message names the file and says so when the disk is full."""
+
+    def __init__(self, path: str | os.PathLike, reason: str, code: int | None = None) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.errno = code  # no filename/strerror: str() stays the one-line message
+
+
+def is_disk_full(exc: BaseException, folder: str | os.PathLike | None = None) -> bool:
+    """True if ``exc`` (or an error it wraps) says the disk or quota is full, or ``folder``'s disk has no space."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if getattr(current, "errno", None) in DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(current).lower() for text in DISK_FULL_TEXT):
+            return True
+        current = current.__cause__ or current.__context__
+    if folder is not None:
+        try:
+            return shutil.disk_usage(folder).free < (1 << 20)
+        except OSError:
+            return False
+    return False
+
+
+def write_error(path: str | os.PathLike, exc: BaseException | str, cls: type[WriteError] = WriteError) -> WriteError:
+    """A :class:`WriteError` (or ``cls``) for a failed write of ``path``, saying whether the disk is full."""
+    if isinstance(exc, WriteError):
+        return exc
+    path = Path(path)
+    text = exc if isinstance(exc, str) else (getattr(exc, "strerror", None) or str(exc))
+    text = " ".join(str(text).split())[:200]
+    code = None if isinstance(exc, str) else getattr(exc, "errno", None)
+    if not isinstance(exc, str) and is_disk_full(exc, path.parent if path.parent.is_dir() else None):
+        code = code if code in DISK_FULL_ERRNOS else errno.ENOSPC
+        quota = code == getattr(errno, "EDQUOT", None) or "quota" in text.lower()
+        what = "the disk quota is exceeded" if quota else "the disk is full"
+        return cls(path, f"cannot write: {what} ({text}); free some space and run again", code)
+    return cls(path, f"cannot write ({text})", code)
 
 
 def _umask() -> int:
@@ -28,7 +77,9 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it over ``final`` on success.
 
     ``suffix`` keeps writers that infer the format from the name happy
-    (e.g. ``.nii.gz`` for SimpleITK). On error the temporary file is removed.
+    (e.g. ``.nii.gz`` for SimpleITK). On error the temporary file is removed
+    and what was at ``final`` stays as it was; a full disk (here or while
+    flushing) raises :class:`WriteError` naming ``final``.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -36,34 +87,49 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
-        os.replace(tmp_path, final)
+        try:
+            yield tmp_path
+        except OSError as exc:
+            if isinstance(exc, WriteError) or not is_disk_full(exc):
+                raise
+            raise write_error(final, exc) from exc
+        try:
+            with open(tmp_path, "rb+") as handle:
+                os.fsync(handle.fileno())  # a full disk may only show here (delayed allocation, NFS)
+            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
+            os.replace(tmp_path, final)
+        except OSError as exc:
+            raise write_error(final, exc) from exc
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def _to_plain(value: Any) -> Any:
+def _to_plain(value: Any, null_nonfinite: bool = True) -> Any:
+    """JSON-ready copy of ``value``: numpy values plain, paths as text, NaN/inf as None (JSON null)."""
     if isinstance(value, dict):
-        return {str(k): _to_plain(v) for k, v in value.items()}
+        return {str(k): _to_plain(v, null_nonfinite) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
+        return [_to_plain(v, null_nonfinite) for v in value]
     if isinstance(value, np.ndarray):
-        return value.tolist()
+        return _to_plain(value.tolist(), null_nonfinite)
+    if isinstance(value, np.generic):
+        value = value.item()
+    if null_nonfinite and isinstance(value, float) and not math.isfinite(value):
+        return None  # bare NaN/Infinity is not JSON: strict readers reject the whole file
     if isinstance(value, Path):
         return str(value)
     return value
 
 
 def write_json(data: Any, path: str | os.PathLike) -> None:
-    """Write ``data`` as indented JSON, atomically (numpy values become plain)."""
+    """Write ``data`` as indented JSON, atomically (numpy values become plain; NaN/inf become null)."""
+    text = json.dumps(_to_plain(data), indent=2, sort_keys=False, allow_nan=False) + "\n"
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(_to_plain(data), indent=2, sort_keys=False) + "\n")
+        try:
+            tmp.write_text(text)
+        except OSError as exc:
+            raise write_error(path, exc) from exc
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -78,8 +144,11 @@ def read_json(path: str | os.PathLike) -> Any:
 def save_npy(array: np.ndarray, path: str | os.PathLike) -> None:
     """Save an uncompressed .npy (memory-mappable by the loaders), atomically."""
     with atomic_path(path, suffix=".npy") as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
+        try:
+            with open(tmp, "wb") as handle:
+                np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
+        except OSError as exc:
+            raise write_error(path, exc) from exc
 
 
 def hash_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -98,5 +167,5 @@ def hash_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def hash_data(*parts: Any) -> str:
     """Stable hash of JSON-serialisable values (settings, lists of file hashes)."""
-    text = json.dumps(_to_plain(list(parts)), sort_keys=True, separators=(",", ":"))
+    text = json.dumps(_to_plain(list(parts), null_nonfinite=False), sort_keys=True, separators=(",", ":"))
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
