@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable, NoReturn
 
 from wldm_auto.cli.common import run_cli, setup_logging
 
@@ -29,23 +30,56 @@ a random subset, flagged, so the model also works when sequences are missing.
 """
 
 
+MAX_SEED = 2**63 - 1  # torch.manual_seed's range (the seed plus the rank must fit)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad command line in one line (no usage block), before anything is created."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} -h)\n")
+
+
+def _integer(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """argparse type: a whole number in [``minimum``, ``maximum``] ("10", not "10.0" or "1e4")."""
+    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    if maximum is not None:
+        what = f"an integer from {minimum} to {maximum}"
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    convert.__name__ = what  # argparse names the type in some messages
+    return convert
+
+
 def main(argv: list[str] | None = None) -> int:
     from wldm_auto.trainers.registry import TRAINERS
 
-    parser = argparse.ArgumentParser(prog="wldm_train", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="wldm_train", description=DESCRIPTION,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", help="dataset id or name: 1, 001 or Dataset001_Name")
     parser.add_argument("stage", choices=sorted({c.stage for c in TRAINERS.values()}), help="what to train")
-    parser.add_argument("-f", "--fold", type=int, default=0, help="cross-validation fold (default 0)")
+    parser.add_argument("-f", "--fold", type=_integer(0), default=0, help="cross-validation fold (default 0)")
     parser.add_argument("-tr", "--trainer", choices=sorted(TRAINERS), help="trainer class (default: the stage's full model)")
     parser.add_argument("-c", "--configuration", default="3d_wldm", help="configuration in plans.json (default 3d_wldm)")
     parser.add_argument("--c", dest="resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
-    parser.add_argument("--seed", type=int, default=12345, help="seed for weights, batches and augmentation")
-    parser.add_argument("--steps", type=int, help="total training steps (overrides the plan's epochs x steps per epoch)")
-    parser.add_argument("--epochs", type=int, help="number of epochs (overrides the plan)")
-    parser.add_argument("--steps-per-epoch", type=int, help="steps per epoch = validation interval (overrides the plan)")
-    parser.add_argument("--num-workers", type=int, help="background augmentation workers (default: CPU cores - 1, max 8)")
+    parser.add_argument("--seed", type=_integer(0, MAX_SEED), default=12345,
+                        help="seed for weights, batches and augmentation")
+    parser.add_argument("--steps", type=_integer(1),
+                        help="total training steps (overrides the plan's epochs x steps per epoch)")
+    parser.add_argument("--epochs", type=_integer(1), help="number of epochs (overrides the plan)")
+    parser.add_argument("--steps-per-epoch", type=_integer(1),
+                        help="steps per epoch = validation interval (overrides the plan)")
+    parser.add_argument("--num-workers", type=_integer(0),
+                        help="background augmentation workers (default: CPU cores - 1, max 8)")
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the networks")
     parser.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on GPU)")
     parser.add_argument("--vae-trainer", help="stage 2: take the VAE of this stage-1 trainer (default VAETrainer)")

@@ -25,12 +25,18 @@ from tqdm import tqdm
 
 from wldm_auto.io.files import read_json, write_json
 from wldm_auto.planners.schema import ConfigurationPlan, Plans, TrainingPlan
-from wldm_auto.trainers.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from wldm_auto.trainers.checkpoint import (
+    disk_full_guard, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+)
 from wldm_auto.trainers.data import PreprocessedDataset, StepBatches
 from wldm_auto.trainers.loader import default_num_workers, make_loader
 from wldm_auto.trainers.progress import draw_progress
 
 log = logging.getLogger(__name__)
+
+# what --c continues from, most recent first: the end-of-epoch writes go latest -> history/progress -> best,
+# and final comes last, so whichever of these exists first in this order is the newest complete state
+RESUMABLE = ("checkpoint_latest.pt", "checkpoint_final.pt", "checkpoint_best.pt")
 
 
 @dataclass
@@ -47,6 +53,20 @@ class TrainerOptions:
     deterministic: bool = False
     stop_at_step: int | None = None  # stop (after checkpointing) at this step, as if killed: for tests
     vae_trainer: str | None = None  # stage 2: which stage-1 trainer's VAE to use (default VAETrainer)
+
+    def check(self) -> None:
+        """ValueError (one line) for counts that are not positive integers or worker counts below 0."""
+        positive = {"num_steps": "--steps", "num_epochs": "--epochs", "steps_per_epoch": "--steps-per-epoch",
+                    "stop_at_step": "stop_at_step"}
+        for name, flag in positive.items():
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+        workers = self.num_workers
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+            raise ValueError(f"--num-workers must be an integer >= 0, got {workers!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"--seed must be an integer from 0 to {2**63 - 1}, got {self.seed!r}")
 
 
 class BaseTrainer:
@@ -65,6 +85,7 @@ class BaseTrainer:
         self.preprocessed = Path(preprocessed)
         self.output = Path(output)
         self.options = options or TrainerOptions()
+        self.options.check()
         self.apply_plan_overrides()
         self.rank, self.world_size, self.local_rank = _init_distributed(self.options.device)
         self.device = _pick_device(self.options.device, self.local_rank)
@@ -73,9 +94,14 @@ class BaseTrainer:
         if self.options.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         schedule = self.training_plan
-        self.steps_per_epoch = self.options.steps_per_epoch or schedule.steps_per_epoch
-        epochs = self.options.num_epochs or schedule.num_epochs
-        self.total_steps = self.options.num_steps or epochs * self.steps_per_epoch
+        # "is None", not "or": an explicit 0 must never fall back to the plan (options.check refuses it)
+        self.steps_per_epoch = schedule.steps_per_epoch if self.options.steps_per_epoch is None \
+            else self.options.steps_per_epoch
+        epochs = schedule.num_epochs if self.options.num_epochs is None else self.options.num_epochs
+        self.total_steps = epochs * self.steps_per_epoch if self.options.num_steps is None else self.options.num_steps
+        if self.steps_per_epoch < 1 or self.total_steps < 1:
+            raise ValueError(f"{self.stage} training plan: steps_per_epoch ({self.steps_per_epoch}) and "
+                             f"num_epochs x steps_per_epoch ({self.total_steps}) must be positive")
         self.steps_per_epoch = min(self.steps_per_epoch, self.total_steps)
         self.step = 0
         self.history: list[dict[str, Any]] = []
@@ -83,6 +109,7 @@ class BaseTrainer:
         self.epoch_count = 0
         self.epoch_started = time.time()
         self.best_value: float | None = None
+        self.best_step: int | None = None  # step of the best value (checkpoint_best.pt), if any
         self.train_cases, self.val_cases = self._split()
         data_folder = self.preprocessed / self.config.data_identifier
         self.train_data = PreprocessedDataset(data_folder, self.train_cases)
@@ -192,31 +219,32 @@ class BaseTrainer:
         """Train until the planned number of steps; returns the final checkpoint's path."""
         if resume:
             self.load(self._resume_path())
+            self._complete_epoch_writes()
         if self.is_main:
             log.info("%s fold %d: %d train / %d val cases, patch %s, batch %d, steps %d..%d on %s (world size %d)",
                      type(self).__name__, self.fold, len(self.train_data.cases), len(self.val_data.cases),
                      self.config.patch_size, self.config.batch_size, self.step, self.total_steps, self.device,
                      self.world_size)
         stop = min(self.total_steps, self.options.stop_at_step or self.total_steps)
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.stage}", unit="step",
-                   disable=not self.is_main)
         self.epoch_started = time.time()
-        for batch in self.batches(self.step, stop):
-            for optimizer, base_lr, _ in self._optimizers.values():
-                for group in optimizer.param_groups:
-                    group["lr"] = base_lr * self.lr_factor(self.step)
-            losses = self.train_step(batch)
-            self.step += 1
-            for key, value in losses.items():
-                self.epoch_sums[key] = self.epoch_sums.get(key, 0.0) + float(value)
-            self.epoch_count += 1
-            bar.update()
-            bar.set_postfix({k: f"{v:.4g}" for k, v in list(losses.items())[:3]})
-            if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
-                self._end_epoch()
-            elif self.step % self.training_plan.checkpoint_every_steps == 0 or self.step == stop:
-                self.save("checkpoint_latest.pt")
-        bar.close()
+        # "with": the bar ends its line on errors too, so an error message starts on a line of its own
+        with tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.stage}", unit="step",
+                  disable=not self.is_main) as bar:
+            for batch in self.batches(self.step, stop):
+                for optimizer, base_lr, _ in self._optimizers.values():
+                    for group in optimizer.param_groups:
+                        group["lr"] = base_lr * self.lr_factor(self.step)
+                losses = self.train_step(batch)
+                self.step += 1
+                for key, value in losses.items():
+                    self.epoch_sums[key] = self.epoch_sums.get(key, 0.0) + float(value)
+                self.epoch_count += 1
+                bar.update()
+                bar.set_postfix({k: f"{v:.4g}" for k, v in list(losses.items())[:3]})
+                if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
+                    self._end_epoch()
+                elif self.step % self.training_plan.checkpoint_every_steps == 0 or self.step == stop:
+                    self.save("checkpoint_latest.pt")
         if self.step < self.total_steps:
             return self.output / "checkpoint_latest.pt"
         self.save("checkpoint_final.pt")
@@ -244,12 +272,25 @@ class BaseTrainer:
             value = record.get(self.best_metric)
             if value is not None and math.isfinite(value) and (
                     self.best_value is None or (value > self.best_value if self.best_mode == "max" else value < self.best_value)):
-                self.best_value = value
-                self.save("checkpoint_best.pt", barrier=False)  # main process only: no barrier
-            draw_progress(self.history, self.output / "progress.png", f"{type(self).__name__} fold {self.fold}")
-            write_json(self.history, self.output / "history.json")
+                self.best_value, self.best_step = value, self.step
+        # latest first: a crash after any of the following writes leaves a state --c continues from
+        # (resuming repeats the history/progress/best writes of that epoch, see _complete_epoch_writes)
         self.save("checkpoint_latest.pt")
+        self._complete_epoch_writes()
         self.epoch_started = time.time()
+
+    def _complete_epoch_writes(self) -> None:
+        """history.json, progress.png, then checkpoint_best.pt if this step is the best (main process only)."""
+        if not self.is_main:
+            return
+        if self.history:
+            progress, history = self.output / "progress.png", self.output / "history.json"
+            with disk_full_guard(progress):
+                draw_progress(self.history, progress, f"{type(self).__name__} fold {self.fold}")
+            with disk_full_guard(history):
+                write_json(self.history, history)
+        if self.best_step is not None and self.best_step == self.step:
+            self.save("checkpoint_best.pt", barrier=False)  # main process only: no barrier
 
     # -- checkpoints ------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -270,6 +311,7 @@ class BaseTrainer:
             "epoch_sums": dict(self.epoch_sums),
             "epoch_count": self.epoch_count,
             "best_value": self.best_value,
+            "best_step": self.best_step,
             "seed": self.options.seed,
         }
 
@@ -294,6 +336,8 @@ class BaseTrainer:
         self.epoch_sums = dict(state["epoch_sums"])
         self.epoch_count = int(state["epoch_count"])
         self.best_value = state["best_value"]
+        best_step = state.get("best_step")  # absent in checkpoints of older versions
+        self.best_step = None if best_step is None else int(best_step)
         set_rng_state(state["rng"])
         self.restore_extra(state)
         log.info("resumed from %s at step %d", path, self.step)
@@ -302,12 +346,12 @@ class BaseTrainer:
         """Subclasses restore what they added to :meth:`state`."""
 
     def _resume_path(self) -> Path:
-        latest = self.output / "checkpoint_latest.pt"
-        if latest.is_file():
-            return latest
-        if (self.output / "checkpoint_final.pt").is_file():
-            return self.output / "checkpoint_final.pt"
-        raise FileNotFoundError(f"{self.output}: nothing to continue (no checkpoint_latest.pt); start without --c")
+        """The newest complete state: checkpoint_latest.pt, else _final, else _best (each holds everything)."""
+        for name in RESUMABLE:
+            if (self.output / name).is_file():
+                return self.output / name
+        raise FileNotFoundError(f"{self.output}: nothing to continue (no {', '.join(RESUMABLE)}); "
+                                "start without --c")
 
     # -- internals --------------------------------------------------------------------
     def _split(self) -> tuple[list[str], list[str]]:

@@ -9,13 +9,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
 from wldm_auto.io.files import atomic_path, read_json
 from wldm_auto.paths import PREPROCESSED, preprocessed_root, resolve_dataset_name, results_root
 from wldm_auto.planners.schema import Plans
-from wldm_auto.trainers.base import TrainerOptions
+from wldm_auto.trainers.base import RESUMABLE, TrainerOptions
+from wldm_auto.trainers.checkpoint import DISK_FULL_ERRNOS
 from wldm_auto.trainers.registry import default_trainer, trainer_class
 
 log = logging.getLogger(__name__)
@@ -27,21 +29,53 @@ def model_folder(dataset_name: str, trainer: str, plans_name: str, configuration
     return results_root(create=True) / dataset_name / f"{trainer}__{plans_name}__{configuration}"
 
 
+def _check_metadata(preprocessed: Path, model_dir: Path) -> None:
+    """Refuse (without writing anything) if the plans changed since this model folder was started."""
+    source, target = preprocessed / "plans.json", model_dir / "plans.json"
+    if source.is_file() and target.is_file() and read_json(source) != read_json(target):
+        raise ValueError(
+            f"{source} differs from the plans this model was trained with ({target}); "
+            "train the changed plan under a new results folder (move the old one) or restore the plan")
+
+
 def _copy_metadata(preprocessed: Path, model_dir: Path) -> None:
     """Copy plans/dataset/fingerprint into the model folder; refuse if the plans changed since."""
+    _check_metadata(preprocessed, model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
         source, target = preprocessed / name, model_dir / name
-        if not source.is_file():
-            continue
-        if target.is_file():
-            if name == "plans.json" and read_json(source) != read_json(target):
-                raise ValueError(
-                    f"{source} differs from the plans this model was trained with ({target}); "
-                    "train the changed plan under a new results folder (move the old one) or restore the plan")
+        if not source.is_file() or target.is_file():
             continue
         with atomic_path(target) as tmp:
             shutil.copyfile(source, tmp)
+
+
+def _remove_stale_temporaries(fold_dir: Path) -> None:
+    """Delete temporary files a killed run left while writing checkpoints or records (they can be large)."""
+    for pattern in (".checkpoint_*.tmp.pt", ".history.json.*.tmp", ".progress.png.*.tmp.png"):
+        for path in fold_dir.glob(pattern):
+            log.info("removing %s, left by an interrupted write", path)
+            path.unlink(missing_ok=True)
+
+
+class _TrainingLog(logging.FileHandler):
+    """The fold's training log; on a full disk it stops with one warning instead of a traceback per record."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.disk_full = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.disk_full:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            self.disk_full = True
+            print(f"warning: {self.baseFilename}: disk full, the training log stops here", file=sys.stderr)
+            return
+        super().handleError(record)
 
 
 def run_training(
@@ -53,7 +87,15 @@ def run_training(
     resume: bool = False,
     options: TrainerOptions | None = None,
 ) -> Path:
-    """Train one fold; returns the path of the last checkpoint written."""
+    """Train one fold; returns the path of the last checkpoint written.
+
+    Nothing is created until the options, plans, fold and data have been checked
+    and the trainer is built, so a run refused at start leaves no empty ``fold_F``.
+    """
+    options = options or TrainerOptions()
+    options.check()
+    if isinstance(fold, bool) or not isinstance(fold, int) or fold < 0:
+        raise ValueError(f"--fold must be an integer >= 0, got {fold!r}")
     name = resolve_dataset_name(dataset, (PREPROCESSED,))
     preprocessed = preprocessed_root() / name
     if not (preprocessed / "plans.json").is_file():
@@ -65,7 +107,9 @@ def run_training(
     plans = Plans.load(preprocessed / "plans.json")
     model_dir = model_folder(name, trainer_name, plans.plans_name, configuration)
     fold_dir = model_dir / f"fold_{fold}"
-    existing = sorted(p.name for p in fold_dir.glob("checkpoint_*.pt")) if fold_dir.is_dir() else []
+    # the same names --c continues from (BaseTrainer._resume_path): a folder is either empty of them
+    # (start fresh, with or without --c) or continuable with --c
+    existing = [n for n in RESUMABLE if (fold_dir / n).is_file()]
     if existing and not resume:
         raise FileExistsError(f"{fold_dir} already holds {', '.join(existing)}: use --c to continue it, "
                               "or move the folder away to train from scratch")
@@ -73,17 +117,19 @@ def run_training(
         log.warning("--c: %s holds no checkpoint, starting from scratch", fold_dir)
         resume = False
     is_main = int(os.environ.get("RANK", "0")) == 0
+    _check_metadata(preprocessed, model_dir)
+    plans_used = Plans.load(model_dir / "plans.json") if (model_dir / "plans.json").is_file() else plans
+    instance = cls(plans_used, configuration, fold, preprocessed, fold_dir, options)  # checks fold, data, VAE
     if is_main:
         _copy_metadata(preprocessed, model_dir)
     fold_dir.mkdir(parents=True, exist_ok=True)
     handler = None
     if is_main:
-        handler = logging.FileHandler(fold_dir / f"training_log_{time.strftime('%Y%m%d-%H%M%S')}.txt")
+        _remove_stale_temporaries(fold_dir)
+        handler = _TrainingLog(fold_dir / f"training_log_{time.strftime('%Y%m%d-%H%M%S')}.txt")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger().addHandler(handler)
     try:
-        plans_used = Plans.load(model_dir / "plans.json") if (model_dir / "plans.json").is_file() else plans
-        instance = cls(plans_used, configuration, fold, preprocessed, fold_dir, options or TrainerOptions())
         return instance.run(resume=resume)
     finally:
         if handler is not None:
