@@ -25,8 +25,12 @@ $wldm_preprocessed/DatasetXXX_Name:
   logs/                      a log file per run
 
 A second run with nothing changed redoes nothing. A case that fails is named with
-its reason; the others still finish; the exit status is then 1.
+its reason; the others still finish; the exit status is then 1. Ctrl-C stops at
+once (exit status 130); finished cases are kept and rerunning continues.
 """
+
+INTERRUPTED = ("interrupted: queued cases were cancelled and running ones stopped; finished cases are kept, "
+               "rerun the same command to continue")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,12 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="debug logging on the console")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    workers = args.num_processes or max(1, min(4, len(os.sched_getaffinity(0))))
+    workers = args.num_processes if args.num_processes is not None else max(1, min(4, len(os.sched_getaffinity(0))))
 
     def action() -> int:
         from wldm_auto.paths import preprocessed_root, resolve_dataset_name
-        from wldm_auto.preprocessing.pipeline import plan_and_preprocess
+        from wldm_auto.preprocessing.pipeline import check_options, plan_and_preprocess
 
+        check_options(workers, args.spacing, args.gpu_memory_gb)  # before anything is read, moved or written
         name = resolve_dataset_name(args.dataset, ("wldm_raw",))
         log_path = add_log_file(preprocessed_root(create=True) / name, "plan_and_preprocess")
         log.info("log file: %s", log_path)
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
 
-    return run_cli(action)
+    return run_cli(action, INTERRUPTED)
 
 
 if __name__ == "__main__":

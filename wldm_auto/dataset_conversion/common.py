@@ -10,8 +10,10 @@ with the same voxels and geometry.
 """
 from __future__ import annotations
 
+import filecmp
 import logging
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -95,6 +97,9 @@ def place_image(source: Path, destination: Path, link: bool = False) -> str:
     if ending is None:
         raise ValueError(f"{destination}: unsupported file ending")
     if not needs_conversion(source, ending):
+        _, reason = read_header(source)  # fail on the user's file, not later on its copy in the staging folder
+        if reason:
+            raise ValueError(f"{source}: {reason}")
         if link:
             destination.symlink_to(source.resolve())
             return "linked"
@@ -185,16 +190,61 @@ def _swap_in(staging: Path, final: Path, replaced: list[Path]) -> None:
             shutil.rmtree(folder)
 
 
+def same_content(a: Path, b: Path) -> bool:
+    """True if files (or DICOM folders) ``a`` and ``b`` hold the same bytes."""
+    a, b = Path(a), Path(b)
+    if a.is_file() and b.is_file():
+        return filecmp.cmp(a, b, shallow=False)  # the same file, or byte-for-byte equal (stops at the first difference)
+    if a.is_dir() and b.is_dir():
+        files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+        files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+        return files_a == files_b and all(filecmp.cmp(a / f, b / f, shallow=False) for f in files_a)
+    return False
+
+
+def warn_identical_inputs(cases: Sequence[SourceCase]) -> None:
+    """Warn (naming the case) when an MR image of a case has the same content as its CT."""
+    for case in cases:
+        for image in case.images:
+            if same_content(image, case.target):
+                log.warning("case %s: the MR %s and the CT %s have the same content (is the CT folder the MR "
+                            "folder?); the MR would become the CT target", case.name, image, case.target)
+
+
+def _staging_paths(text: str, staging: Path, sources: Mapping[str, Path], final: Path) -> str:
+    """``text`` with every path inside the (soon deleted) staging folder replaced by the user's source file."""
+    def replace(match: re.Match) -> str:
+        relative = match.group(1)
+        for name, source in sources.items():
+            if relative == name or f".{Path(name).name}." in relative:  # the file or its temporary sibling
+                return str(source)
+        return str(final / relative)
+
+    return re.sub(re.escape(str(staging)) + r"/([^\s'\":,()]+)", replace, text).replace(str(staging), str(final))
+
+
 def _place_cases(cases: Sequence[SourceCase], staging: Path, ending: str, link: bool, done: dict[str, int],
-                 desc: str) -> None:
-    """Place every case's files in ``staging``, counting copies/links/conversions in ``done``."""
+                 desc: str, sources: dict[str, Path], final: Path) -> None:
+    """Place every case's files in ``staging``, counting copies/links/conversions in ``done``.
+
+    ``sources`` collects staging-relative name -> the user's file. Errors name
+    the case and the user's file, never the staging folder.
+    """
     for case in tqdm(cases, desc=desc, unit="case", disable=None):
         places = [(src, staging / "imagesTr" / f"{case.name}_{i:04d}{ending}") for i, src in enumerate(case.images)]
         places.append((case.target, staging / "targetsTr" / f"{case.name}{ending}"))
         if case.mask is not None:
             places.append((case.mask, staging / "masksTr" / f"{case.name}{ending}"))
         for source, destination in places:
-            how = place_image(source, destination, link)
+            relative = str(destination.relative_to(staging))
+            sources[relative] = Path(source)
+            try:
+                how = place_image(source, destination, link)
+            except (ValueError, OSError, RuntimeError) as exc:
+                text = _staging_paths(" ".join(str(exc).split()), staging, {relative: Path(source)}, final)
+                if str(source) not in text:
+                    text = f"{source}: {text}"
+                raise ValueError(f"case {case.name}: {text}") from None
             done[how] = done.get(how, 0) + 1
             if link and how == "converted":
                 log.warning("%s: format differs from %s, converted instead of linked", source, ending)
@@ -233,20 +283,23 @@ def build_dataset(
     _check_masks(cases)
     inputs = [*inputs, *(p for c in cases for p in c.inputs())]
     final, replaced = output_folder(dataset_id, name, overwrite, inputs)
+    warn_identical_inputs(cases)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
         done: dict[str, int] = {}
+        sources: dict[str, Path] = {}
         with logging_redirect_tqdm():
-            _place_cases(cases, staging, ending, link, done, final.name)
+            _place_cases(cases, staging, ending, link, done, final.name, sources, final)
         for file_name, source in (extra_files or {}).items():
             shutil.copyfile(source, staging / file_name)
         channels = meta.pop("channel_names", None) or {str(i): "MR" if i == 0 else f"MR{i}"
                                                         for i in range(len(cases[0].images))}
         write_dataset_json(staging, name, len(cases), ending, channels, **meta)
         problems = validate_raw_dataset(staging)
-        if problems:
+        if problems:  # name the user's files, not their copies in the staging folder that is about to go
+            problems = [_staging_paths(_with_sources(p, sources), staging, sources, final) for p in problems]
             raise DatasetInvalidError(final, problems)
         _swap_in(staging, final, replaced)
     finally:
@@ -254,6 +307,14 @@ def build_dataset(
             shutil.rmtree(staging)
     log.info("wrote %s: %d case(s) (%s)", final, len(cases), ", ".join(f"{v} {k}" for k, v in sorted(done.items())))
     return final
+
+
+def _with_sources(problem: str, sources: Mapping[str, Path]) -> str:
+    """A validation problem about ``imagesTr/CASE_0000.nii.gz`` etc., with the user's file it came from."""
+    for relative, source in sources.items():
+        if f" {relative}:" in problem:
+            return problem.replace(f" {relative}:", f" {relative} (from {source}):", 1)
+    return problem
 
 
 def _region_folders(input_dir: Path, known: Sequence[str], example: str) -> dict[str, Path]:

@@ -10,6 +10,7 @@ may be mixed. Files of another kind are skipped with a warning.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from wldm_auto.dataset_conversion.common import SourceCase, build_dataset, normalise_ending, output_folder
@@ -54,6 +55,27 @@ def collect_images(folder: str | Path) -> dict[str, Path]:
     return {name: paths[0] for name, paths in found.items()}
 
 
+def _same_folder(a: Path, b: Path) -> bool:
+    """True if ``a`` and ``b`` are the same folder (symlinks resolved; bind mounts and hard links too)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_distinct_folders(folders: dict[str, Path]) -> None:
+    """Refuse, in one line, two roles (MR, CT, mask) given the same folder."""
+    kinds = list(folders)
+    for i, first in enumerate(kinds):
+        for second in kinds[i + 1:]:
+            if _same_folder(folders[first], folders[second]):
+                same = "" if folders[first] == folders[second] else f" ({folders[second]} is the same folder)"
+                raise ValueError(f"{folders[first]}: given as both the {first} and the {second} folder{same}; "
+                                 f"the {first} images would become the {second} images; give each its own folder")
+
+
 def default_file_ending(sources: list[Path]) -> str:
     """The MR files' ending if they all share one, else ``.nii.gz`` (DICOM counts as ``.nii.gz``)."""
     endings = {".nii.gz" if p.is_dir() else file_ending(p) for p in sources}
@@ -79,10 +101,11 @@ def convert_paired(
     Names present in some folders only are an error listing them, unless
     ``allow_unmatched`` (then they are skipped with a warning).
     """
-    output_folder(dataset_id, name, overwrite)  # fail fast, before scanning the inputs
     folders = {"MR": Path(mr_dir), "CT": Path(ct_dir)}
     if mask_dir is not None:
         folders["mask"] = Path(mask_dir)
+    check_distinct_folders(folders)
+    output_folder(dataset_id, name, overwrite)  # fail fast, before scanning the inputs
     images = {kind: collect_images(folder) for kind, folder in folders.items()}
     names = set().union(*images.values())
     matched = sorted(n for n in names if all(n in found for found in images.values()))

@@ -6,8 +6,6 @@ computed from; recomputed only when that hash changes.
 from __future__ import annotations
 
 import logging
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -19,6 +17,7 @@ from wldm_auto.io.geometry import Geometry
 from wldm_auto.io.images import ImageReadError, read_image
 from wldm_auto.io.raw_dataset import RawCase
 from wldm_auto.planners.schema import BodyMaskPlan
+from wldm_auto.planners.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +95,7 @@ def _safe(case: RawCase) -> tuple[str, dict[str, Any] | None, str]:
 def compute_fingerprint(cases: list[RawCase], hashes: dict[str, dict[str, Any]], num_processes: int = 1) -> dict[str, Any]:
     """Fingerprint of all cases (failed ones listed with their reason under ``failed``)."""
     if num_processes > 1 and len(cases) > 1:
-        with ProcessPoolExecutor(num_processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with WorkerPool(num_processes) as pool:  # workers die with this process and stop on Ctrl-C
             results = list(tqdm(pool.map(_safe, cases), total=len(cases), desc="fingerprint", unit="case"))
     else:
         results = [_safe(c) for c in tqdm(cases, desc="fingerprint", unit="case")]

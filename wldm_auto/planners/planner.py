@@ -117,8 +117,10 @@ def plan_dataset(
         values = [float(v) for v in spacing]
         pre.target_spacing = values * 3 if len(values) == 1 else values
         pre.notes["target_spacing"] = "given on the command line (--spacing)"
-    if len(pre.target_spacing) != 3 or min(pre.target_spacing) <= 0:
-        raise ValueError(f"--spacing needs 1 or 3 positive numbers, got {spacing}")
+    if len(pre.target_spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in pre.target_spacing):
+        raise ValueError(f"--spacing needs 1 or 3 positive, finite numbers, got {spacing}")
+    if gpu_memory_gb is not None and not (math.isfinite(float(gpu_memory_gb)) and float(gpu_memory_gb) > 0):
+        raise ValueError(f"--gpu-memory-gb needs a positive, finite number, got {gpu_memory_gb}")
     ct_low = [c["ct"]["p0.5"] for c in fingerprint["cases"].values() if "ct" in c]
     ct_high = [c["ct"]["max"] for c in fingerprint["cases"].values() if "ct" in c]
     pre.notes["ct_window"] = (f"[-1024, 3071] HU keeps bone and metal (dataset CT 0.5th percentile in body "

@@ -9,6 +9,8 @@ written.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from wldm_auto.dataset_conversion.validation import ensure_valid
-from wldm_auto.io.files import read_json, write_json
+from wldm_auto.io.files import atomic_path, read_json, write_json
 from wldm_auto.paths import preprocessed_root, raw_root, resolve_dataset_name
 from wldm_auto.planners.fingerprint import compute_fingerprint, fingerprint_key, hash_case
 from wldm_auto.planners.planner import CONFIGURATION, plan_dataset
@@ -40,11 +42,37 @@ class PipelineSummary:
         return [o for o in self.outcomes if o.status == "failed"]
 
 
-def _backup(path: Path) -> None:
-    if path.exists():
-        backup = path.with_name(f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}.bak")
-        path.rename(backup)
-        log.warning("kept the previous %s as %s", path.name, backup.name)
+def _positive_finite(value: object) -> bool:
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and math.isfinite(float(value)) and float(value) > 0)
+
+
+def check_options(
+    num_processes: int = 1,
+    spacing: Sequence[float] | None = None,
+    gpu_memory_gb: float | None = None,
+) -> None:
+    """Raise a one-line ValueError for an option out of range (before anything is read or written)."""
+    if isinstance(num_processes, bool) or not isinstance(num_processes, numbers.Integral) or num_processes < 1:
+        raise ValueError(f"number of processes (-np) must be an integer >= 1, got {num_processes!r}")
+    if spacing is not None:
+        sequence = hasattr(spacing, "__iter__") and not isinstance(spacing, (str, bytes))
+        values = list(spacing) if sequence else [spacing]
+        if not sequence or len(values) not in (1, 3) or not all(_positive_finite(v) for v in values):
+            raise ValueError(f"spacing (--spacing) must be one or three positive, finite numbers in mm, "
+                             f"got {' '.join(map(str, values)) or 'nothing'}")
+    if gpu_memory_gb is not None and not _positive_finite(gpu_memory_gb):
+        raise ValueError(f"memory target (--gpu-memory-gb) must be a positive, finite number of GB, got {gpu_memory_gb!r}")
+
+
+def _save_plans(plans: Plans, path: Path) -> None:
+    """Write ``plans`` to ``path`` atomically; an existing plan is kept as a .bak only once the new one is complete."""
+    with atomic_path(path) as tmp:
+        plans.save(tmp)
+        if path.exists():
+            backup = path.with_name(f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S')}{path.suffix}.bak")
+            shutil.copy2(path, backup)
+            log.warning("kept the previous %s as %s", path.name, backup.name)
 
 
 def plan_and_preprocess(
@@ -55,7 +83,12 @@ def plan_and_preprocess(
     spacing: Sequence[float] | None = None,
     gpu_memory_gb: float | None = None,
 ) -> PipelineSummary:
-    """Run every stage for ``dataset``; failed cases are listed in the summary, not raised."""
+    """Run every stage for ``dataset``; failed cases are listed in the summary, not raised.
+
+    Options are checked before anything is read or written (ValueError). An
+    existing ``plans.json`` is replaced only by a complete new plan.
+    """
+    check_options(num_processes, spacing, gpu_memory_gb)
     start = time.time()
     name = resolve_dataset_name(dataset, ("wldm_raw",))
     raw = raw_root() / name
@@ -69,8 +102,8 @@ def plan_and_preprocess(
             if child.is_dir() and child.name.startswith("wldmPlans_"):
                 shutil.rmtree(child)
         (out / "dataset_fingerprint.json").unlink(missing_ok=True)
-        _backup(out / "plans.json")
-        log.info("--clean: removed registration cache, preprocessed arrays, fingerprint; plans.json backed up")
+        log.info("--clean: removed registration cache, preprocessed arrays, fingerprint; "
+                 "plans.json is planned again (the previous one kept as a .bak)")
     write_json(dataset_raw.meta, out / "dataset.json")
 
     cases = dataset_raw.cases("Tr")
@@ -89,13 +122,12 @@ def plan_and_preprocess(
     plans_path = out / "plans.json"
     planner_args = {"spacing": None if spacing is None else [float(v) for v in spacing],
                     "gpu_memory_gb": gpu_memory_gb, "registration": bool(registration)}
-    plans = Plans.load(plans_path) if plans_path.is_file() else None
+    plans = Plans.load(plans_path) if plans_path.is_file() and not clean else None
     if plans is None or plans.fingerprint_hash != fingerprint["key"] or plans.planner != planner_args:
         if plans is not None:
             log.info("the fingerprint or planner options changed: planning again")
-            _backup(plans_path)
         plans = plan_dataset(name, fingerprint, dataset_raw.meta["channel_names"], spacing, gpu_memory_gb, registration)
-        plans.save(plans_path)
+        _save_plans(plans, plans_path)
         summary.stages_run.append("plan")
     else:
         log.info("plans.json is current (made from this fingerprint with these options): kept as is")

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import multiprocessing
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from wldm_auto.io.files import hash_data, read_json, save_npy, write_json
 from wldm_auto.io.images import ImageReadError, read_image
 from wldm_auto.io.raw_dataset import RawCase
 from wldm_auto.planners.schema import Plans
+from wldm_auto.planners.workers import WorkerPool
 from wldm_auto.preprocessing.case import CaseError, body_mask, check_channels, preprocess_ct, preprocess_mr
 from wldm_auto.preprocessing.registration import RegistrationError
 from wldm_auto.preprocessing.registration_cache import register_case, registration_key
@@ -96,6 +95,8 @@ def preprocess_case(
         if not (valid_np & pre.body).any():
             raise CaseError("no voxel of the body has CT behind it after cropping and resampling")
         masks = np.stack([valid_np, pre.body]).astype(np.uint8)
+        # an older JSON must not vouch for arrays about to be replaced: the case is unfinished until the new one lands
+        (output / f"{case.name}.json").unlink(missing_ok=True)
         for name, array in (("mr", pre.mr), ("ct", ct_np), ("masks", masks)):
             save_npy(array, output / f"{case.name}{ARRAYS[name]}")
         properties = dict(pre.properties)
@@ -137,10 +138,11 @@ def preprocess_dataset(
                 outcomes.append(_report(_worker(job)))
                 bar.update()
         else:
-            context = multiprocessing.get_context("spawn")  # ITK/elastix are not fork-safe
-            with ProcessPoolExecutor(max_workers=num_processes, mp_context=context) as pool:
-                for future in as_completed([pool.submit(_worker, job) for job in jobs]):
-                    outcomes.append(_report(future.result()))
+            # workers die with this process, leave Ctrl-C to it (queued cases are then cancelled, running ones
+            # stopped: only a case whose JSON landed counts as finished) and log through its handlers
+            with WorkerPool(num_processes) as pool:
+                for outcome in pool.imap_unordered(_worker, jobs):
+                    outcomes.append(_report(outcome))
                     bar.update()
     return sorted(outcomes, key=lambda o: o.case)
 
