@@ -229,7 +229,7 @@ def first_stage_ceilings(data: fidelity_data.BenchData, plans: Plans, trainer: s
     for case in data.cases("test"):
         mr = read_image(data.test / "mr" / f"{case}.nii.gz", sitk.sitkFloat32)
         ct = read_image(data.test / "ct" / f"{case}.nii.gz", sitk.sitkFloat32)
-        mask = sitk.GetArrayViewFromImage(read_image(data.test / "mask" / f"{case}.nii.gz")) > 0
+        mask = sitk.GetArrayFromImage(read_image(data.test / "mask" / f"{case}.nii.gz")) > 0
         back = first_stage_reconstruction(mr, ct, plans, CONFIGURATION, synthesizer)
         out[case] = M.mae(sitk.GetArrayViewFromImage(ct), sitk.GetArrayViewFromImage(back), mask)
     return out

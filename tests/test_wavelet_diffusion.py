@@ -153,5 +153,5 @@ def test_wavelet_diffusion_predicts_on_the_exact_input_grid(trained, tmp_path, c
     array = sitk.GetArrayViewFromImage(sct)
     assert sct.GetPixelID() == sitk.sitkInt16
     assert array.min() >= -1024 and array.max() <= 3071 and (array > -1024).any()
-    std = sitk.GetArrayViewFromImage(sitk.ReadImage(str(out / "phantom_std.mha")))
+    std = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "phantom_std.mha")))
     assert std.max() > 0

@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             if hasattr(folds[0].synthesizer, "reconstruct_ct"):
                 mr = read_image(mr_dir / f"{TEST_CASE}.nii.gz", sitk.sitkFloat32)
                 ct = read_image(ct_dir / f"{TEST_CASE}.nii.gz", sitk.sitkFloat32)
-                mask = sitk.GetArrayViewFromImage(read_image(mask_dir / f"{TEST_CASE}.nii.gz")) > 0
+                mask = sitk.GetArrayFromImage(read_image(mask_dir / f"{TEST_CASE}.nii.gz")) > 0
                 back = first_stage_reconstruction(mr, ct, plans, "3d_wldm", folds[0].synthesizer)
                 ceiling = M.mae(sitk.GetArrayViewFromImage(ct), sitk.GetArrayViewFromImage(back), mask)
             rows.append(ModelRow(label, summary, ceiling, timings.values[f"predict_{trainer}"]))
