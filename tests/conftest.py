@@ -6,6 +6,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 
@@ -122,6 +123,16 @@ TINY_WAVELET = {"unet_channels": [16, 32], "timesteps": 100, "validation_ddim_st
 
 
 TINY_REGRESSION = {"unet_channels": [8, 16], "group_width": 4, "blocks_per_level": 1}
+
+
+def oblique(image: sitk.Image) -> sitk.Image:
+    """A copy of ``image`` whose direction is rotated 17 degrees about z and x (an oblique scan)."""
+    angle = np.deg2rad(17.0)
+    rz = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
+    out = sitk.Image(image)
+    out.SetDirection(tuple((rz @ rx).ravel()))
+    return out
 
 
 def tiny_copy(preprocessed_small: "PreprocessedSmall", tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import PHANTOM_DIR, TEST_DATA, tiny_copy
+from conftest import PHANTOM_DIR, TEST_DATA, oblique, tiny_copy
 from wldm_auto.cli.predict import main as predict_main
 from wldm_auto.io.geometry import Geometry
 from wldm_auto.trainers.base import TrainerOptions
@@ -60,22 +60,13 @@ def test_diffusion_needs_a_trained_vae(preprocessed_small, tmp_path, monkeypatch
         run_training(dataset, "diffusion", 0, options=TrainerOptions(device="cpu", num_workers=0, num_steps=2))
 
 
-def _oblique(image: sitk.Image) -> sitk.Image:
-    angle = np.deg2rad(17.0)
-    rz = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
-    rx = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
-    out = sitk.Image(image)
-    out.SetDirection(tuple((rz @ rx).ravel()))
-    return out
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """An input folder: a phantom crop (odd size, oblique), a real MR (.mha), a DICOM series, a 2D image."""
     folder = tmp_path_factory.mktemp("mr_in")
     mr = sitk.ReadImage(str(PHANTOM_DIR / "mr_t2.nii.gz"))
     crop = sitk.RegionOfInterest(mr, [97, 91, 41], [80, 80, 26])
-    sitk.WriteImage(_oblique(crop), str(folder / "phantom_0000.nii.gz"))
+    sitk.WriteImage(oblique(crop), str(folder / "phantom_0000.nii.gz"))
     sitk.WriteImage(sitk.ReadImage(str(TEST_DATA / "totalsegmentator_examples" / "example_mr_sm.nii.gz")),
                     str(folder / "abdomen.mha"))
     shutil.copytree(TEST_DATA / "totalsegmentator_examples" / "example_ct_dicom", folder / "series")

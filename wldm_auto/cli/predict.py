@@ -27,6 +27,9 @@ not be the input folder or lie inside it. Every image is written to a temporary
 name, checked, then renamed: a full disk fails the case (and the rest), naming the
 file, and --continue skips only cases whose outputs read back completely.
 
+Each case runs the same code as the Python API (wldm_auto.Predictor), which
+predicts from images in memory without writing files.
+
   wldm_predict -i mr/ -o sct/ -d 001 -f 0 --steps 50 --samples 5 --save-std
   wldm_predict -i mr/ -o sct/ -m $wldm_results/Dataset001_X/DiffusionTrainer__wldmPlans__3d_wldm
 """
@@ -56,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default="checkpoint_final.pt", help="checkpoint file in each fold folder")
     parser.add_argument("--steps", type=int, help="DDIM steps (default: the plan's, 50)")
     parser.add_argument("--samples", type=int, default=1, help="samples per fold (averaged; spread -> --save-std)")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic given the start noise)")
+    parser.add_argument("--eta", type=float,
+                        help="DDIM eta (default: the plan's inference.ddim_eta, 0 = deterministic given the start noise)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the start noise")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
     parser.add_argument("--overlap", type=float, help="tile overlap in [0, 1) (default: the plan's, 0.5)")
@@ -71,17 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def action() -> int:
-        import torch
-
         from wldm_auto.inference.inputs import check_input_folder
-        from wldm_auto.inference.predictor import load_model, predict_folder, prepare_prediction
+        from wldm_auto.inference.predictor import load_model, predict_folder, prepare_prediction, resolve_device
 
         if args.samples < 1 or (args.steps is not None and args.steps < 1):
             raise ValueError("--samples and --steps must be at least 1")
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              ("cpu" if args.device == "auto" else args.device))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is available")
+        device = resolve_device(args.device, "--device")
         check_input_folder(args.input)
         if args.model is not None:
             model = args.model

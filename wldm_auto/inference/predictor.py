@@ -8,6 +8,9 @@ to air (-1024) and write int16. With ``samples * folds > 1`` and
 ``save_std`` the voxel-wise standard deviation (HU) is written beside it.
 Regression-baseline folds (``RegressionTrainer``) are deterministic: one
 tiled U-Net pass each, so only several folds give a standard deviation.
+
+:func:`synthesize` is the in-memory per-case core; :func:`predict_case` (files)
+and the Python API (``inference/api.py``) both call it.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -60,6 +63,22 @@ class PredictionOutcome:
     message: str = ""
     seconds: float = 0.0
     outputs: list[Path] = field(default_factory=list)
+
+
+def resolve_device(device: str | torch.device, option: str = "device") -> torch.device:
+    """"auto" (CUDA if available, else CPU), "cpu", "cuda" or "cuda:N" -> torch.device; one-line ValueError
+    for anything else or for CUDA on a machine without it (``option``: how the message names the setting)."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and name != "cuda" and not name.startswith("cuda:"):
+        raise ValueError(f"{option} {name!r}: use 'auto', 'cpu' or 'cuda'")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"{option} {name!r}: no CUDA device is available (use 'cpu', or 'auto' to fall back)")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"{option} {name!r}: {str(exc).strip().splitlines()[0]}") from None
 
 
 def load_fold(folder: Path, device: torch.device, overlap: float | None = None, checkpoint: str = CHECKPOINT,
@@ -161,32 +180,39 @@ def describe_channel(plans: Plans, channel: int) -> str:
 
 
 def usable_channels(case: InputCase, fold: LoadedFold, config: ConfigurationPlan) -> tuple[list[int], torch.Tensor | None]:
+    """(channels present, (C,) availability flags or None when all are there); CaseError for unknown channels."""
+    return channel_flags(case.name, {c: Path(p).name for c, p in case.channels.items()}, fold, config)
+
+
+def channel_flags(name: str, labels: Mapping[int, str], fold: LoadedFold,
+                  config: ConfigurationPlan) -> tuple[list[int], torch.Tensor | None]:
     """(channels present, (C,) availability flags or None when all are there); CaseError for unknown channels.
 
-    A model of several sequences takes any non-empty subset of them (missing
-    ones are flagged, as in training with ``mr_channel_dropout``); a
+    ``labels``: channel index -> what the user gave for it (a file name), for
+    messages. A model of several sequences takes any non-empty subset of them
+    (missing ones are flagged, as in training with ``mr_channel_dropout``); a
     single-sequence model needs its one channel.
     """
     expected = list(range(fold.mr_channels))
     trained = ", ".join(describe_channel(fold.plans, c) for c in expected)
-    unknown = sorted(set(case.channels) - set(expected))
+    unknown = sorted(set(labels) - set(expected))
     if unknown:
-        names = ", ".join(f"{c:04d} ({Path(case.channels[c]).name})" for c in unknown)
-        raise CaseError(f"{case.name}: MR channel(s) {names} unknown to the model, which was trained on "
+        names = ", ".join(f"{c:04d} ({labels[c]})" for c in unknown)
+        raise CaseError(f"{name}: MR channel(s) {names} unknown to the model, which was trained on "
                         f"channel(s) {trained}")
-    present = [c for c in expected if c in case.channels]
-    missing = [c for c in expected if c not in case.channels]
+    present = [c for c in expected if c in labels]
+    missing = [c for c in expected if c not in labels]
     if not missing:
         return present, None
     if fold.mr_channels == 1 or not present:
-        raise CaseError(f"{case.name}: no MR channel the model knows (it needs {trained})")
-    log.info("%s: using MR channel(s) %s; missing %s", case.name,
+        raise CaseError(f"{name}: no MR channel the model knows (it needs {trained})")
+    log.info("%s: using MR channel(s) %s; missing %s", name,
              ", ".join(describe_channel(fold.plans, c) for c in present),
              ", ".join(describe_channel(fold.plans, c) for c in missing))
     if config.mr_channel_dropout <= 0:
         log.warning("%s: this model was trained with mr_channel_dropout 0, i.e. never without a sequence: "
-                    "its output with missing channels is untested", case.name)
-    return present, torch.tensor([float(c in case.channels) for c in expected])
+                    "its output with missing channels is untested", name)
+    return present, torch.tensor([float(c in labels) for c in expected])
 
 
 def _refuse_inputs(paths: Sequence[Path], protected: set[Path]) -> None:
@@ -208,12 +234,61 @@ def _remove_outputs(paths: Sequence[Path]) -> None:
             log.warning("%s: could not remove this incomplete output (%s)", path, exc)
 
 
+@dataclass
+class Synthesis:
+    """What :func:`synthesize` returns: images on the first given MR channel's grid, nothing written."""
+
+    sct: sitk.Image  # int16 HU, -1024 outside the body
+    std: sitk.Image | None  # float32 HU over all draws; None with one draw or when not asked for
+    draws: int  # samples x folds actually drawn (a deterministic fold counts once)
+
+
+def synthesize(
+    folds: list[LoadedFold], images: Mapping[int, sitk.Image], available: torch.Tensor | None,
+    steps: int | None = None, samples: int = 1, seed: int = 0, eta: float | None = None, want_std: bool = True,
+    names: Sequence[str] | None = None, progress: bool = True,
+) -> Synthesis:
+    """sCT (and std) for one case's MR channels: the per-image code both ``wldm_predict`` and
+    :class:`~wldm_auto.inference.api.Predictor` run, so the two give identical voxels.
+
+    ``images``: channel index -> float32 3D image of the channels present (sorted, one
+    grid); ``available``: from :func:`channel_flags`; ``steps``/``eta`` None: the plan's.
+    The result has the first channel's exact geometry. CaseError/ValueError for unusable input.
+    """
+    if samples < 1 or (steps is not None and steps < 1):
+        raise ValueError(f"samples ({samples}) and steps ({steps}) must be at least 1")
+    first = folds[0]
+    plans, config = first.plans, first.plans.configuration(first.configuration)
+    present = sorted(images)
+    chosen = [images[c] for c in present]
+    check_channels(chosen, list(names) if names is not None else [f"channel {c:04d}" for c in present])
+    body = body_mask(chosen[0], plans)  # from the first sequence present
+    pre = preprocess_mr(chosen, body, plans, config.spacing)
+    mr_array = np.zeros((first.mr_channels, *pre.mr.shape[1:]), dtype=np.float32)  # missing sequences: zeros
+    mr_array[present] = pre.mr
+    mr = torch.from_numpy(mr_array)
+    window = tuple(plans.preprocessing.ct_window)
+    steps = steps or config.inference.ddim_steps
+    eta = config.inference.ddim_eta if eta is None else eta
+    draws = []
+    for k, fold in enumerate(folds):
+        generator = torch.Generator(device="cpu").manual_seed(seed + 1000 * k)
+        count = 1 if getattr(fold.synthesizer, "deterministic", False) else samples  # repeats add nothing
+        normalised = fold.synthesizer.sample(mr, steps, eta, count, generator, progress=progress, available=available)
+        draws.append(denormalise_ct(normalised.clamp(-1, 1).cpu().numpy(), window))
+    stack = np.concatenate(draws)
+    sct = hu_int16(to_input_grid(stack.mean(0), pre.properties, chosen[0], body, AIR_HU), window)
+    std = to_input_grid(stack.std(0), pre.properties, chosen[0], body, 0.0) if want_std and len(stack) > 1 else None
+    return Synthesis(sct, std, len(stack))
+
+
 def predict_case(
     folds: list[LoadedFold], case: InputCase, output: Path, steps: int | None = None, samples: int = 1,
-    seed: int = 0, eta: float = 0.0, save_std: bool = False, ending: str | None = None, dicom_out: bool = False,
-    protected: set[Path] | None = None,
+    seed: int = 0, eta: float | None = None, save_std: bool = False, ending: str | None = None,
+    dicom_out: bool = False, protected: set[Path] | None = None,
 ) -> PredictionOutcome:
-    """Predict one case; raises ImageReadError/CaseError/ValueError for inputs that cannot be used.
+    """Predict one case (read, :func:`synthesize`, write); raises ImageReadError/CaseError/ValueError for
+    inputs that cannot be used.
 
     A failed write (full disk) raises an OSError naming the file; the outputs
     this call already wrote for the case are removed. ``protected``: resolved
@@ -221,36 +296,20 @@ def predict_case(
     """
     start = time.time()
     first = folds[0]
-    plans, config = first.plans, first.plans.configuration(first.configuration)
-    present, available = usable_channels(case, first, config)
+    present, available = usable_channels(case, first, first.plans.configuration(first.configuration))
     paths = [case.channels[c] for c in present]
     sct_path, std_path = output_paths(case, output, ending)
     dicom_folder = output / f"{case.name}_dicom"
     _refuse_inputs([sct_path, std_path, dicom_folder], protected or set())
-    images = [read_image(p, sitk.sitkFloat32) for p in paths]
-    check_channels(images, [str(p) for p in paths])
-    body = body_mask(images[0], plans)  # from the first sequence present
-    pre = preprocess_mr(images, body, plans, config.spacing)
-    mr_array = np.zeros((first.mr_channels, *pre.mr.shape[1:]), dtype=np.float32)  # missing sequences: zeros
-    mr_array[present] = pre.mr
-    mr = torch.from_numpy(mr_array)
-    window = tuple(plans.preprocessing.ct_window)
-    steps = steps or config.inference.ddim_steps
-    draws = []
-    for k, fold in enumerate(folds):
-        generator = torch.Generator(device="cpu").manual_seed(seed + 1000 * k)
-        count = 1 if getattr(fold.synthesizer, "deterministic", False) else samples  # repeats add nothing
-        normalised = fold.synthesizer.sample(mr, steps, eta, count, generator, progress=True, available=available)
-        draws.append(denormalise_ct(normalised.clamp(-1, 1).cpu().numpy(), window))
-    stack = np.concatenate(draws)
-    sct = hu_int16(to_input_grid(stack.mean(0), pre.properties, images[0], body, AIR_HU), window)
+    images = {c: read_image(p, sitk.sitkFloat32) for c, p in zip(present, paths)}
+    result = synthesize(folds, images, available, steps, samples, seed, eta, want_std=save_std,
+                        names=[str(p) for p in paths])
     outputs: list[Path] = []
     try:
-        write_image(sct, sct_path)
+        write_image(result.sct, sct_path)
         outputs.append(sct_path)
-        if save_std and len(stack) > 1:
-            std = to_input_grid(stack.std(0), pre.properties, images[0], body, 0.0)
-            write_image(std, std_path)
+        if result.std is not None:
+            write_image(result.std, std_path)
             outputs.append(std_path)
         elif save_std:
             deterministic = all(getattr(f.synthesizer, "deterministic", False) for f in folds)
@@ -258,7 +317,7 @@ def predict_case(
             log.info("%s: std map not written: %s gives no spread (use several folds%s)", case.name, reason,
                      "" if deterministic else " or --samples")
         if dicom_out:
-            write_dicom_series(sct, dicom_folder)
+            write_dicom_series(result.sct, dicom_folder)
             outputs.append(dicom_folder)
     except OSError:
         _remove_outputs(outputs)
@@ -320,7 +379,7 @@ def prepare_prediction(input_dir: Path, output_dir: Path, resume: bool = False, 
 
 def predict_folder(
     input_dir: Path, output_dir: Path, folds: list[LoadedFold], steps: int | None = None, samples: int = 1,
-    seed: int = 0, eta: float = 0.0, save_std: bool = False, resume: bool = False, overwrite: bool = False,
+    seed: int = 0, eta: float | None = None, save_std: bool = False, resume: bool = False, overwrite: bool = False,
     ending: str | None = None, dicom_out: bool = False, cases: list[InputCase] | None = None,
 ) -> list[PredictionOutcome]:
     """Predict every case of ``input_dir``; failing cases are reported, the others still run.
