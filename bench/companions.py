@@ -27,7 +27,7 @@ from wldm_auto.cli.predict import main as predict_main
 from wldm_auto.cli.train import main as train_main
 from wldm_auto.dataset_conversion.example import install_example
 from wldm_auto.io.files import read_json, write_json
-from wldm_auto.paths import PREPROCESSED, RAW, RESULTS
+from wldm_auto.paths import PREPROCESSED, RAW, RESULTS, model_folder_name
 from wldm_auto.planners.presets import apply_preset_file
 from wldm_auto.preprocessing.pipeline import plan_and_preprocess
 
@@ -65,7 +65,7 @@ def _reference(out: Path, preprocessed: Path, raw: Path) -> tuple[Path, Path, Pa
 
 
 def _train(dataset: str, stage: str, trainer: str, steps: int, epochs: int) -> dict:
-    folder = Path(os.environ[RESULTS]) / dataset / f"{trainer}__wldmPlans__3d_wldm" / "fold_0"
+    folder = Path(os.environ[RESULTS]) / dataset / model_folder_name(trainer) / "fold_0"
     if not (folder / "checkpoint_final.pt").is_file():
         resume = ["--c"] if (folder / "checkpoint_latest.pt").is_file() else []
         code = train_main([dataset, stage, "-f", "0", "-tr", trainer, "--steps", str(steps), "--steps-per-epoch",

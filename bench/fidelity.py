@@ -54,7 +54,7 @@ from wldm_auto.inference.first_stage import first_stage_reconstruction  # noqa: 
 from wldm_auto.inference.predictor import load_model, predict_folder  # noqa: E402
 from wldm_auto.io.files import hash_data, hash_file, read_json, write_json  # noqa: E402
 from wldm_auto.io.images import read_image, write_image  # noqa: E402
-from wldm_auto.paths import PREPROCESSED, RAW, RESULTS  # noqa: E402
+from wldm_auto.paths import PREPROCESSED, RAW, RESULTS, model_folder_name  # noqa: E402
 from wldm_auto.planners.presets import CPU_PRESET, apply_preset, merge  # noqa: E402
 from wldm_auto.planners.schema import InferencePlan, Plans  # noqa: E402
 from wldm_auto.preprocessing.pipeline import plan_and_preprocess  # noqa: E402
@@ -156,7 +156,7 @@ def prepare(work: Path, setup: Setup, overrides: dict) -> tuple[fidelity_data.Be
 
 def model_folder(trainer: str) -> Path:
     return Path(os.environ[RESULTS]) / f"Dataset{fidelity_data.DATASET_ID:03d}_{fidelity_data.DATASET_NAME}" / \
-        f"{trainer}__{PLANS_NAME}__{CONFIGURATION}"
+        model_folder_name(trainer, PLANS_NAME, CONFIGURATION)
 
 
 # -- training ------------------------------------------------------------------------------------

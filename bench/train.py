@@ -135,10 +135,11 @@ def load_plans(preprocessed: Path, args: argparse.Namespace) -> Plans:
 def time_trainer(cls: type, preprocessed: Path, results: Path, args: argparse.Namespace, workers: int,
                  save_final: bool = False) -> dict[str, Any]:
     """Build ``cls`` and run ``args.steps`` real steps; figures of the steps after the first."""
+    from wldm_auto.paths import model_folder_name
     from wldm_auto.trainers.base import TrainerOptions
 
     plans = load_plans(preprocessed, args)
-    output = results / f"{cls.__name__}__{plans.plans_name}__3d_wldm" / "fold_0"
+    output = results / model_folder_name(cls.__name__, plans.plans_name) / "fold_0"
     options = TrainerOptions(device=args.device, num_steps=args.steps, num_workers=workers)
     start = time.perf_counter()
     trainer = cls(plans, "3d_wldm", 0, preprocessed, output, options)

@@ -159,3 +159,18 @@ def test_dataset_folder_name_bad_id(dataset_id):
 def test_dataset_folder_name_bad_name(name):
     with pytest.raises(ValueError, match="may only hold letters, digits"):
         dataset_folder_name(1, name)
+
+
+def test_model_folder_name_round_trips_and_refuses_ambiguous_parts():
+    from wldm_auto.paths import model_folder_name, parse_model_folder_name
+
+    assert model_folder_name("DiffusionTrainer") == "DiffusionTrainer__wldmPlans__3d_wldm"
+    name = model_folder_name("VAETrainer_noSMD", "myPlans", "3d_lowres")
+    assert parse_model_folder_name(name) == ("VAETrainer_noSMD", "myPlans", "3d_lowres")
+    assert parse_model_folder_name(f"/results/Dataset001_X/{name}") == ("VAETrainer_noSMD", "myPlans", "3d_lowres")
+    for bad in (("A__B", "p", "c"), ("", "p", "c"), ("A", "p/q", "c")):
+        with pytest.raises(ValueError, match="without '__'"):
+            model_folder_name(*bad)
+    for bad in ("DiffusionTrainer", "a__b", "a____c", "a__b__c__d"):
+        with pytest.raises(ValueError, match="not a model folder name"):
+            parse_model_folder_name(bad)

@@ -106,3 +106,23 @@ def resolve_dataset_name(dataset: str | int, search_in: tuple[str, ...] = (RAW, 
     if len(found) > 1:
         raise ValueError(f"dataset id {dataset_id:03d} is ambiguous: {', '.join(sorted(found))}")
     return found.pop()
+
+
+DEFAULT_PLANS = "wldmPlans"
+DEFAULT_CONFIGURATION = "3d_wldm"
+
+
+def model_folder_name(trainer: str, plans: str = DEFAULT_PLANS, configuration: str = DEFAULT_CONFIGURATION) -> str:
+    """``<Trainer>__<plans>__<configuration>``: the results folder of one trained model (all its folds)."""
+    parts = (trainer, plans, configuration)
+    if any(not p or "__" in p or "/" in p for p in parts):
+        raise ValueError(f"trainer, plans and configuration must be non-empty without '__' or '/', got {parts}")
+    return "__".join(parts)
+
+
+def parse_model_folder_name(name: str) -> tuple[str, str, str]:
+    """(trainer, plans, configuration) of a ``<Trainer>__<plans>__<configuration>`` folder name."""
+    parts = Path(name).name.split("__")
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"{name}: not a model folder name (expected <Trainer>__<plans>__<configuration>)")
+    return parts[0], parts[1], parts[2]

@@ -67,12 +67,12 @@ class Timings:
 
 def _train(dataset_id: int, stage: str, trainer: str) -> bool:
     """Train fold 0 with the plan's schedule unless finished; returns whether it trained."""
-    from wldm_auto.paths import results_root
+    from wldm_auto.paths import model_folder_name, results_root
     from wldm_auto.trainers.base import TrainerOptions
     from wldm_auto.trainers.run import run_training
 
     folder = next(results_root().glob(f"Dataset{dataset_id:03d}_*"), None)
-    fold = None if folder is None else folder / f"{trainer}__wldmPlans__3d_wldm" / "fold_0"
+    fold = None if folder is None else folder / model_folder_name(trainer) / "fold_0"
     if fold is not None and (fold / "checkpoint_final.pt").is_file():
         log.info("%s already trained: %s", trainer, fold)
         return False
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         from wldm_auto.inference.predictor import load_model, predict_folder
         from wldm_auto.io.files import hash_file, read_json, write_json
         from wldm_auto.io.images import read_image, write_image
-        from wldm_auto.paths import PREPROCESSED, RAW, RESULTS, raw_root
+        from wldm_auto.paths import PREPROCESSED, RAW, RESULTS, model_folder_name, raw_root
         from wldm_auto.planners.presets import CPU_PRESET, apply_preset_file
         from wldm_auto.planners.schema import Plans
         from wldm_auto.preprocessing.pipeline import plan_and_preprocess
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, trainer, samples in MODELS:
             t0 = time.time()
             target = out / "predictions" / trainer
-            model = results / f"{trainer}__wldmPlans__3d_wldm"
+            model = results / model_folder_name(trainer)
             stamp = {"checkpoint": hash_file(model / "fold_0" / "checkpoint_final.pt"), "samples": samples}
             stamp_path = out / "predictions" / f"{trainer}.json"
             if not stamp_path.is_file() or read_json(stamp_path) != stamp:  # a retrained model: predict again
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(bulk)
         for stage, trainer in (("vae", "VAETrainer"), ("diffusion", "DiffusionTrainer"),
                                ("regression", "RegressionTrainer")):
-            progress = results / f"{trainer}__wldmPlans__3d_wldm" / "fold_0" / "progress.png"
+            progress = results / model_folder_name(trainer) / "fold_0" / "progress.png"
             if progress.is_file():
                 shutil.copyfile(progress, report / f"progress_{trainer}.png")
         split = json.dumps(read_json(test / "split.json"))

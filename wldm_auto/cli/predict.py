@@ -85,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.model is not None:
             model = args.model
         else:
-            from wldm_auto.paths import RESULTS, resolve_dataset_name, results_root
+            from wldm_auto.paths import RESULTS, model_folder_name, resolve_dataset_name, results_root
 
             name = resolve_dataset_name(args.dataset, (RESULTS,))
-            model = results_root() / name / f"{args.trainer}__{args.plans}__{args.configuration}"
+            model = results_root() / name / model_folder_name(args.trainer, args.plans, args.configuration)
         folds = load_model(model, args.folds, device, args.overlap, args.checkpoint)
         cases = prepare_prediction(args.input, args.output, args.resume, args.overwrite, args.file_ending)
         # every check passed: only now create anything

@@ -30,6 +30,7 @@ from wldm_auto.diffusion.synthesis import LatentSynthesizer
 from wldm_auto.networks.diffusion_unet import DiffusionUNet
 from wldm_auto.networks.haar import HaarFirstStage
 from wldm_auto.networks.vae import WaveletVAE
+from wldm_auto.paths import model_folder_name
 from wldm_auto.planners.schema import FIRST_STAGES, DiffusionPlan, Plans, TrainingPlan
 from wldm_auto.trainers.base import BaseTrainer
 from wldm_auto.trainers.checkpoint import load_checkpoint
@@ -91,7 +92,7 @@ class DiffusionTrainer(BaseTrainer):
 
     def vae_checkpoint(self) -> Path:
         name = self.options.vae_trainer or self.vae_trainer
-        folder = self.output.parent.parent / f"{name}__{self.plans.plans_name}__{self.configuration_name}"
+        folder = self.output.parent.parent / model_folder_name(name, self.plans.plans_name, self.configuration_name)
         path = folder / f"fold_{self.fold}" / "checkpoint_final.pt"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: train stage 1 first "

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from wldm_auto.io.files import atomic_path, read_json
-from wldm_auto.paths import PREPROCESSED, preprocessed_root, resolve_dataset_name, results_root
+from wldm_auto.paths import PREPROCESSED, model_folder_name, preprocessed_root, resolve_dataset_name, results_root
 from wldm_auto.planners.schema import Plans
 from wldm_auto.trainers.base import RESUMABLE, TrainerOptions
 from wldm_auto.trainers.checkpoint import DISK_FULL_ERRNOS
@@ -26,7 +26,7 @@ COPIED = ("plans.json", "dataset.json", "dataset_fingerprint.json")
 
 
 def model_folder(dataset_name: str, trainer: str, plans_name: str, configuration: str) -> Path:
-    return results_root(create=True) / dataset_name / f"{trainer}__{plans_name}__{configuration}"
+    return results_root(create=True) / dataset_name / model_folder_name(trainer, plans_name, configuration)
 
 
 def _check_metadata(preprocessed: Path, model_dir: Path) -> None:
