@@ -20,6 +20,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from wldm_auto.evaluation import metrics as M
 from wldm_auto.evaluation.figures import save_case_figure
 from wldm_auto.evaluation.pairing import CaseFiles, check_geometries, on_ct_grid, pair_cases
+from wldm_auto.io import hu
 from wldm_auto.io.files import atomic_path, write_json
 from wldm_auto.io.images import read_image
 
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 METRICS = ("mae", "psnr", "ssim", "ms_ssim", "ncc", "dice_bone", "spearman_std")
 COLUMNS = ("case", *METRICS, "mask_voxels")
-AIR_HU = -1024.0
+AIR_HU = float(hu.AIR_HU)
 DEFAULT_MASK = ("default body mask of the reference CT: CT > -500 HU, largest connected component, "
                 "holes filled (3D, then per axial slice)")
 

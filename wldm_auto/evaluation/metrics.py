@@ -17,15 +17,17 @@ import numpy as np
 from scipy import ndimage, stats
 from skimage.metrics import structural_similarity
 
+from wldm_auto.io.hu import BODY_THRESHOLD_HU, BONE_THRESHOLD_HU, SYNTHRAD_RANGE_HU
+
 log = logging.getLogger(__name__)
 
-HU_RANGE = (-1024.0, 3000.0)
+HU_RANGE = SYNTHRAD_RANGE_HU
 DATA_RANGE = HU_RANGE[1] - HU_RANGE[0]  # 4024
 SSIM_WINDOW = 7
 K1, K2 = 0.01, 0.03  # SSIM stabilising constants (as skimage)
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
-BONE_HU = 250.0
-BODY_HU = -500.0
+BONE_HU = BONE_THRESHOLD_HU
+BODY_HU = BODY_THRESHOLD_HU
 SLAB = 64  # axial slices per slab in the SSIM computations
 
 DEFINITIONS = {

@@ -13,9 +13,10 @@ import SimpleITK as sitk
 
 from wldm_auto.io.geometry import Geometry
 from wldm_auto.io.files import write_error
+from wldm_auto.io import hu
 from wldm_auto.io.images import ImageWriteError, write_image
 
-AIR_HU = -1024
+AIR_HU = hu.AIR_HU
 
 
 def to_input_grid(values: np.ndarray, properties: dict[str, Any], reference: sitk.Image, body: sitk.Image,

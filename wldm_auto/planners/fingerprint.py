@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from wldm_auto.io.files import hash_data, hash_file
 from wldm_auto.io.geometry import Geometry
+from wldm_auto.io.hu import BODY_THRESHOLD_HU
 from wldm_auto.io.images import ImageReadError, read_image
 from wldm_auto.io.raw_dataset import RawCase
 from wldm_auto.planners.schema import BodyMaskPlan
@@ -22,7 +23,7 @@ from wldm_auto.planners.workers import WorkerPool
 log = logging.getLogger(__name__)
 
 FINGERPRINT_VERSION = 1
-CT_BODY_HU = -500.0  # CT voxels above this count as object/body for the CT statistics
+CT_BODY_HU = BODY_THRESHOLD_HU  # CT voxels above this count as object/body for the CT statistics
 PERCENTILES = (0.5, 50.0, 99.5)
 
 

@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from wldm_auto.io import hu
 from wldm_auto.planners.schema import RegistrationPlan
 from wldm_auto.preprocessing.resampling import resample_onto, resample_to_spacing
 
 log = logging.getLogger(__name__)
 
-AIR_HU = -1024.0
+AIR_HU = float(hu.AIR_HU)
 
 
 class RegistrationError(RuntimeError):

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-PSNR_RANGE_HU = (-1024.0, 3000.0)
+from wldm_auto.io.hu import SYNTHRAD_RANGE_HU
+
+PSNR_RANGE_HU = SYNTHRAD_RANGE_HU
 
 
 def mae(prediction: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> float:
