@@ -31,17 +31,27 @@ class WriteError(OSError):
         self.errno = code  # no filename/strerror: str() stays the one-line message
 
 
-def is_disk_full(exc: BaseException, folder: str | os.PathLike | None = None) -> bool:
-    """True if ``exc`` (or an error it wraps) says the disk or quota is full, or ``folder``'s disk has no space."""
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the errors it wraps (cause, else context), each once."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if getattr(current, "errno", None) in DISK_FULL_ERRNOS:
-            return True
-        if any(text in str(current).lower() for text in DISK_FULL_TEXT):
-            return True
+        yield current
         current = current.__cause__ or current.__context__
+
+
+def disk_full_errno(exc: BaseException) -> int | None:
+    """ENOSPC/EDQUOT if ``exc`` or an error it wraps carries one, else None."""
+    return next((e.errno for e in _chain(exc) if getattr(e, "errno", None) in DISK_FULL_ERRNOS), None)
+
+
+def is_disk_full(exc: BaseException, folder: str | os.PathLike | None = None) -> bool:
+    """True if ``exc`` (or an error it wraps) says the disk or quota is full, or ``folder``'s disk has no space."""
+    if disk_full_errno(exc) is not None:
+        return True
+    if any(text in str(e).lower() for e in _chain(exc) for text in DISK_FULL_TEXT):
+        return True
     if folder is not None:
         try:
             return shutil.disk_usage(folder).free < (1 << 20)

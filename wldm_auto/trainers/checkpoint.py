@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from wldm_auto.io.files import atomic_path
+from wldm_auto.io.files import atomic_path, disk_full_errno
 
 
 class CheckpointError(ValueError):
@@ -27,9 +27,6 @@ class CheckpointError(ValueError):
 
 
 REQUIRED_KEYS = ("trainer", "step", "networks", "plans")
-
-DISK_FULL_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
-
 
 class DiskFullError(OSError):
     """Writing a file failed because the disk (or the user's quota) is full; ``str()`` is one line naming it."""
@@ -44,18 +41,6 @@ class DiskFullError(OSError):
         return str(self.strerror)
 
 
-def _disk_full_errno(exc: BaseException) -> int | None:
-    """ENOSPC/EDQUOT if ``exc`` or an error it wraps is one, else None."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
-            return current.errno
-        current = current.__cause__ or current.__context__
-    return None
-
-
 @contextmanager
 def disk_full_guard(path: str | os.PathLike) -> Iterator[None]:
     """Turn a full disk while writing ``path`` into a one-line :class:`DiskFullError` naming it."""
@@ -64,7 +49,7 @@ def disk_full_guard(path: str | os.PathLike) -> Iterator[None]:
     except DiskFullError:
         raise
     except (OSError, RuntimeError) as exc:
-        code = _disk_full_errno(exc)
+        code = disk_full_errno(exc)
         if code is None:
             raise
         raise DiskFullError.for_path(path, code) from None

@@ -13,11 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-from wldm_auto.io.files import atomic_path, read_json
+from wldm_auto.io.files import DISK_FULL_ERRNOS, atomic_path, read_json
 from wldm_auto.paths import PREPROCESSED, model_folder_name, preprocessed_root, resolve_dataset_name, results_root
 from wldm_auto.planners.schema import Plans
 from wldm_auto.trainers.base import RESUMABLE, TrainerOptions
-from wldm_auto.trainers.checkpoint import DISK_FULL_ERRNOS
 from wldm_auto.trainers.registry import default_trainer, trainer_class
 
 log = logging.getLogger(__name__)
