@@ -60,15 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def action() -> int:
-        from wldm_auto.evaluation.evaluate import METRICS, EvaluationError, default_output, evaluate_folder
+        from wldm_auto.evaluation.evaluate import (METRICS, EvaluationError, check_output_folder, default_output,
+                                                   evaluate_folder)
 
         out = args.output if args.output is not None else default_output(args.sct_dir)
         inputs = (("CT", args.ct_dir), ("sCT", args.sct_dir), ("mask", args.mask_dir), ("MR", args.mr_dir))
         for what, folder in inputs:  # checked before anything is created
             if folder is not None and not folder.is_dir():
                 raise ValueError(f"{what} folder {folder} not found" + (" (it is a file)" if folder.is_file() else ""))
-            if folder is not None and folder.resolve() == out.resolve():
-                raise ValueError(f"{out}: the output folder is the {what} folder; choose another (-o)")
+        check_output_folder(out, args.ct_dir, args.sct_dir, args.mask_dir, args.mr_dir)
         out.mkdir(parents=True, exist_ok=True)
         add_log_file(out, "evaluate")
         failed: dict[str, str] = {}

@@ -131,6 +131,14 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
             writer.writerow([cell(row[c]) for c in COLUMNS])
 
 
+def check_output_folder(out_dir: Path, ct_dir: Path, sct_dir: Path, mask_dir: Path | None = None,
+                        mr_dir: Path | None = None) -> None:
+    """ValueError if ``out_dir`` is one of the input folders (the evaluation would write among its inputs)."""
+    for what, folder in (("CT", ct_dir), ("sCT", sct_dir), ("mask", mask_dir), ("MR", mr_dir)):
+        if folder is not None and Path(folder).resolve() == Path(out_dir).resolve():
+            raise ValueError(f"{out_dir}: the output folder is the {what} folder; choose another (-o)")
+
+
 def evaluate_folder(ct_dir: str | Path, sct_dir: str | Path, out_dir: str | Path | None = None,
                     mask_dir: str | Path | None = None, mr_dir: str | Path | None = None, resample: bool = False,
                     allow_missing: bool = False, figures: bool = True, label: str | None = None) -> dict[str, Any]:
@@ -146,9 +154,7 @@ def evaluate_folder(ct_dir: str | Path, sct_dir: str | Path, out_dir: str | Path
     """
     ct_dir, sct_dir = Path(ct_dir), Path(sct_dir)
     out_dir = Path(out_dir) if out_dir is not None else default_output(sct_dir)
-    for what, folder in (("CT", ct_dir), ("sCT", sct_dir), ("mask", mask_dir), ("MR", mr_dir)):
-        if folder is not None and Path(folder).resolve() == out_dir.resolve():
-            raise ValueError(f"{out_dir}: the output folder is the {what} folder; choose another (-o)")
+    check_output_folder(out_dir, ct_dir, sct_dir, mask_dir, mr_dir)
     cases = pair_cases(ct_dir, sct_dir, mask_dir, mr_dir, allow_missing, exclude=(out_dir,))
     resampled = check_geometries(cases, resample)
     out_dir.mkdir(parents=True, exist_ok=True)
