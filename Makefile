@@ -1,10 +1,10 @@
-# `make demo` and `make test` each create .venv (if needed), install the pinned
-# requirements and the package, then run the demo or the test suite.
+# `make demo`, `make test` and `make gpu-check` each create .venv (if needed), install the pinned
+# requirements and the package, then run the demo, the test suite or the GPU check.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install clean-demo
+.PHONY: demo test install clean-demo gpu-check
 
 $(VENV)/.installed: requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# every CUDA path once (training with AMP and torch.compile, torchrun/NCCL, whole-body prediction, sampler):
+# gpu_check.json; GPU_CHECK_ARGS="--device cpu --quick" runs it on CPU at tiny sizes
+gpu-check: $(VENV)/.installed
+	$(PY) bench/gpu_check.py --out gpu_check.json $(GPU_CHECK_ARGS)
 
 clean-demo:
 	rm -rf demo_output

@@ -22,6 +22,7 @@ setup(
         "scikit-image>=0.21",
         "matplotlib>=3.7",
         "tqdm>=4.60",
+        "pydicom>=3.0",
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={
@@ -35,6 +36,8 @@ setup(
             "wldm_demo=wldm_auto.cli.demo:main",
             "wldm_train=wldm_auto.cli.train:main",
             "wldm_predict=wldm_auto.cli.predict:main",
+            "wldm_export_model=wldm_auto.cli.model_archive:main_export",
+            "wldm_install_model=wldm_auto.cli.model_archive:main_install",
             "wldm_evaluate=wldm_auto.cli.evaluate:main",
         ]
     },

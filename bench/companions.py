@@ -2,11 +2,12 @@
 
     python bench/companions.py --work /tmp/companions [--diffusion-steps 2000] [--threads 2]
 
-Everything goes through the command-line tools a user runs: ``wldm_convert_example`` (plain, and
-``--derived-second-sequence``: the T2 plus a channel DERIVED from it, not a second scan),
-``wldm_plan_and_preprocess`` (3 mm, registration on), the 'cpu' plan preset, ``wldm_train`` (same seed and steps for the two diffusion kinds),
-``wldm_predict`` (same DDIM steps and seed) and ``wldm_evaluate`` against the registered CT inside
-body AND real CT. Finished stages are reused when run again. Prints one JSON line per evaluated
+Everything goes through the Python API behind the command-line tools a user runs (benchmarks call
+the API, not argparse): the example installer (plain, and with a derived second sequence: the T2
+plus a channel DERIVED from it, not a second scan), ``plan_and_preprocess`` (3 mm, registration on,
+the 'cpu' plan preset), ``run_training`` (same seed and steps for the two diffusion kinds),
+``predict_folder`` (same DDIM steps and seed; the plan's samples, as ``wldm_predict``) and
+``evaluate_folder`` against the registered CT inside body AND real CT. Finished stages are reused when run again. Prints one JSON line per evaluated
 prediction and a table at the end; training seconds per step come from each model's history.json.
 
 One object, trained and evaluated on itself: this compares the machinery, not generalisation.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import time
@@ -22,24 +24,23 @@ from pathlib import Path
 
 import torch
 
-from wldm_auto.cli.evaluate import main as evaluate_main
-from wldm_auto.cli.predict import main as predict_main
-from wldm_auto.cli.train import main as train_main
 from wldm_auto.dataset_conversion.example import install_example
+from wldm_auto.evaluation.evaluate import evaluate_folder
+from wldm_auto.inference.predictor import load_model, predict_folder
 from wldm_auto.io.files import read_json, write_json
 from wldm_auto.paths import PREPROCESSED, RAW, RESULTS, model_folder_name
-from wldm_auto.planners.presets import apply_preset_file
 from wldm_auto.preprocessing.pipeline import plan_and_preprocess
+from wldm_auto.trainers.base import TrainerOptions
+from wldm_auto.trainers.run import run_training
 
 ONE, TWO = 11, 12  # dataset ids
 def _prepare(dataset_id: int, derived: bool, spacing: float) -> tuple[Path, Path, str]:
     raw_root = Path(os.environ[RAW])
     existing = sorted(raw_root.glob(f"Dataset{dataset_id:03d}_*"))
     raw = existing[0] if existing else install_example(dataset_id, derived_second_sequence=derived)
-    summary = plan_and_preprocess(dataset_id, 1, spacing=[spacing])
+    summary = plan_and_preprocess(dataset_id, 1, spacing=[spacing], preset="cpu")
     if summary.failed:
         raise SystemExit(f"preprocessing failed: {summary.failed[0].message}")
-    apply_preset_file(summary.folder / "plans.json", "cpu")
     return raw, summary.folder, summary.dataset
 
 
@@ -67,11 +68,8 @@ def _reference(out: Path, preprocessed: Path, raw: Path) -> tuple[Path, Path, Pa
 def _train(dataset: str, stage: str, trainer: str, steps: int, epochs: int) -> dict:
     folder = Path(os.environ[RESULTS]) / dataset / model_folder_name(trainer) / "fold_0"
     if not (folder / "checkpoint_final.pt").is_file():
-        resume = ["--c"] if (folder / "checkpoint_latest.pt").is_file() else []
-        code = train_main([dataset, stage, "-f", "0", "-tr", trainer, "--steps", str(steps), "--steps-per-epoch",
-                           str(max(1, steps // epochs)), "--seed", "12345", "--device", "cpu", *resume])
-        if code:
-            raise SystemExit(f"training {trainer} failed")
+        options = TrainerOptions(device="cpu", seed=12345, num_steps=steps, steps_per_epoch=max(1, steps // epochs))
+        run_training(dataset, stage, 0, trainer, resume=(folder / "checkpoint_latest.pt").is_file(), options=options)
     history = read_json(folder / "history.json")
     seconds = sum(h["epoch_seconds"] for h in history)
     return {"trainer": trainer, "steps": history[-1]["step"], "train_seconds": round(seconds, 1),
@@ -83,15 +81,15 @@ def _predict_and_evaluate(label: str, dataset: str, trainer: str, mr_dir: Path, 
     target = out / "predictions" / label
     start = time.time()
     if not any(target.glob("phantom.*")):
-        code = predict_main(["-i", str(mr_dir), "-o", str(target), "-d", dataset, "-tr", trainer, "--steps",
-                             str(ddim_steps), "--seed", "0", "--device", "cpu", "--overwrite"])
-        if code:
-            raise SystemExit(f"prediction {label} failed")
+        folds = load_model(Path(os.environ[RESULTS]) / dataset / model_folder_name(trainer), None, torch.device("cpu"))
+        outcomes = predict_folder(mr_dir, target, folds, steps=ddim_steps, samples=None, seed=0,
+                                  overwrite=True)
+        failed = [o for o in outcomes if o.status == "failed"]
+        if failed:
+            raise SystemExit(f"prediction {label} failed: {failed[0].case}: {failed[0].message}")
     seconds = time.time() - start
     report = out / "evaluation" / label
-    if evaluate_main(["-r", str(ref), "-p", str(target), "-m", str(masks), "-o", str(report), "--no-figures"]):
-        raise SystemExit(f"evaluation {label} failed")
-    metrics = read_json(report / "summary.json")["metrics"]
+    metrics = evaluate_folder(ref, target, report, mask_dir=masks, figures=False)["metrics"]
     row = {"label": label, "trainer": trainer, "predict_seconds": round(seconds, 1)}
     row.update({k: round(v["mean"], 4) for k, v in metrics.items() if k != "n" and v.get("mean") is not None})
     print(json.dumps(row), flush=True)
@@ -107,6 +105,7 @@ def main() -> None:
     parser.add_argument("--spacing", type=float, default=3.0, help="target spacing in mm (default 3, as the demo)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # as the CLIs log
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.work.resolve()

@@ -1,10 +1,13 @@
-"""Benchmark whole-volume prediction: seconds per DDIM step and peak RAM.
+"""Benchmark whole-volume prediction: seconds per phase, per DDIM step, and peak RAM.
 
 Builds a model folder with randomly initialised networks (speed and memory do
 not depend on the weights) for the default plan or tiny widths, writes a
 synthetic MR (an ellipsoidal body with texture) at 2 mm, runs the real
 predictor (preprocessing, tiled VAE encoding, whole-latent DDIM sampling,
-tiled decoding, export) and prints one JSON line of figures.
+tiled decoding, export), prints a table of seconds per phase (read, body
+mask, preprocess = crop + resample + normalise, encode, sample, decode,
+denormalise, resample back, write) on stderr and, last on stdout, one JSON
+line: ``phases``, ``sampling_seconds`` (the DDIM steps), ``peak_rss_gb``, ...
 
     python bench/predict.py --size 250 250 450 --steps 2 --widths tiny
     python bench/predict.py --phantom --steps 5
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,13 +26,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from wldm_auto.diffusion import synthesis
 from wldm_auto.inference.inputs import find_cases
-from wldm_auto.inference.predictor import load_model, predict_case
-from wldm_auto.networks.diffusion_unet import DiffusionUNet
-from wldm_auto.networks.vae import WaveletVAE
+from wldm_auto.inference.predictor import load_model, predict_case, resolve_device
+from wldm_auto.models.checkpoint import save_checkpoint
+from wldm_auto.models.factory import build_denoiser, build_vae
 from wldm_auto.planners.schema import ConfigurationPlan, Plans, PreprocessingPlan, RegistrationPlan
-from wldm_auto.trainers.checkpoint import save_checkpoint
 
 PHANTOM = Path(__file__).resolve().parents[1] / "wldm_auto/dataset_conversion/example_data/mri_dir_porcine_phantom/mr_t2.nii.gz"
 
@@ -51,8 +53,8 @@ def model_folder(root: Path, widths: str, patch: list[int]) -> Path:
         config.vae.channels, config.vae.group_width, config.vae.latent_channels = [8, 16, 32], 4, 8
         config.diffusion.unet_channels = [16, 32, 64]
     plans = Plans("bench", "wldmPlans", {"0": "MR"}, RegistrationPlan(), PreprocessingPlan(), {"3d_wldm": config})
-    vae = WaveletVAE(1, config.vae)
-    unet = DiffusionUNet(config.vae.latent_channels, config.diffusion)
+    vae = build_vae(1, config.vae)
+    unet = build_denoiser(config.diffusion, vae)
     state = {"trainer": "DiffusionTrainer", "stage": "diffusion", "step": 0, "fold": 0, "mr_channels": 1,
              "configuration": "3d_wldm", "plans": plans.to_dict(), "latent_scale": 1.0,
              "networks": {"vae": vae.state_dict(), "ema": unet.state_dict(), "unet": unet.state_dict()}}
@@ -69,35 +71,42 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1)
     parser.add_argument("--widths", choices=["tiny", "plan"], default="tiny", help="network widths")
     parser.add_argument("--patch", type=int, nargs=3, default=[64, 64, 64], help="tile size in voxels (z y x)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    step_times: list[float] = []
-    original = synthesis.sample_whole_latent
-
-    def timed(*a, **k):  # noqa: ANN002, ANN003 - wraps the sampler to time its steps
-        start = time.time()
-        out = original(*a, **k)
-        step_times.append((time.time() - start) / args.steps)
-        return out
-
-    synthesis.sample_whole_latent = timed
+    device = resolve_device(args.device, "--device")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "in").mkdir()
         mr = sitk.ReadImage(str(PHANTOM)) if args.phantom else synthetic_mr(args.size)
         sitk.WriteImage(mr, str(root / "in" / "case_0000.nii.gz"))
-        folds = load_model(model_folder(root, args.widths, args.patch), [0], torch.device("cpu"))
+        folds = load_model(model_folder(root, args.widths, args.patch), [0], device)
         (case,) = find_cases(root / "in")
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         start = time.time()
-        predict_case(folds, case, root, steps=args.steps, samples=args.samples)
+        outcome = predict_case(folds, case, root, steps=args.steps, samples=args.samples)
         total = time.time() - start
-    print(json.dumps({
+    phases = {name: round(seconds, 2) for name, seconds in outcome.phases.items()}
+    sampling = outcome.phases.get("sample", 0.0)
+    print("phase            seconds", file=sys.stderr)
+    for name, seconds in phases.items():
+        print(f"{name:16s} {seconds:8.2f}", file=sys.stderr)
+    print(f"{'total':16s} {total:8.2f}", file=sys.stderr)
+    figures = {
         "input_size_xyz": list(mr.GetSize()), "spacing": list(mr.GetSpacing()), "widths": args.widths,
-        "ddim_steps": args.steps, "samples": args.samples, "seconds_per_ddim_step": round(step_times[0], 3),
-        "seconds_total": round(total, 2), "seconds_outside_sampling": round(total - step_times[0] * args.steps, 2),
+        "device": str(device), "ddim_steps": args.steps, "samples": args.samples, "phases": phases,
+        "sampling_seconds": round(sampling, 2), "seconds_per_ddim_step": round(sampling / args.steps, 3),
+        "seconds_total": round(total, 2), "seconds_outside_sampling": round(total - sampling, 2),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
         "torch_threads": torch.get_num_threads(),
-    }))
+    }
+    if device.type == "cuda":
+        figures["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

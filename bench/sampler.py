@@ -113,9 +113,7 @@ def synthetic_mr(size_xyz: Sequence[int], seed: int = 0) -> torch.Tensor:
 
 def build_networks(widths: str, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module, Any]:
     """(VAE, U-Net, schedule) with random weights: 'tiny' widths or the plan's defaults."""
-    from wldm_auto.diffusion.schedule import NoiseSchedule
-    from wldm_auto.networks.diffusion_unet import DiffusionUNet
-    from wldm_auto.networks.vae import WaveletVAE
+    from wldm_auto.models.factory import build_denoiser, build_schedule, build_vae
     from wldm_auto.planners.schema import DiffusionPlan, VAEPlan
 
     vae_plan, diffusion_plan = VAEPlan(), DiffusionPlan()
@@ -124,9 +122,9 @@ def build_networks(widths: str, device: torch.device) -> tuple[torch.nn.Module, 
         diffusion_plan.unet_channels = [16, 32, 64]
     diffusion_plan.dsca = True
     torch.manual_seed(0)
-    vae = WaveletVAE(1, vae_plan).to(device).eval()
-    unet = DiffusionUNet(vae_plan.latent_channels, diffusion_plan).to(device).eval()
-    return vae, unet, NoiseSchedule.from_plan(diffusion_plan)
+    vae = build_vae(1, vae_plan).to(device).eval()
+    unet = build_denoiser(diffusion_plan, vae).to(device).eval()
+    return vae, unet, build_schedule(diffusion_plan)
 
 
 class ConvCounter:
@@ -197,7 +195,7 @@ class CallCounter:
 
 @torch.no_grad()
 def run_ours(vae, unet, schedule, mr: torch.Tensor, args: argparse.Namespace, device: torch.device) -> torch.Tensor:
-    from wldm_auto.diffusion.synthesis import LatentSynthesizer
+    from wldm_auto.models.latent import LatentSynthesizer
 
     synthesizer = LatentSynthesizer(vae, unet, schedule, 1.0, args.patch, args.overlap, device, args.batch_size,
                                     latent_tile_scale=args.latent_tile_scale, latent_overlap=args.latent_overlap)
@@ -209,7 +207,8 @@ def run_ours(vae, unet, schedule, mr: torch.Tensor, args: argparse.Namespace, de
 def run_naive(vae, unet, schedule, mr: torch.Tensor, args: argparse.Namespace, device: torch.device) -> torch.Tensor:
     """Every pixel-space patch: encode -> its own K-step DDIM -> decode; patches blended with Gaussian weights."""
     from wldm_auto.diffusion.samplers import DDIMSampler, sample
-    from wldm_auto.networks.tiling import fit_tile, sliding_window
+    from wldm_auto.diffusion.tiling import fit_tile
+    from wldm_auto.models.tiling import sliding_window
 
     factor = int(vae.required_divisor)
     tile = fit_tile(mr.shape[-3:], args.patch, factor)

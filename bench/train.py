@@ -82,6 +82,7 @@ TINY = {
     "vae": {"channels": [8, 16, 32], "group_width": 4, "latent_channels": 8, "downsampling_factor": 4,
             "discriminator_channels": 8},
     "diffusion": {"unet_channels": [16, 32, 64]},
+    "wavelet_diffusion": {"unet_channels": [16, 32, 64]},
     "regression": {"unet_channels": [8, 16, 32, 64], "group_width": 4},
 }
 QUICK = {"patch": [16, 16, 16], "steps": 3, "widths": "tiny"}
@@ -140,7 +141,8 @@ def time_trainer(cls: type, preprocessed: Path, results: Path, args: argparse.Na
 
     plans = load_plans(preprocessed, args)
     output = results / model_folder_name(cls.__name__, plans.plans_name) / "fold_0"
-    options = TrainerOptions(device=args.device, num_steps=args.steps, num_workers=workers)
+    options = TrainerOptions(device=args.device, num_steps=args.steps, num_workers=workers,
+                             compile=getattr(args, "compile", None))
     start = time.perf_counter()
     trainer = cls(plans, "3d_wldm", 0, preprocessed, output, options)
     build_seconds = time.perf_counter() - start
@@ -169,8 +171,17 @@ def time_trainer(cls: type, preprocessed: Path, results: Path, args: argparse.Na
         "seconds": round(seconds, 3), "wait_seconds": round(sum(waits[1:]), 3),
         "step_seconds": round(sum(steps[1:]), 3), "first_step_seconds": round(waits[0] + steps[0], 3),
         "build_seconds": round(build_seconds, 3), "last_loss": losses[-1],
-        "device": str(trainer.device),
+        "device": str(trainer.device), **precision(trainer),
     }
+
+
+def precision(trainer: Any) -> dict[str, Any]:
+    """The trainer's mixed precision: autocast dtype ("off" without AMP, e.g. on CPU), GradScaler on/off, compile."""
+    dtype = trainer._amp_dtype()  # noqa: SLF001 - what the trainer's autocast() uses
+    scalers = [scaler.is_enabled() for _, _, scaler in trainer._optimizers.values()]  # noqa: SLF001
+    use_compile = trainer.options.compile if trainer.options.compile is not None else trainer.training_plan.compile
+    return {"amp": str(dtype).replace("torch.", "") if dtype is not None else "off", "grad_scaler": any(scalers),
+            "compiled": bool(use_compile)}
 
 
 def regression_class() -> tuple[type | None, str | None]:

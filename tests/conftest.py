@@ -1,8 +1,10 @@
 """Fixtures shared by the test files."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,3 +160,23 @@ def tiny_copy(preprocessed_small: "PreprocessedSmall", tmp_path: Path, monkeypat
     config["inference"]["ddim_steps"] = 4
     plans_path.write_text(json.dumps(plans))
     return preprocessed_small.dataset
+
+
+@contextlib.contextmanager
+def tiny_models(preprocessed_small: "PreprocessedSmall", root: Path, stages: tuple[str, ...]) -> Iterator[dict[str, Path]]:
+    """Fold 0 of each of ``stages`` trained in order on a :func:`tiny_copy` under ``root`` (regression 4 steps,
+    the others 8); yields stage -> model folder, with the env vars pointing at the copy until exit."""
+    from wldm_auto.trainers.base import TrainerOptions
+    from wldm_auto.trainers.run import run_training
+
+    monkeypatch = pytest.MonkeyPatch()
+    try:
+        dataset = tiny_copy(preprocessed_small, root, monkeypatch)
+        folders = {}
+        for stage in stages:
+            steps = 4 if stage == "regression" else 8
+            options = TrainerOptions(device="cpu", num_workers=0, num_steps=steps, steps_per_epoch=steps // 2)
+            folders[stage] = run_training(dataset, stage, 0, options=options).parent.parent
+        yield folders
+    finally:
+        monkeypatch.undo()

@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import PHANTOM_DIR, TEST_DATA, oblique, tiny_copy
+from conftest import PHANTOM_DIR, TEST_DATA, oblique, tiny_copy, tiny_models
 from wldm_auto.cli.predict import main as predict_main
 from wldm_auto.dataset_conversion.example import derived_sequence
 from wldm_auto.trainers.base import TrainerOptions
@@ -26,16 +26,9 @@ def geometry(image: sitk.Image) -> tuple:
 @pytest.fixture(scope="module")
 def models(preprocessed_small, tmp_path_factory):
     """A diffusion model (VAE + diffusion, 8 steps each) and a regression model (4 steps), one fold each."""
-    monkeypatch = pytest.MonkeyPatch()
-    root = tmp_path_factory.mktemp("api_models")
-    dataset = tiny_copy(preprocessed_small, root, monkeypatch)
-    options = TrainerOptions(device="cpu", num_workers=0, num_steps=8, steps_per_epoch=4)
-    run_training(dataset, "vae", 0, options=options)
-    diffusion = run_training(dataset, "diffusion", 0, options=options).parent.parent
-    regression = run_training(dataset, "regression", 0, options=TrainerOptions(
-        device="cpu", num_workers=0, num_steps=4, steps_per_epoch=2)).parent.parent
-    yield {"diffusion": diffusion, "regression": regression}
-    monkeypatch.undo()
+    with tiny_models(preprocessed_small, tmp_path_factory.mktemp("api_models"),
+                     ("vae", "diffusion", "regression")) as folders:
+        yield {"diffusion": folders["diffusion"], "regression": folders["regression"]}
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +80,38 @@ def test_diffusion_api_equals_cli_bit_for_bit(models, inputs, tmp_path, samples)
     other = predictor.predict(inputs / "series", steps=2, samples=samples, seed=6)
     assert not np.array_equal(sitk.GetArrayViewFromImage(other.sct),
                               sitk.GetArrayViewFromImage(sitk.ReadImage(str(out / "series.mha"))))
+
+
+def test_samples_default_to_the_plans_inference_samples(models, inputs, tmp_path, monkeypatch):
+    """No ``samples`` / ``--samples``: the plan's ``inference.samples`` (1 as planned; here set to 2)."""
+    from wldm_auto import Predictor
+    from wldm_auto.inference import predictor as module
+
+    predictor = Predictor.from_model_folder(models["diffusion"], folds=(0,), device="cpu")
+    fold = predictor.folds[0]
+    inference = fold.plans.configuration(fold.configuration).inference
+    assert inference.samples == 1 and module.plan_samples(predictor.folds) == 1
+    assert predictor.predict(inputs / "phantom.mha", steps=2, seed=5).std is None
+    inference.samples = 2
+    planned = predictor.predict(inputs / "phantom.mha", steps=2, seed=5)
+    explicit = predictor.predict(inputs / "phantom.mha", steps=2, samples=2, seed=5)
+    assert planned.std is not None
+    for a, b in ((planned.sct, explicit.sct), (planned.std, explicit.std)):
+        assert np.array_equal(sitk.GetArrayViewFromImage(a), sitk.GetArrayViewFromImage(b))
+
+    original = module.plan_samples
+
+    def plan_says_two(folds, samples=None):  # the CLI reads the same plan field through the same function
+        for loaded in folds:
+            loaded.plans.configuration(loaded.configuration).inference.samples = 2
+        return original(folds, samples)
+
+    monkeypatch.setattr(module, "plan_samples", plan_says_two)
+    out = tmp_path / "sct"
+    run_cli(inputs, out, models["diffusion"], "--steps", "2", "--seed", "5", "--save-std")
+    for name, image in (("phantom.mha", explicit.sct), ("phantom_std.mha", explicit.std)):
+        assert np.array_equal(sitk.GetArrayViewFromImage(sitk.ReadImage(str(out / name))),
+                              sitk.GetArrayViewFromImage(image)), name
 
 
 def test_regression_api_equals_cli_and_folds_give_std(models, inputs, tmp_path):

@@ -16,10 +16,10 @@ from wldm_auto.dataset_conversion.example import install_example
 from wldm_auto.dataset_conversion.paired import convert_paired
 from wldm_auto.dataset_conversion.synthrad2023 import convert_synthrad2023
 from wldm_auto.dataset_conversion.synthrad2025 import convert_synthrad2025
-from wldm_auto.dataset_conversion.validation import validate_raw_dataset
 from wldm_auto.io.files import hash_file
 from wldm_auto.io.geometry import Geometry
 from wldm_auto.io.images import read_image
+from wldm_auto.io.raw_validation import validate_raw_dataset
 
 DICOM_DIR = TEST_DATA / "totalsegmentator_examples" / "example_ct_dicom"
 

@@ -203,3 +203,30 @@ def test_default_num_workers(monkeypatch):
     assert default_num_workers() == 8
     monkeypatch.setattr(loader_module.os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert default_num_workers() == 0
+
+
+def test_the_plans_augmentation_section_drives_the_augmenter(dataset, preprocessed_small, tmp_path):
+    """Defaults of the plan section = the augmentation as it was; an edited plan changes it."""
+    import json
+
+    from wldm_auto.planners.schema import AugmentationPlan, Plans
+
+    plans = Plans.load(preprocessed_small.folder.parent / "plans.json")
+    section = plans.configuration("3d_wldm").augmentation
+    assert section == AugmentationPlan()
+    default = StepBatches(dataset, PATCH, 2, seed=0, augment_params=section)
+    assert default.augmentation.params == build_augmentation(None, PATCH).params
+    assert default.augmentation.input_patch_size == enlarged_patch_size(PATCH, 15.0, 1.15)
+
+    data = plans.to_dict()
+    data["configurations"]["3d_wldm"]["augmentation"].update(p_rotation=0, p_scale=0, p_gamma=1.0, gamma=[0.5, 2.0])
+    (tmp_path / "plans.json").write_text(json.dumps(data))
+    edited = Plans.load(tmp_path / "plans.json").configuration("3d_wldm").augmentation
+    batches = StepBatches(dataset, PATCH, 2, seed=0, augment_params=edited)
+    names = [type(t).__name__ for t in batches.augmentation.transforms]
+    assert "AffineTransform" in [type(t).__name__ for t in default.augmentation.transforms]
+    assert "AffineTransform" not in names and batches.augmentation.input_patch_size == PATCH
+    gamma = next(t for t in batches.augmentation.transforms if type(t).__name__ == "GammaTransform")
+    assert tuple(gamma.gamma_range) == (0.5, 2.0) and gamma.p_per_sample == 1.0
+    assert not torch.equal(batches[3]["mr"], default[3]["mr"])  # same seed and step, other augmentation
+    assert _equal(batches[3], StepBatches(dataset, PATCH, 2, seed=0, augment_params=edited)[3])

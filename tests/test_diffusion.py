@@ -9,7 +9,8 @@ import torch
 from wldm_auto.diffusion.samplers import DDIMSampler, DDPMSampler, sample
 from wldm_auto.diffusion.schedule import NoiseSchedule
 from wldm_auto.diffusion.tiled import TiledDenoiser, sample_whole_latent
-from wldm_auto.networks.tiling import tiles
+from wldm_auto.diffusion.tiling import tiles
+from wldm_auto.models.factory import build_schedule
 from wldm_auto.planners.schema import DiffusionPlan
 
 # ---------------------------------------------------------------- schedule
@@ -41,7 +42,7 @@ def test_unknown_names_raise() -> None:
 
 def test_from_plan() -> None:
     plan = DiffusionPlan(timesteps=100, beta_schedule="linear", beta_start=1e-3, beta_end=0.05, prediction="v")
-    schedule = NoiseSchedule.from_plan(plan)
+    schedule = build_schedule(plan)
     assert schedule.timesteps == 100 and schedule.prediction == "v"
     assert schedule.betas[-1].item() == pytest.approx(0.05)
 

@@ -11,8 +11,8 @@ import SimpleITK as sitk
 from conftest import PHANTOM_DIR, TEST_DATA, oblique, tiny_copy
 from wldm_auto.cli.predict import main as predict_main
 from wldm_auto.io.geometry import Geometry
+from wldm_auto.models.checkpoint import load_checkpoint
 from wldm_auto.trainers.base import TrainerOptions
-from wldm_auto.trainers.checkpoint import load_checkpoint
 from wldm_auto.trainers.run import run_training
 
 

@@ -8,7 +8,6 @@ import torch
 
 from wldm_auto.networks.attention import DSCA, KVPool, pooled_grid
 from wldm_auto.networks.diffusion_unet import DiffusionUNet, timestep_embedding
-from wldm_auto.planners.schema import DiffusionPlan
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -16,7 +15,7 @@ def n_params(module: torch.nn.Module) -> int:
 
 
 def tiny_unet(channels: list[int], latent: int = 4, dsca: bool = True, **kwargs: int) -> DiffusionUNet:
-    return DiffusionUNet(latent, DiffusionPlan(unet_channels=channels, dsca=dsca), blocks_per_level=1, **kwargs)
+    return DiffusionUNet(latent, channels, dsca=dsca, blocks_per_level=1, **kwargs)
 
 
 def open_gates(net: DiffusionUNet) -> None:
@@ -52,7 +51,7 @@ def test_invalid_inputs_raise() -> None:
     with pytest.raises(ValueError, match="t must"):
         net(torch.randn(2, 4, 8, 8, 8), torch.tensor([1, 2, 3]), torch.randn(2, 4, 8, 8, 8))
     with pytest.raises(ValueError, match="even"):
-        DiffusionUNet(3, DiffusionPlan(unet_channels=[16, 32]))
+        DiffusionUNet(3, [16, 32])
     with pytest.raises(ValueError, match="heads"):
         tiny_unet([16, 32], heads=3)
 

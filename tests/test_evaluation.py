@@ -41,15 +41,26 @@ def test_psnr_hand_with_clipping() -> None:
     assert M.psnr(ct, ct, MASK) == math.inf
 
 
-def test_training_metrics_agree() -> None:
-    """trainers/metrics.py (used during validation) gives the same MAE and PSNR."""
-    from wldm_auto.trainers import metrics as training
+def test_one_metrics_module_for_training_and_evaluation() -> None:
+    """io.metrics holds MAE and PSNR for both (reference, prediction, mask); the evaluation's are those."""
+    from wldm_auto.io import metrics as shared
+    from wldm_auto.trainers import base, vae_trainer
 
-    rng = np.random.default_rng(4)
-    ct, sct = rng.normal(0, 1500, (6, 7, 8)), rng.normal(0, 1500, (6, 7, 8))
-    mask = rng.random((6, 7, 8)) > 0.3
-    assert M.mae(ct, sct, mask) == pytest.approx(training.mae(sct, ct, mask))
-    assert M.psnr(ct, sct, mask) == pytest.approx(training.psnr(sct, ct, mask, training.PSNR_RANGE_HU))
+    for module in (base, vae_trainer):  # training validates with the same functions (imported where used)
+        assert "wldm_auto.io.metrics" in Path(module.__file__).read_text()
+    ct = sitk.GetArrayFromImage(sitk.ReadImage(str(PHANTOM_CT), sitk.sitkFloat32))[100:140]
+    sct = np.roll(ct, 3, axis=2) + np.float32(25.0)
+    mask = M.default_body_mask(ct)
+    assert M.mae(ct, sct, mask) == shared.mae(ct, sct, mask) == shared.mae(sct, ct, mask)  # symmetric
+    assert M.psnr(ct, sct, mask) == shared.psnr(ct, sct, mask) == shared.psnr(sct, ct, mask, (-1024.0, 3000.0))
+    ct_clipped = np.clip(ct[mask].astype(np.float64), -1024, 3000)
+    mse = np.mean((ct_clipped - np.clip(sct[mask].astype(np.float64), -1024, 3000)) ** 2)
+    assert M.psnr(ct, sct, mask) == pytest.approx(10 * math.log10(4024 ** 2 / mse), rel=1e-12)
+    # another data range, as training's MR PSNR in [-1, 1]: both clipped to it first
+    assert shared.psnr(cube([0, 0.5, 3, 0, 0, 0, 0, 0]), cube([0, 0, 0, 0, 0, 0, 0, 0]), MASK, (-1.0, 1.0)) == \
+        pytest.approx(10 * math.log10(4 / ((0.25 + 1) / 4)))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        shared.mae(ct, sct[:-1], mask)
 
 
 def test_ncc_hand() -> None:

@@ -20,8 +20,8 @@ import wldm_auto.trainers.base as base
 from conftest import tiny_copy
 from wldm_auto.cli.train import main as train_main
 from wldm_auto.io.files import read_json, write_json
+from wldm_auto.models.checkpoint import CheckpointError, DiskFullError, load_checkpoint, save_checkpoint
 from wldm_auto.trainers.base import RESUMABLE, TrainerOptions
-from wldm_auto.trainers.checkpoint import CheckpointError, DiskFullError, load_checkpoint, save_checkpoint
 from wldm_auto.trainers.regression_trainer import RegressionTrainer
 from wldm_auto.trainers.run import run_training
 

@@ -14,10 +14,10 @@ from wldm_auto.cli.convert import main_example
 from wldm_auto.cli.predict import main as predict_main
 from wldm_auto.dataset_conversion.example import derived_sequence
 from wldm_auto.io.geometry import Geometry
+from wldm_auto.models.checkpoint import load_checkpoint
 from wldm_auto.networks.channels import network_channels, with_flags
 from wldm_auto.planners.schema import Plans
 from wldm_auto.trainers.base import TrainerOptions
-from wldm_auto.trainers.checkpoint import load_checkpoint
 from wldm_auto.trainers.data import PreprocessedDataset, StepBatches, drop_channels
 from wldm_auto.trainers.run import run_training
 

@@ -6,7 +6,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import PHANTOM_DIR
-from wldm_auto.preprocessing.normalization import (
+from wldm_auto.io.normalization import (
     denormalise_ct,
     denormalise_mr,
     mr_percentile_range,

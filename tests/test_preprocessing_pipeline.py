@@ -17,7 +17,7 @@ from wldm_auto.dataset_conversion.example import install_example
 from wldm_auto.io.files import hash_file
 from wldm_auto.io.geometry import Geometry
 from wldm_auto.planners.schema import Plans
-from wldm_auto.preprocessing.normalization import denormalise_ct
+from wldm_auto.io.normalization import denormalise_ct
 from wldm_auto.preprocessing.pipeline import plan_and_preprocess
 
 SPACING = [6.0]
@@ -261,3 +261,34 @@ def test_clean_redoes_everything(tmp_path, monkeypatch, phantom_images):
     assert again.stages_run == ["fingerprint", "plan", "preprocess"]  # splits kept: same cases, same folds
     assert [o.status for o in again.outcomes] == ["done"]
     assert len(list((pre / "Dataset006_Clean").glob("plans.*.json.bak"))) == 1
+
+
+def test_preset_flag_plans_the_cpu_configuration(tmp_path, monkeypatch, capsys, phantom_images):
+    """wldm_plan_and_preprocess --preset cpu: the preset's configuration, recorded; -h lists the presets."""
+    from wldm_auto.cli.plan_and_preprocess import main
+    from wldm_auto.planners.presets import CPU_PRESET
+
+    with pytest.raises(SystemExit) as info:
+        main(["-h"])
+    help_text = capsys.readouterr().out
+    assert info.value.code == 0 and "--preset NAME" in help_text and "  cpu " in help_text
+    raw, pre = _env(monkeypatch, tmp_path)
+    mr, ct = phantom_images
+    _small_dataset(raw, "Dataset007_Preset", {"a": ([mr], ct)})
+
+    assert main(["-d", "7", "--preset", "gpu"]) == 1  # unknown: one line naming the known ones, nothing made
+    assert capsys.readouterr().err == "error: unknown preset 'gpu' (known: cpu)\n"
+    assert not pre.exists()
+
+    assert main(["-d", "7", "--no-registration", "--spacing", "6", "-np", "1", "--preset", "cpu"]) == 0
+    plans = Plans.load(pre / "Dataset007_Preset" / "plans.json")
+    config = plans.configuration("3d_wldm")
+    assert config.patch_size == CPU_PRESET["patch_size"] and config.vae.channels == CPU_PRESET["vae"]["channels"]
+    assert config.inference.ddim_steps == CPU_PRESET["inference"]["ddim_steps"] and "preset" in config.notes
+    assert plans.planner["preset"] == "cpu" and config.spacing == [6.0, 6.0, 6.0]
+    again = plan_and_preprocess(7, registration=False, spacing=[6.0], preset="cpu")
+    assert "plan" not in again.stages_run  # same options: the plan (and hand edits) kept
+    default = plan_and_preprocess(7, registration=False, spacing=[6.0])  # no preset: planned again, GPU-sized
+    assert "plan" in default.stages_run and "preprocess" not in default.stages_run  # arrays do not depend on it
+    plans = Plans.load(pre / "Dataset007_Preset" / "plans.json")
+    assert "preset" not in plans.planner and plans.configuration("3d_wldm").vae.channels != CPU_PRESET["vae"]["channels"]

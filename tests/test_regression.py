@@ -13,11 +13,12 @@ from conftest import PHANTOM_DIR, TEST_DATA, tiny_copy
 from wldm_auto.cli.predict import main as predict_main
 from wldm_auto.cli.train import main as train_main
 from wldm_auto.io.geometry import Geometry
-from wldm_auto.networks.regression_unet import RegressionSynthesizer, RegressionUNet
-from wldm_auto.networks.tiling import pad_to
+from wldm_auto.models.checkpoint import load_checkpoint, save_checkpoint
+from wldm_auto.models.factory import build_regression_unet
+from wldm_auto.models.regression import RegressionSynthesizer
+from wldm_auto.models.tiling import pad_to
 from wldm_auto.planners.schema import RegressionPlan
 from wldm_auto.trainers.base import TrainerOptions
-from wldm_auto.trainers.checkpoint import load_checkpoint, save_checkpoint
 from wldm_auto.trainers.run import run_training
 
 TINY = RegressionPlan(unet_channels=[8, 16, 32], group_width=4, blocks_per_level=1)
@@ -25,7 +26,7 @@ TINY = RegressionPlan(unet_channels=[8, 16, 32], group_width=4, blocks_per_level
 
 def test_unet_shapes_and_invalid_inputs() -> None:
     torch.manual_seed(0)
-    net = RegressionUNet(2, TINY)
+    net = build_regression_unet(2, TINY)
     assert net.required_divisor == 4
     x = torch.randn(2, 2, 12, 20, 28)  # odd multiples of 4: 3, 5, 7
     assert net(x).shape == (2, 1, 12, 20, 28)
@@ -34,12 +35,12 @@ def test_unet_shapes_and_invalid_inputs() -> None:
     with pytest.raises(ValueError, match=r"\(B, 2, D, H, W\)"):
         net(torch.randn(1, 1, 12, 20, 28))
     with pytest.raises(ValueError, match="unet_channels"):
-        RegressionUNet(1, RegressionPlan(unet_channels=[]))
+        build_regression_unet(1, RegressionPlan(unet_channels=[]))
 
 
 def test_synthesizer_whole_volume_is_deterministic() -> None:
     torch.manual_seed(0)
-    net = RegressionUNet(1, TINY).eval()
+    net = build_regression_unet(1, TINY).eval()
     mr = torch.rand(1, 13, 22, 30) * 2 - 1  # not divisible by 4
     tiled = RegressionSynthesizer(net, [8, 8, 16], overlap=0.5).sample(mr, num_samples=3)
     assert tiled.shape == (3, 13, 22, 30) and torch.equal(tiled[0], tiled[2])
@@ -126,7 +127,7 @@ def test_predict_keeps_exact_geometry_without_std(trained, tmp_path, caplog):
 
 def test_prediction_rejects_other_stages(trained, tmp_path, capsys):
     state = load_checkpoint(trained["final"])
-    state["stage"] = "vae"
+    state.stage = "vae"
     (tmp_path / "model" / "fold_0").mkdir(parents=True)
     save_checkpoint(state, tmp_path / "model" / "fold_0" / "checkpoint_final.pt")
     code = predict_main(["-i", str(tmp_path), "-o", str(tmp_path / "out"), "-m", str(tmp_path / "model"),

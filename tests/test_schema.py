@@ -39,7 +39,6 @@ def make_plans() -> Plans:
         channel_names={"0": "T2"},
         registration=RegistrationPlan(stages=["rigid"], iterations=[250], resolutions=[2]),
         preprocessing=PreprocessingPlan(
-            target_spacing=[2.0, 2.0, 2.5],
             body_mask=BodyMaskPlan(threshold_fraction=0.2, fill_holes=False),
             ct_window=[-800.0, 800.0],
             notes={"ct_window": "paper"},
@@ -207,3 +206,131 @@ def test_top_level_not_an_object(tmp_path):
 
 def test_plan_error_is_value_error():
     assert issubclass(PlanError, ValueError)
+
+
+# -- choice fields, section checks, legacy keys (issue 17) ------------------------------------------
+
+def load_error(tmp_path, data: dict) -> tuple:
+    """(path, message) of the PlanError that loading ``data`` from a file raises."""
+    with pytest.raises(PlanError) as info:
+        load_dict(tmp_path, data)
+    return tmp_path / "plans.json", str(info.value)
+
+
+@pytest.mark.parametrize("location, key, value, allowed", [
+    (("configurations", "3d_wldm", "diffusion"), "prediction", "eps", "epsilon, v, x0"),
+    (("configurations", "3d_wldm", "diffusion"), "first_stage", "pixel", "vae, haar"),
+    (("configurations", "3d_small", "wavelet_diffusion"), "beta_schedule", "quadratic", "linear, cosine"),
+    (("configurations", "3d_wldm", "vae"), "normalization", "batch", "voxel, group"),
+    (("configurations", "3d_wldm", "vae"), "reconstruction_loss", "l3", "l1, l2"),
+    (("registration",), "metric", "MutualInformation", "AdvancedMattesMutualInformation, "),
+])
+def test_bad_choice_names_file_field_and_allowed_values(tmp_path, plans_dict, location, key, value, allowed):
+    target = plans_dict
+    for part in location:
+        target = target[part]
+    target[key] = value
+    path, message = load_error(tmp_path, plans_dict)
+    assert message.startswith(f"{'.'.join((str(path),) + location + (key,))}: {value!r} is not allowed (allowed: ")
+    assert allowed in message and "\n" not in message
+
+
+@pytest.mark.parametrize("key, value, where", [
+    ("stages", ["rigid", "bspine"], "registration.stages[1]: 'bspine'"),
+    ("initial_orientations", ["identity", "flip_x"], "registration.initial_orientations[1]: 'flip_x'"),
+])
+def test_bad_item_of_a_choice_list_is_named_with_its_index(plans_dict, key, value, where):
+    plans_dict["registration"][key] = value
+    plans_dict["registration"]["iterations"], plans_dict["registration"]["resolutions"] = [1, 1], [1, 1]
+    with pytest.raises(PlanError, match=r"^p\.json\." + where.replace("[", r"\[").replace("]", r"\]")
+                       + " is not allowed"):
+        Plans.from_dict(plans_dict, "p.json")
+
+
+def test_every_allowed_value_loads_and_matches_its_consumer(plans_dict):
+    from wldm_auto.diffusion import schedule
+    from wldm_auto.networks.blocks import NORMALIZATIONS
+    from wldm_auto.planners import schema
+    from wldm_auto.preprocessing.registration import ORIENTATIONS
+    from wldm_auto.trainers.vae_trainer import RECONSTRUCTION_LOSSES
+
+    assert set(schema.PREDICTIONS) == set(schedule.PREDICTIONS)
+    assert set(schema.BETA_SCHEDULES) == set(schedule.SCHEDULES)
+    assert set(schema.VAE_NORMALIZATIONS) == set(NORMALIZATIONS)
+    assert set(schema.RECONSTRUCTION_LOSSES) == set(RECONSTRUCTION_LOSSES)
+    assert set(schema.INITIAL_ORIENTATIONS) == set(ORIENTATIONS)
+    for prediction in schema.PREDICTIONS:
+        for beta_schedule in schema.BETA_SCHEDULES:
+            plans_dict["configurations"]["3d_wldm"]["diffusion"].update(prediction=prediction,
+                                                                         beta_schedule=beta_schedule)
+            section = Plans.from_dict(plans_dict).configuration("3d_wldm").diffusion
+            schedule.NoiseSchedule(section.timesteps, section.beta_schedule, section.beta_start, section.beta_end,
+                                   section.prediction)  # the consumer accepts what the schema accepts
+    plans_dict["registration"].update(stages=list(schema.REGISTRATION_STAGES), iterations=[1, 1, 1],
+                                      resolutions=[1, 1, 1])
+    assert Plans.from_dict(plans_dict).registration.stages == ["rigid", "affine", "bspline"]
+
+
+def test_registration_lists_must_have_equal_lengths(plans_dict):
+    plans_dict["registration"].update(stages=["rigid", "bspline"], iterations=[100], resolutions=[2, 2])
+    with pytest.raises(PlanError, match=r"^plans\.registration: stages, iterations and resolutions .* 2, 1, 2$"):
+        Plans.from_dict(plans_dict)
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("samples", 0, "inference.samples: 0 must be at least 1"),
+    ("ddim_steps", 0, "inference.ddim_steps: 0 must be at least 1"),
+    ("tile_overlap", 1.0, "inference.tile_overlap: 1.0 outside [0, 1)"),
+    ("ddim_eta", -0.5, "inference.ddim_eta: -0.5 must be >= 0"),
+])
+def test_inference_values_are_checked(plans_dict, key, value, expected):
+    plans_dict["configurations"]["3d_wldm"]["inference"][key] = value
+    with pytest.raises(PlanError) as info:
+        Plans.from_dict(plans_dict)
+    assert str(info.value) == f"plans.configurations.3d_wldm.{expected}"
+
+
+def test_augmentation_section_defaults_round_trip_and_checks(tmp_path, plans_dict):
+    from wldm_auto.planners.schema import AugmentationPlan
+    from wldm_auto.trainers.augmentation import DEFAULT_PARAMS
+
+    assert plans_dict["configurations"]["3d_wldm"]["augmentation"] == DEFAULT_PARAMS  # written with every plan
+    del plans_dict["configurations"]["3d_wldm"]["augmentation"]  # plans from before the section: defaults
+    assert Plans.from_dict(plans_dict).configuration("3d_wldm").augmentation == AugmentationPlan()
+    plans_dict["configurations"]["3d_wldm"]["augmentation"] = {"p_rotation": 0, "scale": [0.9, 1.1]}
+    loaded = Plans.from_dict(plans_dict).configuration("3d_wldm").augmentation
+    assert loaded.p_rotation == 0.0 and loaded.scale == [0.9, 1.1] and loaded.p_gamma == 0.3
+    for bad, expected in (({"p_mirror": 1.5}, "augmentation.p_mirror: probability 1.5 outside [0, 1]"),
+                          ({"mirror_axes": [0, 3]}, "augmentation.mirror_axes: [0, 3] must be distinct axes"),
+                          ({"gamma": [1.5, 0.7]}, "augmentation.gamma: [1.5, 0.7] must be [low, high]"),
+                          ({"rotation_degrees": 400}, "augmentation.rotation_degrees: 400.0 outside [0, 180]"),
+                          ({"p_rotaton": 0.5}, "augmentation: unknown key 'p_rotaton'")):
+        plans_dict["configurations"]["3d_wldm"]["augmentation"] = bad
+        with pytest.raises(PlanError) as info:
+            Plans.from_dict(plans_dict, "x.json")
+        assert str(info.value).startswith(f"x.json.configurations.3d_wldm.{expected}"), str(info.value)
+
+
+def test_old_plans_with_target_spacing_still_load(tmp_path, plans_dict):
+    """preprocessing.target_spacing was read by nobody: accepted (and dropped) when it equals the spacing."""
+    assert "target_spacing" not in plans_dict["preprocessing"]
+    for config in plans_dict["configurations"].values():
+        config["spacing"] = [2.0, 2.0, 2.5]
+    plans_dict["preprocessing"]["target_spacing"] = [2, 2, 2.5]
+    path = tmp_path / "plans.json"
+    path.write_text(json.dumps(plans_dict))
+    plans = Plans.load(path)
+    assert plans.configuration("3d_small").spacing == [2.0, 2.0, 2.5]
+    plans.save(tmp_path / "again.json")
+    assert "target_spacing" not in json.loads((tmp_path / "again.json").read_text())["preprocessing"]
+    assert "target_spacing" in json.loads(path.read_text())["preprocessing"]  # the file itself is not touched
+
+
+def test_old_plans_with_an_edited_target_spacing_say_where_to_set_it(tmp_path, plans_dict):
+    plans_dict["preprocessing"]["target_spacing"] = [1.5, 1.5, 1.5]  # edited, expecting an effect
+    path, message = load_error(tmp_path, plans_dict)
+    assert message.startswith(f"{path}.preprocessing.target_spacing: [1.5, 1.5, 1.5] is no longer read")
+    assert "configurations.3d_wldm.spacing [2.0, 2.0, 2.5]" in message and "set the spacing there" in message
+    plans_dict["preprocessing"]["target_spacing"] = "2 mm"
+    with pytest.raises(PlanError, match=r"^p\.preprocessing\.target_spacing: expected a list"):
+        Plans.from_dict(plans_dict, "p")

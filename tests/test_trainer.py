@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from wldm_auto.models.checkpoint import CheckpointError, load_checkpoint
 from wldm_auto.trainers.base import TrainerOptions
-from wldm_auto.trainers.checkpoint import CheckpointError, load_checkpoint
 from wldm_auto.trainers.run import run_training
 
 from conftest import tiny_copy

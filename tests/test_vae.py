@@ -7,9 +7,10 @@ import SimpleITK as sitk
 import torch
 from conftest import PHANTOM_DIR
 
+from wldm_auto.models.factory import build_vae
 from wldm_auto.networks.blocks import WaveletBlock
 from wldm_auto.networks.discriminator import PatchDiscriminator3D
-from wldm_auto.networks.vae import DiagonalGaussian, WaveletVAE
+from wldm_auto.networks.vae import DiagonalGaussian
 from wldm_auto.planners.schema import VAEPlan
 
 
@@ -59,7 +60,7 @@ def tiny_plan(**kw: object) -> VAEPlan:
 
 def test_vae_latent_shape_and_shared_body() -> None:
     torch.manual_seed(0)
-    vae = WaveletVAE(mr_channels=2, plan=tiny_plan())
+    vae = build_vae(mr_channels=2, plan=tiny_plan())
     assert vae.required_divisor == 4
     assert vae.latent_shape((32, 24, 16)) == (4, 8, 6, 4)
     mr, ct = torch.randn(2, 2, 32, 24, 16), torch.randn(2, 1, 32, 24, 16)
@@ -81,7 +82,7 @@ def test_vae_latent_shape_and_shared_body() -> None:
 
 
 def test_vae_structure_and_modality_halves() -> None:
-    vae = WaveletVAE(1, tiny_plan(latent_channels=6))
+    vae = build_vae(1, tiny_plan(latent_channels=6))
     z = torch.arange(6.0).view(1, 6, 1, 1, 1).expand(1, 6, 2, 2, 2)
     assert vae.structure(z)[0, :, 0, 0, 0].tolist() == [0.0, 1.0, 2.0]
     assert vae.modality_part(z)[0, :, 0, 0, 0].tolist() == [3.0, 4.0, 5.0]
@@ -89,10 +90,10 @@ def test_vae_structure_and_modality_halves() -> None:
 
 def test_vae_errors() -> None:
     with pytest.raises(ValueError, match="downsampling_factor=2.*channels=\\[8, 16, 32\\]"):
-        WaveletVAE(1, tiny_plan(downsampling_factor=2))
+        build_vae(1, tiny_plan(downsampling_factor=2))
     with pytest.raises(ValueError, match="even"):
-        WaveletVAE(1, tiny_plan(latent_channels=5))
-    vae = WaveletVAE(1, tiny_plan(channels=[8, 16], downsampling_factor=2))
+        build_vae(1, tiny_plan(latent_channels=5))
+    vae = build_vae(1, tiny_plan(channels=[8, 16], downsampling_factor=2))
     with pytest.raises(ValueError, match="divisible"):
         vae(torch.randn(1, 1, 8, 7, 8), "ct")
     with pytest.raises(ValueError, match="divisible"):
@@ -106,7 +107,7 @@ def test_vae_errors() -> None:
 
 
 def test_vae_plain_ablation_runs() -> None:
-    vae = WaveletVAE(1, tiny_plan(wrm=False, blocks_per_level=2))
+    vae = build_vae(1, tiny_plan(wrm=False, blocks_per_level=2))
     rec, _ = vae(torch.randn(1, 1, 8, 8, 8), "mr")
     assert rec.shape == (1, 1, 8, 8, 8)
 
@@ -137,7 +138,7 @@ def phantom_patches(n: int, size: int, seed: int) -> torch.Tensor:
 def test_tiny_vae_learns_phantom_patches() -> None:
     torch.manual_seed(0)
     data = phantom_patches(4, 16, seed=0)
-    vae = WaveletVAE(1, VAEPlan(channels=[8, 16], latent_channels=4, group_width=4, downsampling_factor=2))
+    vae = build_vae(1, VAEPlan(channels=[8, 16], latent_channels=4, group_width=4, downsampling_factor=2))
     opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
 
     def rec_loss() -> float:
@@ -165,7 +166,7 @@ def test_voxel_norm_vae_is_local_group_norm_is_not() -> None:
     change = {}
     for norm in ("voxel", "group"):
         torch.manual_seed(1)
-        vae = WaveletVAE(1, tiny_plan(channels=[8, 16], downsampling_factor=2, normalization=norm)).eval()
+        vae = build_vae(1, tiny_plan(channels=[8, 16], downsampling_factor=2, normalization=norm)).eval()
         assert vae.local == (norm == "voxel")
         with torch.no_grad():
             alone = vae.decode(vae.encode(volume, "ct").mode(), "ct")

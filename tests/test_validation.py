@@ -8,8 +8,8 @@ import pytest
 import SimpleITK as sitk
 
 from wldm_auto.cli.convert import main_validate
-from wldm_auto.dataset_conversion.validation import DatasetInvalidError, ensure_valid, validate_raw_dataset
 from wldm_auto.io.raw_dataset import write_dataset_json
+from wldm_auto.io.raw_validation import DatasetInvalidError, ensure_valid, validate_raw_dataset
 
 CASES = ("alpha", "beta")
 

@@ -13,14 +13,14 @@ import torch
 from conftest import PHANTOM_DIR, tiny_copy
 from wldm_auto.cli.predict import main as predict_main
 from wldm_auto.cli.train import main as train_main
-from wldm_auto.diffusion.schedule import NoiseSchedule
-from wldm_auto.diffusion.synthesis import LatentSynthesizer
 from wldm_auto.io.geometry import Geometry
+from wldm_auto.models.checkpoint import load_checkpoint
+from wldm_auto.models.factory import build_schedule
+from wldm_auto.models.latent import LatentSynthesizer
 from wldm_auto.networks.haar import HaarFirstStage, haar_decode, haar_encode, pad_even
 from wldm_auto.planners.planner import wavelet_unet_levels
 from wldm_auto.planners.schema import DiffusionPlan, Plans
 from wldm_auto.trainers.base import TrainerOptions
-from wldm_auto.trainers.checkpoint import load_checkpoint
 from wldm_auto.trainers.run import run_training
 
 
@@ -76,7 +76,7 @@ def test_whole_volume_haar_synthesis_returns_the_input_grid():
             return cond
 
     plan = DiffusionPlan(first_stage="haar", prediction="x0", dsca=False, timesteps=50)
-    synthesizer = LatentSynthesizer(HaarFirstStage(1), CopyMR(), NoiseSchedule.from_plan(plan), 1.0, [8, 8, 8])
+    synthesizer = LatentSynthesizer(HaarFirstStage(1), CopyMR(), build_schedule(plan), 1.0, [8, 8, 8])
     mr = torch.rand(1, 9, 11, 7) * 2 - 1
     out = synthesizer.sample(mr, steps=5, generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 9, 11, 7)

@@ -143,7 +143,7 @@ def main_validate(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def action() -> int:
-        from wldm_auto.dataset_conversion.validation import validate_raw_dataset
+        from wldm_auto.io.raw_validation import validate_raw_dataset
         folder = raw_root() / resolve_dataset_name(args.dataset, search_in=(RAW,))
         problems = validate_raw_dataset(folder, check_images=not args.no_image_check)
         if problems:

@@ -35,6 +35,8 @@ HOLDOUT_ID = 2  # its training slab
 CASE = "phantom"
 TEST_CASE = "phantom_test"
 TEST_FRACTION = 0.25  # of the body along its long axis
+PRESET = "cpu"  # plan preset of the training slab (wldm_plan_and_preprocess --preset cpu)
+CONFIGURATION = "3d_wldm"
 MODELS = (  # (label, trainer, samples)
     ("3D-WLDM (latent diffusion, 3 samples)", "DiffusionTrainer", 3),
     ("regression U-Net", "RegressionTrainer", 1),
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         from wldm_auto.io.files import hash_file, read_json, write_json
         from wldm_auto.io.images import read_image, write_image
         from wldm_auto.paths import PREPROCESSED, RAW, RESULTS, model_folder_name, raw_root
-        from wldm_auto.planners.presets import CPU_PRESET, apply_preset_file
+        from wldm_auto.planners.presets import PRESETS
         from wldm_auto.planners.schema import Plans
         from wldm_auto.preprocessing.pipeline import plan_and_preprocess
 
@@ -163,12 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         if whole.failed:
             raise ValueError(f"registration of the phantom failed: {whole.failed[0].message}")
         plans_whole = Plans.load(whole.folder / "plans.json")
-        gap_mm = CPU_PRESET["patch_size"][0] * min(plans_whole.preprocessing.target_spacing)
+        # one training patch of the preset the slab is trained with
+        gap_mm = PRESETS[PRESET]["patch_size"][0] * min(plans_whole.configuration(CONFIGURATION).spacing)
         _, test = _holdout(out, whole.folder / "registration" / CASE, plans_whole, gap_mm)
-        holdout = plan_and_preprocess(HOLDOUT_ID, 1, registration=False, spacing=args.spacing)
+        holdout = plan_and_preprocess(HOLDOUT_ID, 1, registration=False, spacing=args.spacing, preset=PRESET)
         if holdout.failed:
             raise ValueError(f"preprocessing of the training slab failed: {holdout.failed[0].message}")
-        apply_preset_file(holdout.folder / "plans.json", "cpu")
         plans = Plans.load(holdout.folder / "plans.json")
         timings.record("register_and_preprocess", time.time() - t0, "preprocess" in whole.stages_run + holdout.stages_run)
         for stage, trainer in (("vae", "VAETrainer"), ("diffusion", "DiffusionTrainer"),
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                 mr = read_image(mr_dir / f"{TEST_CASE}.nii.gz", sitk.sitkFloat32)
                 ct = read_image(ct_dir / f"{TEST_CASE}.nii.gz", sitk.sitkFloat32)
                 mask = sitk.GetArrayFromImage(read_image(mask_dir / f"{TEST_CASE}.nii.gz")) > 0
-                back = first_stage_reconstruction(mr, ct, plans, "3d_wldm", folds[0].synthesizer)
+                back = first_stage_reconstruction(mr, ct, plans, CONFIGURATION, folds[0].synthesizer)
                 ceiling = M.mae(sitk.GetArrayViewFromImage(ct), sitk.GetArrayViewFromImage(back), mask)
             rows.append(ModelRow(label, summary, ceiling, timings.values[f"predict_{trainer}"]))
         bulk_dir = out / "predictions" / "bulk_density"

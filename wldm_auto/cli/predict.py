@@ -21,7 +21,17 @@ non-empty subset of them (e.g. only CASE_0001): the log says which were used and
 which were missing; a channel the model never saw fails that case, naming it. Output per case: CASE<ending> (int16 HU, exactly the
 input MR's size, spacing, origin and direction; outside the body -1024), with
 --save-std CASE_std<ending> (voxel-wise standard deviation over samples and folds,
-HU), with --dicom-out a CT DICOM series flagged as synthetic. The output folder
+HU), with --mumap CASE_mumap<ending> (float32 attenuation map for PET/MR, cm^-1 at
+511 keV, from the sCT by the bilinear HU-to-mu conversion of Carney et al. 2006,
+Med Phys 33:976, with the kVp and coefficients of the plan's mu_map section:
+120 kVp unless the plan says otherwise; air 0, water 0.096), with --dicom-out a
+CT DICOM series CASE_dicom/ (ImageType DERIVED\\SECONDARY, a series description
+naming the model; signed int16 HU, rescale slope 1, intercept 0). When the
+input MR is a DICOM series, that series carries the MR's patient module, Study
+Instance UID, Frame of Reference UID and patient position (so it joins the
+MR's study and fuses with it without registration) with its own Series and
+SOP Instance UIDs, reproducible from the MR series, the model and the voxels;
+NIfTI/MHA input gives new UIDs. The output folder
 holds nothing else: the log goes to OUTPUT_logs/ beside it. The output folder must
 not be the input folder or lie inside it. Every image is written to a temporary
 name, checked, then renamed: a full disk fails the case (and the rest), naming the
@@ -30,8 +40,24 @@ file, and --continue skips only cases whose outputs read back completely.
 Each case runs the same code as the Python API (wldm_auto.Predictor), which
 predicts from images in memory without writing files.
 
+Several processes, GPUs or machines (the same output folder whatever their number;
+each process logs to its own file):
+  --num-parts N --part-id I   this job predicts part I of N (cases[I::N] of the sorted
+                              cases), e.g. one part per job of a job array
+  torchrun --nproc_per_node 4 -m wldm_auto.cli.predict -i ... -o ... -m ...
+                              4 processes (one GPU each), each predicting its share
+  torchrun --nproc_per_node 4 -m wldm_auto.cli.predict ... --split-case
+                              every case spread over the 4 GPUs (encoding, the tiles of
+                              every DDIM step, decoding); same voxels as one process
+
   wldm_predict -i mr/ -o sct/ -d 001 -f 0 --steps 50 --samples 5 --save-std
   wldm_predict -i mr/ -o sct/ -m $wldm_results/Dataset001_X/DiffusionTrainer__wldmPlans__3d_wldm
+  wldm_predict -i mr_dicom/ -o sct/ -m model.zip --dicom-out --mumap
+
+-m takes a model zip from wldm_export_model as it is: every file's SHA-256 is
+checked, it is unpacked into a temporary folder under $TMPDIR (removed once the
+model is loaded; nothing is installed) and its checkpoints are loaded with weights only.
+wldm_install_model installs a zip for good.
 """
 
 
@@ -51,25 +77,35 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for the sCT files (not the input folder nor inside it; log in OUTPUT_logs/)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("-d", "--dataset", help="dataset id/name whose trained model to use (with -tr, -p, -c)")
-    source.add_argument("-m", "--model", type=Path, help="a model folder (<Trainer>__<plans>__<config>)")
+    source.add_argument("-m", "--model", type=Path,
+                        help="a model folder (<Trainer>__<plans>__<config>) or a model zip (wldm_export_model)")
     parser.add_argument("-f", "--folds", type=int, nargs="+", help="folds to ensemble (default: all present)")
     parser.add_argument("-tr", "--trainer", default="DiffusionTrainer", help="trainer name (with -d)")
     parser.add_argument("-p", "--plans", default="wldmPlans", help="plans name (with -d)")
     parser.add_argument("-c", "--configuration", default="3d_wldm", help="configuration (with -d)")
     parser.add_argument("--checkpoint", default="checkpoint_final.pt", help="checkpoint file in each fold folder")
     parser.add_argument("--steps", type=int, help="DDIM steps (default: the plan's, 50)")
-    parser.add_argument("--samples", type=int, default=1, help="samples per fold (averaged; spread -> --save-std)")
+    parser.add_argument("--samples", type=int,
+                        help="samples per fold (averaged; spread -> --save-std; default: the plan's inference.samples, 1)")
     parser.add_argument("--eta", type=float,
                         help="DDIM eta (default: the plan's inference.ddim_eta, 0 = deterministic given the start noise)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the start noise")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
     parser.add_argument("--overlap", type=float, help="tile overlap in [0, 1) (default: the plan's, 0.5)")
     parser.add_argument("--save-std", action="store_true", help="write CASE_std: standard deviation over samples (HU)")
-    parser.add_argument("--dicom-out", action="store_true", help="also write a CT DICOM series per case")
+    parser.add_argument("--dicom-out", action="store_true",
+                        help="also write a CT DICOM series per case (CASE_dicom/; joins a DICOM MR's study)")
+    parser.add_argument("--mumap", action="store_true",
+                        help="also write CASE_mumap: PET attenuation map, float32 cm^-1 at 511 keV (plan mu_map)")
     parser.add_argument("--file-ending", help="output file ending (default: the input's; .nii.gz for DICOM)")
     parser.add_argument("--continue", dest="resume", action="store_true",
                         help="skip cases whose outputs exist and read back completely")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    ranks = parser.add_argument_group("several processes (job arrays, torchrun)")
+    ranks.add_argument("--num-parts", type=int, default=1, help="split the cases into this many parts (default 1)")
+    ranks.add_argument("--part-id", type=int, default=0, help="the part this job predicts, 0 .. num-parts - 1")
+    ranks.add_argument("--split-case", action="store_true",
+                       help="under torchrun: spread every case over all ranks instead of sharing out the cases")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
@@ -77,11 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     def action() -> int:
         from wldm_auto.inference.inputs import check_input_folder
         from wldm_auto.inference.predictor import load_model, predict_folder, prepare_prediction, resolve_device
+        from wldm_auto.inference.sharding import start_ranks
 
-        if args.samples < 1 or (args.steps is not None and args.steps < 1):
+        if (args.samples is not None and args.samples < 1) or (args.steps is not None and args.steps < 1):
             raise ValueError("--samples and --steps must be at least 1")
         device = resolve_device(args.device, "--device")
         check_input_folder(args.input)
+        ranks, device = start_ranks(device, args.split_case, args.num_parts, args.part_id)
         if args.model is not None:
             model = args.model
         else:
@@ -90,18 +128,27 @@ def main(argv: list[str] | None = None) -> int:
             name = resolve_dataset_name(args.dataset, (RESULTS,))
             model = results_root() / name / model_folder_name(args.trainer, args.plans, args.configuration)
         folds = load_model(model, args.folds, device, args.overlap, args.checkpoint)
-        cases = prepare_prediction(args.input, args.output, args.resume, args.overwrite, args.file_ending)
+        ranks.spread(folds)
+        cases = prepare_prediction(args.input, args.output, args.resume, args.overwrite, args.file_ending,
+                                   *ranks.share)
         # every check passed: only now create anything
         args.output.mkdir(parents=True, exist_ok=True)
-        handler = log_beside(args.output, "predict")
+        handler = log_beside(args.output, ranks.log_prefix())
         try:
-            outcomes = predict_folder(args.input, args.output, folds, args.steps, args.samples, args.seed, args.eta,
-                                      args.save_std, args.resume, args.overwrite, args.file_ending, args.dicom_out,
-                                      cases=cases)
+            if ranks.writes:
+                outcomes = predict_folder(args.input, args.output, folds, args.steps, args.samples, args.seed,
+                                          args.eta, args.save_std, args.resume, args.overwrite, args.file_ending,
+                                          args.dicom_out, cases=cases, mumap=args.mumap, announce=ranks.announce)
+            else:  # --split-case, ranks > 0: compute with rank 0, which writes
+                outcomes = ranks.follow(folds, cases, args.output, args.steps, args.samples, args.seed, args.eta,
+                                        args.file_ending)
         finally:
             logging.getLogger().removeHandler(handler)
             handler.close()
+            ranks.finish()
         failed = [o for o in outcomes if o.status == "failed"]
+        if not ranks.writes:
+            return 1 if failed else 0
         done = sum(o.status == "done" for o in outcomes)
         skipped = sum(o.status == "skipped" for o in outcomes)
         print(f"{done} predicted, {skipped} skipped (existing), {len(failed)} failed -> {args.output}")

@@ -26,10 +26,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from wldm_auto.io.geometry import Geometry
 from wldm_auto.io.images import FILE_ENDINGS, file_ending, read_image, strip_ending, write_image
 from wldm_auto.io.raw_dataset import write_dataset_json
-from wldm_auto.paths import dataset_folder_name, parse_dataset_id, raw_root
-from wldm_auto.dataset_conversion.validation import (
+from wldm_auto.io.raw_validation import (
     CASE_NAME_RE, CASE_NAME_RULE, GEOMETRY_TOLERANCE, DatasetInvalidError, read_header, validate_raw_dataset,
 )
+from wldm_auto.paths import dataset_folder_name, parse_dataset_id, raw_root
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 
 from wldm_auto.dataset_conversion.common import SourceCase, build_dataset, normalise_ending, output_folder
-from wldm_auto.dataset_conversion.validation import DETACHED_DATA_ENDINGS
 from wldm_auto.io.images import file_ending, is_dicom_folder, strip_ending
+from wldm_auto.io.raw_validation import DETACHED_DATA_ENDINGS
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,8 @@ Prediction types (what the network outputs):
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from wldm_auto.planners.schema import DiffusionPlan
 
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("epsilon", "v", "x0")
@@ -69,17 +65,6 @@ class NoiseSchedule:
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
-
-    @classmethod
-    def from_plan(cls, plan: DiffusionPlan) -> NoiseSchedule:
-        """The schedule recorded in a plan's diffusion section."""
-        return cls(
-            timesteps=plan.timesteps,
-            schedule=plan.beta_schedule,
-            beta_start=plan.beta_start,
-            beta_end=plan.beta_end,
-            prediction=plan.prediction,
-        )
 
     def __repr__(self) -> str:
         return (f"NoiseSchedule(timesteps={self.timesteps}, schedule={self.schedule!r}, "

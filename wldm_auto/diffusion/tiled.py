@@ -2,7 +2,7 @@
 
 At every sampling step the noise prediction for the WHOLE latent is
 assembled from overlapping tiles (batched, blended with Gaussian weights
-built from :func:`wldm_auto.networks.tiling.gaussian_weight` one axis at a
+built from :func:`wldm_auto.diffusion.tiling.gaussian_weight` one axis at a
 time, accumulated in float32), and
 the sampler then steps the whole latent at once with one shared noise
 field: no seams and no per-tile drift (DESIGN.md section 5).
@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from wldm_auto.diffusion.ranks import RankShare, map_batches
 from wldm_auto.diffusion.samplers import Sampler, sample
-from wldm_auto.networks.tiling import fit_tile, separable_weight, tiles
+from wldm_auto.diffusion.tiling import fit_tile, separable_weight, tiles
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,9 @@ class TiledDenoiser:
     Axes shorter than ``tile`` are used whole, replicate-padded up to a
     multiple of ``divisor`` and cropped back. Tiles of all N samples are
     batched together, ``batch_size`` per call. When one tile covers the
-    latent the output is exactly ``model_fn(x_t, t, cond)``.
+    latent the output is exactly ``model_fn(x_t, t, cond)``. With ``share``
+    the batches are spread over its ranks (``diffusion/ranks.py``): every
+    rank gets the same output, bit for bit the one of a single process.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class TiledDenoiser:
         overlap: float = 0.5,
         batch_size: int = 4,
         divisor: int = 1,
+        share: RankShare | None = None,
     ) -> None:
         tile = tuple(int(t) for t in tile)
         if len(tile) != 3 or min(tile) < 1:
@@ -84,6 +88,7 @@ class TiledDenoiser:
         self.overlap = float(overlap)
         self.batch_size = int(batch_size)
         self.divisor = int(divisor)
+        self.share = share
         self._layouts: dict[tuple, _Layout] = {}
 
     def layout(self, shape: Sequence[int], device: torch.device) -> _Layout:
@@ -117,21 +122,25 @@ class TiledDenoiser:
         x_pad, _ = replicate_pad(x_t, layout.padded)
         cond_pad = replicate_pad(cond, layout.padded)[0] if cond is not None else None
         items = [(i, s) for s in layout.slices for i in range(n)]
-        accumulator = None
-        for first in range(0, len(items), self.batch_size):
-            chunk = items[first:first + self.batch_size]
-            index = [i for i, _ in chunk]
+        chunks = [items[first:first + self.batch_size] for first in range(0, len(items), self.batch_size)]
+
+        def compute(b: int) -> torch.Tensor:
+            chunk = chunks[b]
             x_batch = torch.stack([x_pad[(i, slice(None), *s)] for i, s in chunk])
             c_batch = None
             if cond_pad is not None:
                 c_batch = torch.stack([cond_pad[(i if cond_pad.shape[0] > 1 else 0, slice(None), *s)] for i, s in chunk])
-            output = self.model_fn(x_batch, t[index], c_batch)
+            output = self.model_fn(x_batch, t[[i for i, _ in chunk]], c_batch)
             if tuple(output.shape[-3:]) != layout.tile or output.shape[0] != len(chunk):
                 raise ValueError(f"model_fn returned {tuple(output.shape)} for tiles {tuple(x_batch.shape)}")
+            return output
+
+        accumulator = None
+        for b, output in map_batches([len(c) for c in chunks], compute, self.share):
             if accumulator is None:
                 dtype = torch.promote_types(output.dtype, torch.float32)
                 accumulator = torch.zeros((n, output.shape[1], *layout.padded), dtype=dtype, device=x_t.device)
-            for (i, s), out in zip(chunk, output):
+            for (i, s), out in zip(chunks[b], output):
                 accumulator[(i, slice(None), *s)] += out.to(accumulator.dtype) * layout.weight
         blended = accumulator / layout.norm
         return blended[(slice(None), slice(None), *layout.crop)].to(x_t.dtype)
@@ -151,18 +160,26 @@ def sample_whole_latent(
     progress: bool = False,
     divisor: int = 1,
     dtype: torch.dtype = torch.float32,
+    share: RankShare | None = None,
 ) -> torch.Tensor:
     """Sample (num_samples, out_channels, D, H, W) latents conditioned on ``cond`` (1 or num_samples, C, D, H, W).
 
     One noise field per step covers the whole latent (all samples at once,
     along the batch axis); the noise prediction at each step comes from a
     :class:`TiledDenoiser`. Equals :func:`sample` with the same generator
-    when one tile covers the latent.
+    when one tile covers the latent. ``share``: spread each step's tiles over
+    the ranks of a process group (every rank passes the same ``cond`` and an
+    identically seeded ``generator``, so all hold the same latent throughout);
+    only its main rank shows progress.
     """
     if cond.dim() != 5 or cond.shape[0] not in (1, num_samples):
         raise ValueError(f"cond must be (1 or {num_samples}, C, D, H, W), got shape {tuple(cond.shape)}")
-    denoiser = TiledDenoiser(model_fn, cond, tile, overlap=overlap, batch_size=batch_size, divisor=divisor)
+    denoiser = TiledDenoiser(model_fn, cond, tile, overlap=overlap, batch_size=batch_size, divisor=divisor,
+                             share=share)
     shape = (num_samples, out_channels, *cond.shape[-3:])
     layout = denoiser.layout(shape[-3:], cond.device)
-    log.info("sampling latent %s: %d tiles of %s, %d steps", shape, len(layout.slices), layout.tile, len(sampler))
+    ranks = f" over {share.world_size} ranks" if share is not None and share.world_size > 1 else ""
+    log.info("sampling latent %s: %d tiles of %s, %d steps%s", shape, len(layout.slices), layout.tile, len(sampler),
+             ranks)
+    progress = progress and (share is None or share.is_main)
     return sample(denoiser, shape, sampler, generator=generator, device=cond.device, dtype=dtype, progress=progress)

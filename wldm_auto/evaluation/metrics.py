@@ -17,7 +17,10 @@ import numpy as np
 from scipy import ndimage, stats
 from skimage.metrics import structural_similarity
 
+from wldm_auto.io import metrics as shared
+from wldm_auto.io.body_mask import largest_component
 from wldm_auto.io.hu import BODY_THRESHOLD_HU, BONE_THRESHOLD_HU, SYNTHRAD_RANGE_HU
+from wldm_auto.io.metrics import inside as _mask
 
 log = logging.getLogger(__name__)
 
@@ -45,31 +48,14 @@ DEFINITIONS = {
 }
 
 
-def _mask(mask: np.ndarray, *arrays: np.ndarray) -> np.ndarray:
-    """``mask`` as bool after checking that every array has its shape."""
-    for array in arrays:
-        if array.shape != mask.shape:
-            raise ValueError(f"shape mismatch: image {array.shape} vs mask {mask.shape}")
-    return np.asarray(mask) > 0
-
-
 def mae(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray) -> float:
     """Mean absolute error (HU): mean over mask voxels of |sct - ct|; no clipping."""
-    m = _mask(mask, ct, sct)
-    if not m.any():
-        return float("nan")
-    return float(np.abs(sct[m].astype(np.float64) - ct[m]).mean())
+    return shared.mae(ct, sct, mask)
 
 
 def psnr(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray) -> float:
     """PSNR (dB) = 10 log10(4024^2 / MSE); both clipped to [-1024, 3000], MSE over the mask; inf if equal."""
-    m = _mask(mask, ct, sct)
-    if not m.any():
-        return float("nan")
-    a = np.clip(ct[m].astype(np.float64), *HU_RANGE)
-    b = np.clip(sct[m].astype(np.float64), *HU_RANGE)
-    mse = float(np.mean((a - b) ** 2))
-    return float("inf") if mse == 0 else float(10.0 * np.log10(DATA_RANGE ** 2 / mse))
+    return shared.psnr(ct, sct, mask, HU_RANGE)
 
 
 def ncc(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray) -> float:
@@ -110,12 +96,7 @@ def spearman_uncertainty(ct: np.ndarray, sct: np.ndarray, std: np.ndarray, mask:
 
 def default_body_mask(ct: np.ndarray, threshold: float = BODY_HU) -> np.ndarray:
     """Body of a CT: ct > -500 HU, largest connected component (faces), holes filled in 3D then per axial slice."""
-    labels, count = ndimage.label(ct > threshold)
-    if count == 0:
-        return np.zeros(ct.shape, bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    body = ndimage.binary_fill_holes(labels == int(sizes.argmax()))
+    body = ndimage.binary_fill_holes(largest_component(np.asarray(ct > threshold)))
     for z in range(body.shape[0]):
         body[z] = ndimage.binary_fill_holes(body[z])
     return body

@@ -57,7 +57,8 @@ class Predictor:
     def from_model_folder(cls, path: str | os.PathLike, folds: Sequence[int] | None = (0,), device: str = "cuda",
                           checkpoint: str = CHECKPOINT, overlap: float | None = None,
                           progress: bool = True) -> "Predictor":
-        """Load ``<Trainer>__<plans>__<config>/fold_F/checkpoint`` for each fold in ``folds``.
+        """Load ``<Trainer>__<plans>__<config>/fold_F/checkpoint`` for each fold in ``folds``; ``path`` may
+        also be a model zip (``wldm_export_model``: hashes checked, unpacked to a temporary folder).
 
         ``folds=None``: every fold with a finished checkpoint. ``device``: "cuda",
         "cpu" or "auto" (CUDA if available); "cuda" without CUDA is a ValueError.
@@ -78,7 +79,7 @@ class Predictor:
         names = self.folds[0].plans.channel_names
         return {c: names.get(str(c), f"{c:04d}") for c in range(self.mr_channels)}
 
-    def predict(self, image: MRInput, steps: int | None = None, samples: int = 1, seed: int = 0,
+    def predict(self, image: MRInput, steps: int | None = None, samples: int | None = None, seed: int = 0,
                 eta: float | None = None, *, spacing: Sequence[float] | None = None,
                 origin: Sequence[float] | None = None, direction: Sequence[float] | None = None) -> Prediction:
         """sCT (and std with more than one draw) for one MR; nothing is written to disk.
@@ -89,7 +90,8 @@ class Predictor:
         ``direction`` (9 numbers, default identity), all in SimpleITK's (x, y, z)
         order. A model of several sequences takes a list/tuple (channel 0, 1, ...)
         or a dict {channel index or name: image} of any non-empty subset.
-        ``steps``/``eta`` None: the plan's. Draws: ``samples`` per diffusion fold,
+        ``steps``/``samples``/``eta`` None: the plan's (``inference.ddim_steps``,
+        ``inference.samples``, ``inference.ddim_eta``). Draws: ``samples`` per diffusion fold,
         one per regression fold; seeds ``seed + 1000 * fold position``.
         One-line ValueError for input that cannot be used.
         """

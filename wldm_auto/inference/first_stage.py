@@ -14,7 +14,7 @@ import torch
 from wldm_auto.inference.export import AIR_HU, to_input_grid
 from wldm_auto.planners.schema import Plans
 from wldm_auto.preprocessing.case import body_mask, preprocess_ct, preprocess_mr
-from wldm_auto.preprocessing.normalization import denormalise_ct
+from wldm_auto.io.normalization import denormalise_ct
 
 
 @torch.no_grad()

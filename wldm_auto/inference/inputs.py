@@ -77,3 +77,22 @@ def find_cases(folder: str | Path) -> list[InputCase]:
     if not cases:
         raise ValueError(f"{folder}: no MR images found (expected CASE_0000.nii.gz, CASE.mha, DICOM folders, ...)")
     return [InputCase(name, dict(sorted(ch.items()))) for name, ch in sorted(cases.items())]
+
+
+def select_part(cases: list[InputCase], part_id: int = 0, num_parts: int = 1) -> list[InputCase]:
+    """Part ``part_id`` of ``num_parts``: ``cases[part_id::num_parts]`` of the cases sorted by name.
+
+    The parts are disjoint and together hold every case, so jobs predicting
+    parts 0 .. N-1 into one folder write each case exactly once (a part may be
+    empty when there are more parts than cases). ValueError for a bad share.
+    """
+    for name, value in (("num_parts", num_parts), ("part_id", part_id)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise ValueError(f"part {part_id} of {num_parts}: need num_parts >= 1 and 0 <= part_id < num_parts")
+    chosen = sorted(cases, key=lambda c: c.name)[part_id::num_parts]
+    if num_parts > 1:
+        log.info("part %d of %d: %d of %d case(s)%s", part_id, num_parts, len(chosen), len(cases),
+                 f" ({', '.join(c.name for c in chosen[:5])}{' ...' if len(chosen) > 5 else ''})" if chosen else "")
+    return chosen

@@ -2,7 +2,7 @@
 
 Per case: read the MR channels, body mask, crop/resample/normalise exactly as
 in training, sample the CT latent for the whole volume (see
-``diffusion/synthesis.py``) once per fold and sample, average to HU, put the
+``models/latent.py``) once per fold and sample, average to HU, put the
 result back onto the input MR's exact grid, set everything outside the body
 to air (-1024) and write int16. With ``samples * folds > 1`` and
 ``save_std`` the voxel-wise standard deviation (HU) is written beside it.
@@ -14,36 +14,37 @@ and the Python API (``inference/api.py``) both call it.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from wldm_auto.diffusion.schedule import NoiseSchedule
-from wldm_auto.diffusion.synthesis import LatentSynthesizer
+from wldm_auto.inference.attenuation import mu_map
 from wldm_auto.inference.export import AIR_HU, hu_int16, to_input_grid, write_dicom_series
-from wldm_auto.inference.inputs import InputCase, check_output_folder, find_cases, input_files
-from wldm_auto.io.files import is_disk_full
+from wldm_auto.inference.inputs import InputCase, check_output_folder, find_cases, input_files, select_part
+from wldm_auto.inference.model_archive import extracted_model, is_model_archive
+from wldm_auto.io.files import is_disk_full, sha256_file
 from wldm_auto.io.images import FILE_ENDINGS, ImageReadError, file_ending, read_image, write_image
-from wldm_auto.networks.haar import HaarFirstStage
-from wldm_auto.networks.regression_unet import RegressionSynthesizer, RegressionUNet
-from wldm_auto.networks.vae import WaveletVAE
+from wldm_auto.models.checkpoint import CheckpointError
+from wldm_auto.models.loading import build_synthesizer, load_synthesis_checkpoint
+from wldm_auto.models.phases import Phases
+from wldm_auto.models.synthesizer import Synthesizer
+from wldm_auto.paths import model_folder_name
 from wldm_auto.planners.schema import ConfigurationPlan, InferencePlan, Plans
 from wldm_auto.preprocessing.case import CaseError, body_mask, check_channels, preprocess_mr
-from wldm_auto.preprocessing.normalization import denormalise_ct
-from wldm_auto.trainers.checkpoint import CheckpointError, load_checkpoint
-from wldm_auto.trainers.diffusion_trainer import build_unet
+from wldm_auto.io.normalization import denormalise_ct
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint_final.pt"
-Synthesizer = LatentSynthesizer | RegressionSynthesizer
 
 
 @dataclass
@@ -54,6 +55,8 @@ class LoadedFold:
     mr_channels: int
     synthesizer: Synthesizer
     checkpoint: Path
+    trainer: str = ""  # the trainer that wrote the checkpoint
+    sha256: str = ""  # of the checkpoint file (names the model in DICOM output)
 
 
 @dataclass
@@ -63,6 +66,7 @@ class PredictionOutcome:
     message: str = ""
     seconds: float = 0.0
     outputs: list[Path] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (done cases)
 
 
 def resolve_device(device: str | torch.device, option: str = "device") -> torch.device:
@@ -91,63 +95,35 @@ def load_fold(folder: Path, device: torch.device, overlap: float | None = None, 
         raise ValueError(f"{path}: not found (is training of {folder.name} finished? "
                          f"it writes {checkpoint} at the end)")
     try:
-        state = load_checkpoint(path, map_location="cpu")
+        stored = load_synthesis_checkpoint(path)
     except CheckpointError as exc:
         raise ValueError(str(exc)) from None
-    stage = state.get("stage")
-    if stage not in BUILDERS:
-        raise ValueError(f"{path}: a {stage!r} checkpoint; prediction needs a "
-                         f"{' or '.join(repr(k) for k in BUILDERS)} model")
-    plans = Plans.from_dict(state["plans"], str(path))
-    config = plans.configuration(state["configuration"])
+    plans = Plans.from_dict(stored.plans, str(path))
+    config = plans.configuration(stored.configuration)
     if inference is not None:
         config = replace(config, inference=inference)
     overlap = config.inference.tile_overlap if overlap is None else overlap
     try:
-        synthesizer = BUILDERS[stage](state, config, overlap, device)
+        synthesizer = build_synthesizer(stored, config, overlap, device)
     except (RuntimeError, KeyError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise ValueError(f"{path}: weights do not match the plan stored in it ({first[:200]})") from None
-    return LoadedFold(int(state["fold"]), plans, state["configuration"], int(state["mr_channels"]), synthesizer, path)
-
-
-def _diffusion(state: dict[str, Any], config: ConfigurationPlan, overlap: float, device: torch.device) -> Synthesizer:
-    """The first stage (embedded VAE or fixed Haar) and the EMA U-Net of a diffusion checkpoint."""
-    plan = getattr(config, state.get("plan_section", "diffusion"))
-    mr_channels = int(state["mr_channels"])
-    first_stage: torch.nn.Module
-    if plan.first_stage == "haar":
-        first_stage = HaarFirstStage(mr_channels)
-    else:
-        first_stage = WaveletVAE(mr_channels, config.vae)
-        first_stage.load_state_dict(state["networks"]["vae"])
-    unet = build_unet(plan, first_stage)
-    unet.load_state_dict(state["networks"]["ema"])
-    return LatentSynthesizer(first_stage.to(device).eval(), unet.to(device).eval(), NoiseSchedule.from_plan(plan),
-                             float(state["latent_scale"]), config.patch_size, overlap, device,
-                             latent_tile_scale=config.inference.latent_tile_scale,
-                             latent_overlap=config.inference.latent_overlap,
-                             image_tile_scale=config.inference.image_tile_scale)
-
-
-def _regression(state: dict[str, Any], config: ConfigurationPlan, overlap: float, device: torch.device) -> Synthesizer:
-    """The U-Net of a regression-baseline checkpoint."""
-    net = RegressionUNet(int(state["mr_channels"]), config.regression)
-    net.load_state_dict(state["networks"]["net"])
-    return RegressionSynthesizer(net.to(device).eval(), config.patch_size, overlap, device)
-
-
-BUILDERS = {"diffusion": _diffusion, "wavelet_diffusion": _diffusion, "regression": _regression}
+    return LoadedFold(int(stored.fold), plans, stored.configuration, int(stored.mr_channels), synthesizer, path,
+                      stored.trainer, sha256_file(path))
 
 
 def load_model(model_folder: Path, folds: Sequence[int] | None, device: torch.device,
                overlap: float | None = None, checkpoint: str = CHECKPOINT,
                inference: InferencePlan | None = None) -> list[LoadedFold]:
-    """The requested folds of a model folder (``inference``: see load_fold).
+    """The requested folds of a model folder or model zip (``inference``: see load_fold).
 
     Default: every ``fold_*`` folder holding ``checkpoint``; folders without one
-    (training unfinished or failed) are skipped with a warning. Requested folds must have it."""
+    (training unfinished or failed) are skipped with a warning. Requested folds must have it.
+    A zip (``wldm_export_model``) is checked and unpacked into a temporary folder, removed once loaded."""
     model_folder = Path(model_folder)
+    if is_model_archive(model_folder):
+        with extracted_model(model_folder) as folder:
+            return load_model(folder, folds, device, overlap, checkpoint, inference)
     if not model_folder.is_dir():
         raise ValueError(f"{model_folder}: model folder not found")
     names = [f"fold_{f}" for f in folds] if folds else sorted(p.name for p in model_folder.glob("fold_*") if p.is_dir())
@@ -173,6 +149,24 @@ def output_paths(case: InputCase, output: Path, ending: str | None) -> tuple[Pat
     source = case.channels[min(case.channels)]
     ending = ending or file_ending(source) or ".nii.gz"
     return output / f"{case.name}{ending}", output / f"{case.name}_std{ending}"
+
+
+def mumap_path(case: InputCase, output: Path, ending: str | None) -> Path:
+    """``CASE_mumap<ending>``: the attenuation map written with ``mumap``."""
+    sct = output_paths(case, output, ending)[0]
+    return output / f"{case.name}_mumap{sct.name[len(case.name):]}"
+
+
+def dicom_labels(folds: Sequence[LoadedFold], draws: int, seed: int) -> tuple[str, str, list[str]]:
+    """(series description, derivation description, model identity) of the sCT DICOM series ``folds`` make."""
+    first = folds[0]
+    name = model_folder_name(first.trainer or "unknown", first.plans.plans_name, first.configuration)
+    numbers = ",".join(str(f.fold) for f in folds)
+    model_hash = hashlib.sha256(" ".join(f.sha256 for f in folds).encode()).hexdigest()
+    description = f"SYNTHETIC CT {first.trainer} f{numbers} {model_hash[:8]}"
+    derivation = (f"Synthetic CT computed from MR (not acquired) by wldm_auto: model {name}, fold(s) {numbers}, "
+                  f"checkpoint sha256 {', '.join(f.sha256 for f in folds)}; {draws} draw(s), seed {seed}")
+    return description, derivation, [name, *(f.sha256 for f in folds)]
 
 
 def describe_channel(plans: Plans, channel: int) -> str:
@@ -241,20 +235,30 @@ class Synthesis:
     sct: sitk.Image  # int16 HU, -1024 outside the body
     std: sitk.Image | None  # float32 HU over all draws; None with one draw or when not asked for
     draws: int  # samples x folds actually drawn (a deterministic fold counts once)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: mask, preprocess, encode, sample, ...
+
+
+def plan_samples(folds: Sequence[LoadedFold], samples: int | None = None) -> int:
+    """``samples`` if given, else the model's plan (``inference.samples``): samples per fold."""
+    if samples is not None:
+        return samples
+    first = folds[0]
+    return first.plans.configuration(first.configuration).inference.samples
 
 
 def synthesize(
     folds: list[LoadedFold], images: Mapping[int, sitk.Image], available: torch.Tensor | None,
-    steps: int | None = None, samples: int = 1, seed: int = 0, eta: float | None = None, want_std: bool = True,
+    steps: int | None = None, samples: int | None = None, seed: int = 0, eta: float | None = None, want_std: bool = True,
     names: Sequence[str] | None = None, progress: bool = True,
 ) -> Synthesis:
     """sCT (and std) for one case's MR channels: the per-image code both ``wldm_predict`` and
     :class:`~wldm_auto.inference.api.Predictor` run, so the two give identical voxels.
 
     ``images``: channel index -> float32 3D image of the channels present (sorted, one
-    grid); ``available``: from :func:`channel_flags`; ``steps``/``eta`` None: the plan's.
+    grid); ``available``: from :func:`channel_flags`; ``steps``/``samples``/``eta`` None: the plan's.
     The result has the first channel's exact geometry. CaseError/ValueError for unusable input.
     """
+    samples = plan_samples(folds, samples)
     if samples < 1 or (steps is not None and steps < 1):
         raise ValueError(f"samples ({samples}) and steps ({steps}) must be at least 1")
     first = folds[0]
@@ -262,33 +266,48 @@ def synthesize(
     present = sorted(images)
     chosen = [images[c] for c in present]
     check_channels(chosen, list(names) if names is not None else [f"channel {c:04d}" for c in present])
-    body = body_mask(chosen[0], plans)  # from the first sequence present
-    pre = preprocess_mr(chosen, body, plans, config.spacing)
-    mr_array = np.zeros((first.mr_channels, *pre.mr.shape[1:]), dtype=np.float32)  # missing sequences: zeros
-    mr_array[present] = pre.mr
-    mr = torch.from_numpy(mr_array)
+    phases = Phases(getattr(first.synthesizer, "device", None))
+    with phases("body_mask"):
+        body = body_mask(chosen[0], plans)  # from the first sequence present
+    with phases("preprocess"):  # crop to the body, resample to the plan spacing, normalise
+        pre = preprocess_mr(chosen, body, plans, config.spacing)
+        mr_array = np.zeros((first.mr_channels, *pre.mr.shape[1:]), dtype=np.float32)  # missing sequences: zeros
+        mr_array[present] = pre.mr
+        mr = torch.from_numpy(mr_array)
     window = tuple(plans.preprocessing.ct_window)
     steps = steps or config.inference.ddim_steps
     eta = config.inference.ddim_eta if eta is None else eta
     draws = []
     for k, fold in enumerate(folds):
         generator = torch.Generator(device="cpu").manual_seed(seed + 1000 * k)
-        count = 1 if getattr(fold.synthesizer, "deterministic", False) else samples  # repeats add nothing
-        normalised = fold.synthesizer.sample(mr, steps, eta, count, generator, progress=progress, available=available)
-        draws.append(denormalise_ct(normalised.clamp(-1, 1).cpu().numpy(), window))
-    stack = np.concatenate(draws)
-    sct = hu_int16(to_input_grid(stack.mean(0), pre.properties, chosen[0], body, AIR_HU), window)
-    std = to_input_grid(stack.std(0), pre.properties, chosen[0], body, 0.0) if want_std and len(stack) > 1 else None
-    return Synthesis(sct, std, len(stack))
+        count = samples if fold.synthesizer.is_stochastic else 1  # repeats add nothing
+        timed = hasattr(fold.synthesizer, "phases")  # splits its time into encode / sample / decode
+        if timed:
+            fold.synthesizer.phases = phases
+        try:
+            with phases("synthesizer") if not timed else nullcontext():
+                normalised = fold.synthesizer.sample(mr, steps, eta, count, generator, progress=progress,
+                                                     available=available)
+        finally:
+            if timed:
+                fold.synthesizer.phases = None
+        with phases("denormalise"):
+            draws.append(denormalise_ct(normalised.clamp(-1, 1).cpu().numpy(), window))
+    with phases("resample_back"):  # to the input grid, air outside the body
+        stack = np.concatenate(draws)
+        sct = hu_int16(to_input_grid(stack.mean(0), pre.properties, chosen[0], body, AIR_HU), window)
+        std = to_input_grid(stack.std(0), pre.properties, chosen[0], body, 0.0) if want_std and len(stack) > 1 else None
+    return Synthesis(sct, std, len(stack), phases.seconds)
 
 
 def predict_case(
-    folds: list[LoadedFold], case: InputCase, output: Path, steps: int | None = None, samples: int = 1,
+    folds: list[LoadedFold], case: InputCase, output: Path, steps: int | None = None, samples: int | None = None,
     seed: int = 0, eta: float | None = None, save_std: bool = False, ending: str | None = None,
-    dicom_out: bool = False, protected: set[Path] | None = None,
+    dicom_out: bool = False, protected: set[Path] | None = None, mumap: bool = False,
 ) -> PredictionOutcome:
     """Predict one case (read, :func:`synthesize`, write); raises ImageReadError/CaseError/ValueError for
-    inputs that cannot be used.
+    inputs that cannot be used. ``mumap``: also write ``CASE_mumap`` (cm^-1 at 511 keV, plan ``mu_map``);
+    ``dicom_out`` from a DICOM MR: the series joins the MR's patient, study and frame of reference.
 
     A failed write (full disk) raises an OSError naming the file; the outputs
     this call already wrote for the case are removed. ``protected``: resolved
@@ -300,10 +319,15 @@ def predict_case(
     paths = [case.channels[c] for c in present]
     sct_path, std_path = output_paths(case, output, ending)
     dicom_folder = output / f"{case.name}_dicom"
-    _refuse_inputs([sct_path, std_path, dicom_folder], protected or set())
-    images = {c: read_image(p, sitk.sitkFloat32) for c, p in zip(present, paths)}
+    mumap_file = mumap_path(case, output, ending)
+    _refuse_inputs([sct_path, std_path, dicom_folder, mumap_file], protected or set())
+    phases = Phases()
+    with phases("read"):
+        images = {c: read_image(p, sitk.sitkFloat32) for c, p in zip(present, paths)}
     result = synthesize(folds, images, available, steps, samples, seed, eta, want_std=save_std,
                         names=[str(p) for p in paths])
+    phases.update(result.phases)
+    write_start = time.perf_counter()  # the write phase (below) ends once every output is written
     outputs: list[Path] = []
     try:
         write_image(result.sct, sct_path)
@@ -312,29 +336,36 @@ def predict_case(
             write_image(result.std, std_path)
             outputs.append(std_path)
         elif save_std:
-            deterministic = all(getattr(f.synthesizer, "deterministic", False) for f in folds)
+            deterministic = not any(f.synthesizer.is_stochastic for f in folds)
             reason = "a deterministic regression model with one fold" if deterministic else "one fold and one sample"
             log.info("%s: std map not written: %s gives no spread (use several folds%s)", case.name, reason,
                      "" if deterministic else " or --samples")
+        if mumap:
+            write_image(mu_map(result.sct, first.plans.mu_map), mumap_file)
+            outputs.append(mumap_file)
         if dicom_out:
-            write_dicom_series(result.sct, dicom_folder)
+            source = paths[0] if Path(paths[0]).is_dir() else None  # a DICOM MR: inherit patient, study, frame
+            description, derivation, identity = dicom_labels(folds, result.draws, seed)
+            write_dicom_series(result.sct, dicom_folder, description, derivation, source, identity)
             outputs.append(dicom_folder)
     except OSError:
         _remove_outputs(outputs)
         raise
-    return PredictionOutcome(case.name, "done", seconds=time.time() - start, outputs=outputs)
+    phases.seconds["write"] = time.perf_counter() - write_start
+    log.debug("%s phases: %s", case.name, phases.table())
+    return PredictionOutcome(case.name, "done", seconds=time.time() - start, outputs=outputs, phases=phases.seconds)
 
 
 def expects_std(folds: list[LoadedFold], samples: int, save_std: bool) -> bool:
     """Whether ``predict_case`` writes a std map with these settings (more than one draw)."""
     if not save_std:
         return False
-    deterministic = all(getattr(f.synthesizer, "deterministic", False) for f in folds)
+    deterministic = not any(f.synthesizer.is_stochastic for f in folds)
     return len(folds) > 1 or (samples > 1 and not deterministic)
 
 
 def incomplete_outputs(case: InputCase, output: Path, ending: str | None, std: bool = False,
-                       dicom_out: bool = False) -> str | None:
+                       dicom_out: bool = False, mumap: bool = False) -> str | None:
     """Why the existing outputs of ``case`` cannot be trusted (missing, truncated, unreadable), or None.
 
     Each image is read back fully (``read_image`` checks the voxel payload
@@ -342,7 +373,7 @@ def incomplete_outputs(case: InputCase, output: Path, ending: str | None, std: b
     does not count as finished.
     """
     sct_path, std_path = output_paths(case, output, ending)
-    for path, needed in ((sct_path, True), (std_path, std)):
+    for path, needed in ((sct_path, True), (std_path, std), (mumap_path(case, output, ending), mumap)):
         if not needed:
             continue
         if not path.exists():
@@ -357,16 +388,18 @@ def incomplete_outputs(case: InputCase, output: Path, ending: str | None, std: b
 
 
 def prepare_prediction(input_dir: Path, output_dir: Path, resume: bool = False, overwrite: bool = False,
-                       ending: str | None = None) -> list[InputCase]:
-    """The cases of ``input_dir`` after every check that needs no model; creates nothing.
+                       ending: str | None = None, part_id: int = 0, num_parts: int = 1) -> list[InputCase]:
+    """This process's share of the cases of ``input_dir`` after every check that needs no model; creates nothing.
 
-    ValueError for an input that is not a folder of MR images or an output
-    folder that is (inside) the input folder; FileExistsError when outputs
+    ``part_id``/``num_parts``: the share (``cases[part_id::num_parts]`` of the
+    sorted cases, see ``inference/sharding.py``); only its outputs are
+    checked. ValueError for an input that is not a folder of MR images, an output
+    folder that is (inside) the input folder or a bad share; FileExistsError when outputs
     exist and neither ``resume`` nor ``overwrite`` is given.
     """
     if ending is not None and ending not in FILE_ENDINGS:
         raise ValueError(f"--file-ending {ending!r}: use one of {', '.join(FILE_ENDINGS)}")
-    cases = find_cases(input_dir)
+    cases = select_part(find_cases(input_dir), part_id, num_parts)
     check_output_folder(input_dir, output_dir)
     output_dir = Path(output_dir)
     existing = [c for c in cases if output_paths(c, output_dir, ending)[0].exists()]
@@ -378,39 +411,50 @@ def prepare_prediction(input_dir: Path, output_dir: Path, resume: bool = False, 
 
 
 def predict_folder(
-    input_dir: Path, output_dir: Path, folds: list[LoadedFold], steps: int | None = None, samples: int = 1,
+    input_dir: Path, output_dir: Path, folds: list[LoadedFold], steps: int | None = None, samples: int | None = None,
     seed: int = 0, eta: float | None = None, save_std: bool = False, resume: bool = False, overwrite: bool = False,
     ending: str | None = None, dicom_out: bool = False, cases: list[InputCase] | None = None,
+    part_id: int = 0, num_parts: int = 1, announce: Callable[[InputCase, str], None] | None = None,
+    mumap: bool = False,
 ) -> list[PredictionOutcome]:
-    """Predict every case of ``input_dir``; failing cases are reported, the others still run.
+    """Predict every case of ``input_dir`` (or its share ``part_id`` of ``num_parts``); failing cases are
+    reported, the others still run.
 
     ``cases``: those :func:`prepare_prediction` returned (else it is called
     here). With ``resume`` a case is skipped only when its outputs read back
     completely. A full disk fails the case being written and every case
-    after it (they could not be written either).
+    after it (they could not be written either). ``announce(case, decision)``
+    hears, before each case, "predict", "skip" or "stop" (a ``--split-case``
+    run tells its other ranks, see ``inference/sharding.py``).
     """
     output_dir = Path(output_dir)
     if cases is None:
-        cases = prepare_prediction(input_dir, output_dir, resume, overwrite, ending)
+        cases = prepare_prediction(input_dir, output_dir, resume, overwrite, ending, part_id, num_parts)
     output_dir.mkdir(parents=True, exist_ok=True)
     protected = input_files(cases)
+    samples = plan_samples(folds, samples)
     want_std = expects_std(folds, samples, save_std)
     outcomes = []
     disk_full: str | None = None
     for index, case in enumerate(cases, 1):
-        if disk_full is not None:
+        decision, problem = ("stop" if disk_full is not None else "predict"), None
+        if decision == "predict" and resume and output_paths(case, output_dir, ending)[0].exists():
+            problem = incomplete_outputs(case, output_dir, ending, want_std, dicom_out, mumap)
+            decision = "skip" if problem is None else "predict"
+        if announce is not None:
+            announce(case, decision)
+        if decision == "stop":
             outcomes.append(PredictionOutcome(case.name, "failed", f"not predicted: {disk_full}"))
             continue
-        if resume and output_paths(case, output_dir, ending)[0].exists():
-            problem = incomplete_outputs(case, output_dir, ending, want_std, dicom_out)
-            if problem is None:
-                outcomes.append(PredictionOutcome(case.name, "skipped", "output exists (--continue)"))
-                continue
+        if decision == "skip":
+            outcomes.append(PredictionOutcome(case.name, "skipped", "output exists (--continue)"))
+            continue
+        if problem is not None:
             log.warning("%s: existing output not complete (%s): predicting it again", case.name, problem)
         log.info("case %d/%d: %s", index, len(cases), case.name)
         try:
             outcome = predict_case(folds, case, output_dir, steps, samples, seed, eta, save_std, ending, dicom_out,
-                                   protected)
+                                   protected, mumap)
             log.info("%s: done in %.1f s -> %s", case.name, outcome.seconds, outcome.outputs[0])
         except (ImageReadError, CaseError, ValueError, OSError) as exc:
             outcome = PredictionOutcome(case.name, "failed", str(exc))

@@ -1,4 +1,4 @@
-"""Atomic writes, JSON helpers and content hashing.
+"""Atomic writes (files and folders), JSON helpers and content hashing.
 
 Every file the pipeline produces is written to a temporary name in the same
 folder, flushed to disk, then renamed over the final name, so a killed run
@@ -115,6 +115,41 @@ def atomic_path(final: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             tmp_path.unlink()
 
 
+@contextmanager
+def atomic_folder(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new empty temporary folder beside ``final``; once the block succeeds it takes ``final``'s place.
+
+    What was at ``final`` is replaced only then (renamed aside, then removed), so
+    readers never see a half-filled folder under the final name. On error the
+    temporary folder is removed and ``final`` stays as it was; a failed rename
+    raises :class:`WriteError` naming ``final``.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual mode
+        yield tmp
+        old = None
+        try:
+            if final.exists() or final.is_symlink():
+                old = final.parent / f"{tmp.name}.old"
+                final.rename(old)
+            tmp.rename(final)
+        except OSError as exc:
+            if old is not None and not final.exists():
+                old.rename(final)  # put the previous version back
+            raise write_error(final, exc) from exc
+        if old is not None:
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _to_plain(value: Any, null_nonfinite: bool = True) -> Any:
     """JSON-ready copy of ``value``: numpy values plain, paths as text, NaN/inf as None (JSON null)."""
     if isinstance(value, dict):
@@ -172,6 +207,15 @@ def hash_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         with open(file, "rb") as handle:
             while block := handle.read(chunk):
                 digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """SHA-256 (hex) of a file's bytes: the hash model archives record and check."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
     return digest.hexdigest()
 
 

@@ -84,19 +84,25 @@ def is_dicom_folder(path: str | os.PathLike) -> bool:
         sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
 
 
-def read_dicom_series(folder: str | os.PathLike) -> sitk.Image:
-    """Read the DICOM series with the most files in ``folder`` (logging which)."""
+def dicom_series_files(folder: str | os.PathLike, quiet: bool = False) -> list[str]:
+    """The files of the DICOM series with the most files in ``folder``, in the slice order SimpleITK reads
+    them (file k is slice k of the volume); ImageReadError if there is none. ``quiet``: do not log the choice."""
     folder = str(folder)
     series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
     if not series_ids:
         raise ImageReadError(f"{folder}: no DICOM series found")
     files_per_series = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, sid) for sid in series_ids}
     chosen = max(series_ids, key=lambda sid: len(files_per_series[sid]))
-    if len(series_ids) > 1:
+    if len(series_ids) > 1 and not quiet:
         log.info("%s: %d DICOM series, reading the largest (%s, %d files)",
                  folder, len(series_ids), chosen, len(files_per_series[chosen]))
+    return list(files_per_series[chosen])
+
+
+def read_dicom_series(folder: str | os.PathLike) -> sitk.Image:
+    """Read the DICOM series with the most files in ``folder`` (logging which)."""
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files_per_series[chosen])
+    reader.SetFileNames(dicom_series_files(folder))
     return reader.Execute()
 
 

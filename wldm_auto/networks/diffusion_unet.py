@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +10,6 @@ from torch import nn
 
 from wldm_auto.networks.attention import DSCA
 from wldm_auto.networks.blocks import num_groups
-from wldm_auto.planners.schema import DiffusionPlan
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -48,9 +48,9 @@ class TimeResBlock(nn.Module):
 
 
 class DiffusionUNet(nn.Module):
-    """3D U-Net predicting the noise (or the plan's target) from ``cat([x_t, z_mr])`` and ``t``.
+    """3D U-Net predicting the noise (or another diffusion target) from ``cat([x_t, z_mr])`` and ``t``.
 
-    Layout, with widths C_0..C_{L-1} = ``plan.unet_channels``:
+    Layout, with widths C_0..C_{L-1} = ``channels``:
 
     * stem: 3x3x3 conv of ``latent_channels + cond_channels`` -> C_0;
     * encoder level i: ``blocks_per_level`` :class:`TimeResBlock`; its output is
@@ -65,9 +65,9 @@ class DiffusionUNet(nn.Module):
       Consequently only the head gets gradient on the very first step.
 
     Skips: E_i' = DSCA(E_i, S_MR, M_MR) at the ``dsca_scales`` finest levels (all
-    levels if there are fewer) when ``plan.dsca``; S_MR = z_mr[:, :Cc/2],
+    levels if there are fewer) when ``dsca``; S_MR = z_mr[:, :Cc/2],
     M_MR = z_mr[:, Cc/2:] with Cc = ``cond_channels`` (which must then be even),
-    resized by DSCA to each scale. ``plan.dsca=False`` (ablation) gives plain
+    resized by DSCA to each scale. ``dsca=False`` (ablation) gives plain
     skips and no attention parameters.
 
     Time: sinusoidal embedding of width C_0 -> Linear-SiLU-Linear to ``time_dim``
@@ -79,8 +79,9 @@ class DiffusionUNet(nn.Module):
     def __init__(
         self,
         latent_channels: int,
-        plan: DiffusionPlan,
+        channels: Sequence[int],
         cond_channels: int | None = None,
+        dsca: bool = True,
         blocks_per_level: int = 2,
         group_width: int = 8,
         time_dim: int | None = None,
@@ -90,16 +91,16 @@ class DiffusionUNet(nn.Module):
         dsca_scales: int = 3,
     ) -> None:
         super().__init__()
-        channels = list(plan.unet_channels)
+        channels = list(channels)
         if not channels or min(channels) < 1:
-            raise ValueError(f"DiffusionPlan.unet_channels must be non-empty positive widths, got {channels}")
+            raise ValueError(f"channels must be non-empty positive widths, got {channels}")
         cond_channels = latent_channels if cond_channels is None else cond_channels
         if latent_channels < 1 or cond_channels < 1 or blocks_per_level < 1:
             raise ValueError(
                 f"latent_channels ({latent_channels}), cond_channels ({cond_channels}) and "
                 f"blocks_per_level ({blocks_per_level}) must be >= 1"
             )
-        if plan.dsca and cond_channels % 2:
+        if dsca and cond_channels % 2:
             raise ValueError(
                 f"DSCA splits z_mr into structure/modality halves: cond_channels={cond_channels} must be even"
             )
@@ -128,7 +129,7 @@ class DiffusionUNet(nn.Module):
             for i in range(self.levels - 1)
         )
         half = cond_channels // 2
-        dsca_levels = range(min(max(dsca_scales, 0), self.levels)) if plan.dsca else range(0)
+        dsca_levels = range(min(max(dsca_scales, 0), self.levels)) if dsca else range(0)
         self.dsca = nn.ModuleDict(
             {
                 str(i): DSCA(

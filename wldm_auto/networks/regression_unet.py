@@ -1,23 +1,18 @@
-"""The regression baseline: a plain 3D U-Net from normalised MR to normalised CT, and its whole-volume predictor.
+"""The regression baseline: a plain 3D U-Net from normalised MR to normalised CT.
 
-No latent space, no noise: one deterministic forward per tile. This is the
-fast mode and the nnU-Net-style comparison for the diffusion model.
+No latent space, no noise: one deterministic forward per tile
+(``models/regression.py`` runs it over whole volumes). This is the fast mode
+and the nnU-Net-style comparison for the diffusion model.
 """
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from wldm_auto.networks.blocks import num_groups
 from wldm_auto.networks.channels import network_channels, with_flags
-from wldm_auto.networks.tiling import fit_tile, sliding_window
-from wldm_auto.planners.schema import RegressionPlan
-
-log = logging.getLogger(__name__)
 
 
 def _norm(channels: int, group_width: int) -> nn.GroupNorm:
@@ -42,7 +37,7 @@ class ResBlock(nn.Module):
 class RegressionUNet(nn.Module):
     """3D U-Net: (B, in_channels, D, H, W) normalised MR -> (B, 1, D, H, W) normalised CT.
 
-    Widths C_0..C_{L-1} = ``plan.unet_channels``:
+    Widths C_0..C_{L-1} = ``channels``:
 
     * stem: 3x3x3 conv in_channels (plus availability flags when there are
       several MR sequences, see ``networks/channels.py``) -> C_0;
@@ -54,18 +49,19 @@ class RegressionUNet(nn.Module):
       ``blocks_per_level - 1`` more;
     * head: GN-SiLU-1x1x1 conv to one channel (linear output; callers clamp to [-1, 1]).
 
-    GroupNorm uses ``plan.group_width`` channels per group (:func:`num_groups`).
+    GroupNorm uses ``group_width`` channels per group (:func:`num_groups`).
     """
 
-    def __init__(self, in_channels: int, plan: RegressionPlan) -> None:
+    def __init__(self, in_channels: int, channels: Sequence[int], blocks_per_level: int = 2,
+                 group_width: int = 8) -> None:
         super().__init__()
-        channels = list(plan.unet_channels)
+        channels = list(channels)
         if not channels or min(channels) < 1:
-            raise ValueError(f"RegressionPlan.unet_channels must be non-empty positive widths, got {channels}")
-        if in_channels < 1 or plan.blocks_per_level < 1:
-            raise ValueError(f"in_channels ({in_channels}) and blocks_per_level ({plan.blocks_per_level}) must be >= 1")
+            raise ValueError(f"channels must be non-empty positive widths, got {channels}")
+        if in_channels < 1 or blocks_per_level < 1:
+            raise ValueError(f"in_channels ({in_channels}) and blocks_per_level ({blocks_per_level}) must be >= 1")
         self.in_channels, self.channels, self.levels = in_channels, channels, len(channels)
-        gw, n = plan.group_width, plan.blocks_per_level
+        gw, n = group_width, blocks_per_level
 
         def blocks(first_in: int, ch: int) -> nn.Sequential:
             return nn.Sequential(*(ResBlock(first_in if j == 0 else ch, ch, gw) for j in range(n)))
@@ -104,43 +100,3 @@ class RegressionUNet(nn.Module):
         for i in range(self.levels - 2, -1, -1):
             h = self.decoder[i](torch.cat([self.ups[i](h), skips[i]], dim=1))
         return self.head(h)
-
-
-@dataclass
-class RegressionSynthesizer:
-    """A trained :class:`RegressionUNet` behind the same ``sample`` interface as ``LatentSynthesizer``.
-
-    The model is deterministic: ``sample`` runs one Gaussian-blended sliding-window
-    pass and returns that prediction repeated ``num_samples`` times (an expanded
-    view, no copies); ``steps``, ``eta`` and ``generator`` are ignored. The
-    predictor asks for one sample only (``deterministic``), so its standard
-    deviation map reflects real spread between folds only.
-    """
-
-    net: torch.nn.Module
-    tile: Sequence[int]  # (z, y, x) voxels, e.g. the plan's patch size
-    overlap: float = 0.5
-    device: torch.device | str = "cpu"
-    batch_size: int = 4
-    deterministic: bool = True
-
-    @torch.no_grad()
-    def predict(self, mr: torch.Tensor, available: torch.Tensor | None = None) -> torch.Tensor:
-        """(C, z, y, x) normalised MR -> (z, y, x) normalised CT (unclamped); ``available``: (C,) flags."""
-        divisor = int(self.net.required_divisor)
-        tile = fit_tile(mr.shape[-3:], [max(divisor, int(t) // divisor * divisor) for t in self.tile], divisor)
-
-        def fn(batch: torch.Tensor) -> torch.Tensor:
-            return self.net(batch, available)
-
-        return sliding_window(mr, tile, fn, overlap=self.overlap, batch_size=self.batch_size, pad_value=-1.0,
-                              device=self.device)[0]
-
-    @torch.no_grad()
-    def sample(self, mr: torch.Tensor, steps: int | None = None, eta: float = 0.0, num_samples: int = 1,
-               generator: torch.Generator | None = None, progress: bool = False,
-               available: torch.Tensor | None = None) -> torch.Tensor:
-        """(C, z, y, x) normalised MR -> (num_samples, z, y, x) normalised CT, all samples identical."""
-        if progress:
-            log.info("regression U-Net: one sliding-window pass over %s voxels", tuple(mr.shape[-3:]))
-        return self.predict(mr, available)[None].expand(num_samples, *mr.shape[-3:])

@@ -9,7 +9,6 @@ from torch import nn
 
 from wldm_auto.networks.blocks import WaveletBlock, norm_layer
 from wldm_auto.networks.channels import network_channels, with_flags
-from wldm_auto.planners.schema import VAEPlan
 
 MODALITIES = ("mr", "ct")
 LOGVAR_RANGE = (-30.0, 20.0)
@@ -52,42 +51,39 @@ class DiagonalGaussian:
 
 
 class WaveletVAE(nn.Module):
-    """Shared MR/CT VAE built from WaveletBlocks (plan: :class:`VAEPlan`).
+    """Shared MR/CT VAE built from WaveletBlocks, one width per level in ``channels``.
 
     Modality-specific parts: a 3x3x3 input stem per modality (MR: ``mr_channels``
     sequences, plus their availability flags when there are several (see
     ``networks/channels.py``) -> ``channels[0]``; CT: 1 -> ``channels[0]``) and a 3x3x3 output head per
     modality. Everything else (encoder, latent projection, decoder) is shared,
-    as in the paper. Encoder: per level ``blocks_per_level`` WaveletBlocks, then
-    a stride-2 3x3x3 conv to the next level's width; a 1x1x1 conv gives mean and
+    as in the paper. Encoder: per level ``blocks_per_level`` WaveletBlocks (with
+    WRM when ``wrm``, ``group_width`` channels per group, ``normalization``
+    "voxel" or "group"), then a stride-2 3x3x3 conv to the next level's width, so
+    the latent sits at 2 ** (len(channels) - 1); a 1x1x1 conv gives mean and
     logvar (``2 * latent_channels``). Decoder mirrors it with nearest-neighbour
     upsampling + 3x3x3 conv. The output is linear (no tanh): data lie in
     [-1, 1] and the L2 loss pulls it there; clip at export if needed.
     Latent channels ``[:C/2]`` are structure S, ``[C/2:]`` modality M (SMD).
     """
 
-    def __init__(self, mr_channels: int, plan: VAEPlan) -> None:
+    def __init__(self, mr_channels: int, channels: Sequence[int], latent_channels: int, blocks_per_level: int = 1,
+                 group_width: int = 8, wrm: bool = True, normalization: str = "voxel") -> None:
         super().__init__()
-        channels = list(plan.channels)
+        channels = list(channels)
         if not channels or min(channels) < 1:
-            raise ValueError(f"VAEPlan.channels must be a non-empty list of positive widths, got {channels}")
-        expected = 2 ** (len(channels) - 1)
-        if plan.downsampling_factor != expected:
+            raise ValueError(f"channels must be a non-empty list of positive widths, got {channels}")
+        if latent_channels < 2 or latent_channels % 2:
             raise ValueError(
-                f"VAEPlan.downsampling_factor={plan.downsampling_factor} does not match "
-                f"channels={channels} ({len(channels)} levels give 2**{len(channels) - 1}={expected})"
-            )
-        if plan.latent_channels < 2 or plan.latent_channels % 2:
-            raise ValueError(
-                f"VAEPlan.latent_channels={plan.latent_channels} must be even (>= 2): "
+                f"latent_channels={latent_channels} must be even (>= 2): "
                 "the first half is structure S, the second half modality M"
             )
         if mr_channels < 1:
             raise ValueError(f"mr_channels must be >= 1, got {mr_channels}")
         self.mr_channels = mr_channels
-        self.latent_channels = plan.latent_channels
-        self.downsampling_factor = plan.downsampling_factor
-        gw, wrm, nb, norm = plan.group_width, plan.wrm, max(1, plan.blocks_per_level), plan.normalization
+        self.latent_channels = latent_channels
+        self.downsampling_factor = 2 ** (len(channels) - 1)
+        gw, nb, norm = group_width, max(1, blocks_per_level), normalization
         in_channels = {"mr": mr_channels, "ct": 1}
 
         stem_in = {"mr": network_channels(mr_channels), "ct": 1}
@@ -99,12 +95,12 @@ class WaveletVAE(nn.Module):
                 level.append(nn.Conv3d(ch, channels[i + 1], 3, stride=2, padding=1))
             self.encoder.append(nn.Sequential(*level))
         self.to_moments = nn.Sequential(
-            norm_layer(norm, channels[-1], gw), nn.SiLU(), nn.Conv3d(channels[-1], 2 * plan.latent_channels, 1)
+            norm_layer(norm, channels[-1], gw), nn.SiLU(), nn.Conv3d(channels[-1], 2 * latent_channels, 1)
         )
         with torch.no_grad():  # start with a narrow posterior (std e^-5): a fresh decoder is not fed pure noise
-            self.to_moments[-1].bias[plan.latent_channels:].fill_(INITIAL_LOGVAR)
+            self.to_moments[-1].bias[latent_channels:].fill_(INITIAL_LOGVAR)
 
-        self.from_latent = nn.Conv3d(plan.latent_channels, channels[-1], 3, padding=1)
+        self.from_latent = nn.Conv3d(latent_channels, channels[-1], 3, padding=1)
         self.decoder = nn.ModuleList()
         for i in range(len(channels) - 1, -1, -1):
             level = [WaveletBlock(channels[i], channels[i], gw, wrm, norm) for _ in range(nb)]

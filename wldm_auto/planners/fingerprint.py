@@ -12,6 +12,7 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from wldm_auto.io.body_mask import mr_body_mask
 from wldm_auto.io.files import hash_data, hash_file
 from wldm_auto.io.geometry import Geometry
 from wldm_auto.io.hu import BODY_THRESHOLD_HU
@@ -50,15 +51,15 @@ def _stats(values: np.ndarray) -> dict[str, float]:
 
 def fingerprint_case(case: RawCase) -> dict[str, Any]:
     """Geometry, body extent and intensity statistics of one case."""
-    from wldm_auto.preprocessing.body_mask import body_mask_from_mr  # planning needs the default mask only
-
     images = [read_image(p, sitk.sitkFloat32) for p in case.images]
     mr0 = images[0]
     if case.mask is not None:
         body = sitk.Resample(sitk.Cast(read_image(case.mask) > 0, sitk.sitkUInt8), mr0, sitk.Transform(),
                              sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     else:
-        body = body_mask_from_mr(mr0, BodyMaskPlan())
+        default = BodyMaskPlan()  # planning needs the default mask only
+        body = mr_body_mask(mr0, default.threshold_fraction, default.closing_mm, default.keep_largest_component,
+                            default.fill_holes)
     body_np = sitk.GetArrayViewFromImage(body) > 0
     if body_np.any():
         idx = np.argwhere(body_np)

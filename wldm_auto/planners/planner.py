@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from wldm_auto.planners.presets import PRESETS, apply_preset
 from wldm_auto.planners.recipe import RECIPE_NOTES
 from wldm_auto.planners.schema import (
     WDM_UNET_CHANNELS, ConfigurationPlan, DiffusionPlan, InferencePlan, Plans, PreprocessingPlan, RegistrationPlan,
@@ -105,19 +106,28 @@ def plan_dataset(
     spacing: Sequence[float] | None = None,
     gpu_memory_gb: float | None = None,
     registration: bool = True,
+    preset: str | None = None,
 ) -> Plans:
-    """Plan preprocessing and the ``3d_wldm`` configuration from a fingerprint."""
+    """Plan preprocessing and the ``3d_wldm`` configuration from a fingerprint.
+
+    ``preset``: a name from :data:`~wldm_auto.planners.presets.PRESETS` applied to the planned
+    configuration (recorded in ``planner``); None keeps the planner's (GPU-sized) defaults.
+    """
+    check_preset(preset)
     if not fingerprint["cases"]:
         raise ValueError("fingerprint holds no usable case: nothing to plan")
     pre = PreprocessingPlan()
+    # the target spacing is written to the configuration (configurations.<name>.spacing), which is what
+    # preprocessing and prediction read; the note stays with the other preprocessing choices
+    where = f"written to configurations.{CONFIGURATION}.spacing"
     if spacing is None:
-        pre.target_spacing = [2.0, 2.0, 2.0]
-        pre.notes["target_spacing"] = "2 mm isotropic, the paper's setting (override with --spacing)"
+        target = [2.0, 2.0, 2.0]
+        pre.notes["target_spacing"] = f"2 mm isotropic, the paper's setting (override with --spacing); {where}"
     else:
         values = [float(v) for v in spacing]
-        pre.target_spacing = values * 3 if len(values) == 1 else values
-        pre.notes["target_spacing"] = "given on the command line (--spacing)"
-    if len(pre.target_spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in pre.target_spacing):
+        target = values * 3 if len(values) == 1 else values
+        pre.notes["target_spacing"] = f"given on the command line (--spacing); {where}"
+    if len(target) != 3 or not all(math.isfinite(v) and v > 0 for v in target):
         raise ValueError(f"--spacing needs 1 or 3 positive, finite numbers, got {spacing}")
     if gpu_memory_gb is not None and not (math.isfinite(float(gpu_memory_gb)) and float(gpu_memory_gb) > 0):
         raise ValueError(f"--gpu-memory-gb needs a positive, finite number, got {gpu_memory_gb}")
@@ -130,7 +140,7 @@ def plan_dataset(
     pre.notes["crop_margin_mm"] = "10 mm of air around the body box keeps the skin edge inside every patch"
 
     reg = RegistrationPlan(enabled=bool(registration))
-    reg.working_spacing_mm = float(max(2.0, min(pre.target_spacing)))
+    reg.working_spacing_mm = float(max(2.0, min(target)))
     reg.bspline_grid_spacing_mm = float(max(20.0, 5 * reg.working_spacing_mm))
     reg.notes["enabled"] = ("on: CT is registered onto the MR (rigid, then B-spline)" if registration
                             else "off (--no-registration): MR and CT are taken as already aligned in physical space")
@@ -142,20 +152,20 @@ def plan_dataset(
                                             "bending-energy penalty: local soft-tissue motion without folding")
 
     vae, diffusion, inference = VAEPlan(), DiffusionPlan(), InferencePlan()
-    median = median_cropped_shape(fingerprint, pre.target_spacing, pre.crop_margin_mm)
+    median = median_cropped_shape(fingerprint, target, pre.crop_margin_mm)
     if gpu_memory_gb is None:
         memory, memory_reason = default_memory_target()
     else:
         memory, memory_reason = float(gpu_memory_gb), "given on the command line (--gpu-memory-gb)"
     total_voxels = float(sum(np.prod(np.ceil((np.array(c["body_extent_mm"]) + 2 * pre.crop_margin_mm)
-                                             / np.array(pre.target_spacing))) for c in fingerprint["cases"].values()))
+                                             / np.array(target))) for c in fingerprint["cases"].values()))
     patch, batch, estimate, patch_reason = plan_patch_and_batch(median, memory, vae, diffusion, total_voxels)
     wavelet = wavelet_diffusion_plan()
     wavelet.unet_channels = list(WDM_UNET_CHANNELS[:wavelet_unet_levels(patch)])
     several = len(channel_names) > 1
     config = ConfigurationPlan(
         data_identifier=f"{PLANS_NAME}_{CONFIGURATION}",
-        spacing=list(pre.target_spacing),
+        spacing=list(target),
         median_shape=median,
         patch_size=patch,
         batch_size=batch,
@@ -186,16 +196,36 @@ def plan_dataset(
             **RECIPE_NOTES,
         },
     )
-    return Plans(
+    plans = Plans(
         dataset_name=dataset_name,
         plans_name=PLANS_NAME,
         channel_names=dict(channel_names),
         registration=reg,
         preprocessing=pre,
         configurations={CONFIGURATION: config},
-        planner={"spacing": None if spacing is None else [float(v) for v in spacing],
-                 "gpu_memory_gb": gpu_memory_gb, "registration": bool(registration)},
+        planner=planner_options(spacing, gpu_memory_gb, registration, preset),
         fingerprint_hash=fingerprint["key"],
         notes={"conventions": "spacing in ITK (x, y, z) mm; shapes and patch sizes in numpy (z, y, x) voxels",
                "cases": f"{len(fingerprint['cases'])} cases planned"},
     )
+    if preset is None:
+        return plans
+    return Plans.from_dict(apply_preset(plans.to_dict(), preset, CONFIGURATION), f"plans with preset {preset!r}")
+
+
+def check_preset(preset: str | None) -> None:
+    """One-line ValueError naming the known presets when ``preset`` is not one of them (None is fine)."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} (known: {', '.join(sorted(PRESETS))})")
+
+
+def planner_options(spacing: Sequence[float] | None, gpu_memory_gb: float | None, registration: bool,
+                    preset: str | None = None) -> dict[str, Any]:
+    """The options a plan was made with (``plans.planner``); a plan is kept while they are unchanged.
+
+    ``preset`` is recorded only when given, so plans made before presets existed stay current."""
+    options: dict[str, Any] = {"spacing": None if spacing is None else [float(v) for v in spacing],
+                               "gpu_memory_gb": gpu_memory_gb, "registration": bool(registration)}
+    if preset is not None:
+        options["preset"] = preset
+    return options

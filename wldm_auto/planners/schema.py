@@ -2,20 +2,44 @@
 
 The JSON is the source of truth and stays hand-editable; these dataclasses
 are the one place that knows its schema. Loading rejects unknown keys (naming
-the key and where it was found) and values of the wrong type, so a typo in an
-edited plan fails loudly instead of being ignored.
+the key and where it was found), values of the wrong type and choice fields
+(``prediction``, ``first_stage``, ``beta_schedule``, registration stages, ...)
+outside their allowed values (:data:`CHOICES`), so a typo in an edited plan
+fails loudly instead of being ignored.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from wldm_auto.io.files import read_json, write_json
 
+log = logging.getLogger(__name__)
+
 PLANS_VERSION = 1
+
+# Allowed values of the plan's choice fields. Planning imports no later stage, so the sets are
+# written here; tests/test_schema.py checks each against the set its consumer accepts (named).
+FIRST_STAGES = ("vae", "haar")  # models/factory.py (build_first_stage, check_first_stage): first stage of latent diffusion
+BETA_SCHEDULES = ("linear", "cosine")  # diffusion.schedule.SCHEDULES
+PREDICTIONS = ("epsilon", "v", "x0")  # diffusion.schedule.PREDICTIONS
+VAE_NORMALIZATIONS = ("voxel", "group")  # networks.blocks.NORMALIZATIONS
+RECONSTRUCTION_LOSSES = ("l1", "l2")  # trainers.vae_trainer.RECONSTRUCTION_LOSSES
+REGISTRATION_STAGES = ("rigid", "affine", "bspline")  # elastix default parameter maps (preprocessing.registration)
+INITIAL_ORIENTATIONS = ("identity", "rot180_x", "rot180_y", "rot180_z")  # preprocessing.registration.ORIENTATIONS
+# the pairwise image metrics compiled into itk-elastix 0.25.4 (its *MetricInstallComponent symbols; the
+# group-wise and point-set metrics need inputs the registration does not give)
+REGISTRATION_METRICS = (
+    "AdvancedMattesMutualInformation", "NormalizedMutualInformation", "AdvancedNormalizedCorrelation",
+    "AdvancedMeanSquares", "AdvancedKappaStatistic", "GradientDifference", "NormalizedGradientCorrelation",
+    "PatternIntensity", "SumSquaredTissueVolumeDifference",
+)
 
 
 class PlanError(ValueError):
@@ -56,7 +80,10 @@ class BodyMaskPlan:
 
 @dataclass
 class PreprocessingPlan:
-    target_spacing: list[float] = field(default_factory=lambda: [2.0, 2.0, 2.0])
+    """Per-case preprocessing. The spacing every case is resampled to is ``configurations.<name>.spacing``
+    (plans written before it was the only one also held ``preprocessing.target_spacing``: see
+    :func:`legacy_target_spacing`)."""
+
     body_mask: BodyMaskPlan = field(default_factory=BodyMaskPlan)
     use_provided_masks: bool = True
     crop_margin_mm: float = 10.0
@@ -178,6 +205,27 @@ class InferencePlan:
 
 
 @dataclass
+class AugmentationPlan:
+    """Training-patch augmentation (``trainers/augmentation.py``). Probabilities are per sample; a
+    probability 0 drops that transform. Spatial transforms act identically on MR, CT and masks;
+    brightness, contrast and gamma on the MR channels only. Ranges are [low, high]."""
+
+    p_mirror: float = 1.0  # then every axis in mirror_axes is flipped with probability 0.5
+    mirror_axes: list[int] = field(default_factory=lambda: [0, 1, 2])
+    p_rotation: float = 0.2  # angles uniform in +-rotation_degrees about each axis
+    rotation_degrees: float = 15.0
+    p_scale: float = 0.2  # one isotropic factor (> 1 zooms out)
+    scale: list[float] = field(default_factory=lambda: [0.85, 1.15])
+    enlarge_input: bool = True  # sample a larger patch for rotation/scale so corners hold image, not border
+    p_brightness: float = 0.15
+    brightness: list[float] = field(default_factory=lambda: [0.75, 1.25])
+    p_contrast: float = 0.15
+    contrast: list[float] = field(default_factory=lambda: [0.75, 1.25])
+    p_gamma: float = 0.3
+    gamma: list[float] = field(default_factory=lambda: [0.7, 1.5])
+
+
+@dataclass
 class ConfigurationPlan:
     """One trainable configuration (e.g. ``3d_wldm``)."""
 
@@ -192,20 +240,40 @@ class ConfigurationPlan:
     wavelet_diffusion: DiffusionPlan = field(default_factory=wavelet_diffusion_plan)
     regression: RegressionPlan = field(default_factory=RegressionPlan)
     inference: InferencePlan = field(default_factory=InferencePlan)
+    augmentation: AugmentationPlan = field(default_factory=AugmentationPlan)
     # probability that a training sample sees only a random non-empty proper subset of its MR channels
     # (the others are zeroed and flagged missing), so one model serves any subset at prediction
     mr_channel_dropout: float = 0.0
     notes: dict[str, str] = field(default_factory=dict)
 
 
-FIRST_STAGES = ("vae", "haar")
+# Carney et al. 2006 (Med Phys 33:976, Table 1): kVp -> [a (cm^-1 per HU+1000), b (cm^-1), breakpoint (HU)]
+CARNEY_BONE = {"80": [3.64e-5, 6.26e-2, 50.0], "100": [4.43e-5, 5.44e-2, 52.0], "110": [4.92e-5, 4.88e-2, 43.0],
+               "120": [5.10e-5, 4.71e-2, 47.0], "130": [5.51e-5, 4.24e-2, 37.0], "140": [5.64e-5, 4.08e-2, 30.0]}
+
+
+@dataclass
+class MuMapPlan:
+    """CT (HU) -> linear attenuation coefficient at 511 keV (cm^-1) for PET/MR attenuation maps (``--mumap``).
+
+    Bilinear (Carney et al. 2006): ``water_slope * (HU + 1000)`` up to the breakpoint, above it
+    ``a * (HU + 1000) + b`` with ``[a, b, breakpoint] = bone[str(kvp)]``; negative values become 0.
+    ``kvp``: the tube voltage of the CTs the model learnt from (the sCT mimics them)."""
+
+    kvp: int = 120
+    water_slope: float = 9.6e-5
+    bone: dict[str, list[float]] = field(default_factory=lambda: {k: list(v) for k, v in CARNEY_BONE.items()})
+    notes: dict[str, str] = field(default_factory=lambda: {
+        "source": "Carney JPJ, Townsend DW, Rappoport V, Bendriem B. Method for transforming CT images for "
+                  "attenuation correction in PET/CT imaging. Med Phys 2006;33(4):976-983 (Table 1: bone "
+                  "segment a, b and breakpoint per kVp; water/air segment 9.6e-5 cm^-1 per HU + 1000)"})
 
 
 @dataclass
 class Plans:
     """Everything trainers and the predictor need, as planned for one dataset.
 
-    Array conventions: ``spacing``/``target_spacing`` in ITK (x, y, z) order,
+    Array conventions: ``spacing`` in ITK (x, y, z) order,
     ``median_shape``/``patch_size`` in numpy (z, y, x) order.
     """
 
@@ -215,6 +283,7 @@ class Plans:
     registration: RegistrationPlan
     preprocessing: PreprocessingPlan
     configurations: dict[str, ConfigurationPlan]
+    mu_map: MuMapPlan = field(default_factory=MuMapPlan)  # absent in older plans: the defaults
     planner: dict[str, Any] = field(default_factory=dict)
     fingerprint_hash: str = ""
     version: int = PLANS_VERSION
@@ -225,7 +294,7 @@ class Plans:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "plans") -> "Plans":
-        plans = _build(cls, data, source)
+        plans = _build(cls, legacy_target_spacing(data, source), source)
         if plans.version != PLANS_VERSION:
             raise PlanError(f"{source}: version {plans.version} is not supported (expected {PLANS_VERSION})")
         if not plans.configurations:
@@ -243,6 +312,104 @@ class Plans:
         if name not in self.configurations:
             raise PlanError(f"configuration {name!r} not in plans (have: {', '.join(self.configurations)})")
         return self.configurations[name]
+
+
+# choice fields per section: field -> allowed values (for a list of strings: allowed items)
+CHOICES: dict[type, dict[str, tuple[str, ...]]] = {
+    RegistrationPlan: {"stages": REGISTRATION_STAGES, "metric": REGISTRATION_METRICS,
+                       "initial_orientations": INITIAL_ORIENTATIONS},
+    VAEPlan: {"normalization": VAE_NORMALIZATIONS, "reconstruction_loss": RECONSTRUCTION_LOSSES},
+    DiffusionPlan: {"first_stage": FIRST_STAGES, "beta_schedule": BETA_SCHEDULES, "prediction": PREDICTIONS},
+}
+
+
+def _check_registration(plan: RegistrationPlan, where: str) -> None:
+    lengths = (len(plan.stages), len(plan.iterations), len(plan.resolutions))
+    if (plan.enabled and not plan.stages) or len(set(lengths)) != 1:
+        raise PlanError(f"{where}: stages, iterations and resolutions need equal lengths (at least one stage "
+                        f"when enabled), got {lengths[0]}, {lengths[1]}, {lengths[2]}")
+
+
+def _check_augmentation(plan: AugmentationPlan, where: str) -> None:
+    for name, value in dataclasses.asdict(plan).items():
+        if name.startswith("p_") and not 0.0 <= value <= 1.0:
+            raise PlanError(f"{where}.{name}: probability {value!r} outside [0, 1]")
+    if len(set(plan.mirror_axes)) != len(plan.mirror_axes) or not set(plan.mirror_axes) <= {0, 1, 2}:
+        raise PlanError(f"{where}.mirror_axes: {plan.mirror_axes} must be distinct axes among 0, 1, 2 (z, y, x)")
+    if not (math.isfinite(plan.rotation_degrees) and 0.0 <= plan.rotation_degrees <= 180.0):
+        raise PlanError(f"{where}.rotation_degrees: {plan.rotation_degrees!r} outside [0, 180]")
+    for name in ("scale", "brightness", "contrast", "gamma"):
+        low_high = getattr(plan, name)
+        if len(low_high) != 2 or not all(math.isfinite(v) and v > 0 for v in low_high) or low_high[0] > low_high[1]:
+            raise PlanError(f"{where}.{name}: {low_high} must be [low, high] with 0 < low <= high")
+
+
+def _check_inference(plan: InferencePlan, where: str) -> None:
+    for name in ("ddim_steps", "samples", "image_tile_scale", "latent_tile_scale"):
+        if getattr(plan, name) < 1:
+            raise PlanError(f"{where}.{name}: {getattr(plan, name)!r} must be at least 1")
+    for name in ("tile_overlap", "latent_overlap"):
+        if not 0.0 <= getattr(plan, name) < 1.0:
+            raise PlanError(f"{where}.{name}: {getattr(plan, name)!r} outside [0, 1)")
+    if not (math.isfinite(plan.ddim_eta) and plan.ddim_eta >= 0.0):
+        raise PlanError(f"{where}.ddim_eta: {plan.ddim_eta!r} must be >= 0")
+
+
+def _check_mu_map(plan: MuMapPlan, where: str) -> None:
+    if str(plan.kvp) not in plan.bone:
+        raise PlanError(f"{where}.kvp: {plan.kvp} has no bone segment (bone holds kVp {', '.join(plan.bone)})")
+    for kvp, segment in plan.bone.items():
+        if len(segment) != 3 or not all(math.isfinite(v) for v in segment) or segment[0] <= 0:
+            raise PlanError(f"{where}.bone.{kvp}: {segment} must be [a > 0, b, breakpoint HU]")
+    if not (math.isfinite(plan.water_slope) and plan.water_slope > 0):
+        raise PlanError(f"{where}.water_slope: {plan.water_slope!r} must be > 0")
+
+
+# checks of whole sections beyond types and choices
+VALIDATORS: dict[type, Callable[[Any, str], None]] = {
+    RegistrationPlan: _check_registration,
+    InferencePlan: _check_inference,
+    AugmentationPlan: _check_augmentation,
+    MuMapPlan: _check_mu_map,
+}
+
+
+def parse_section(cls: type, data: Any, where: str) -> Any:
+    """``data`` (a JSON object) as the plan section ``cls``, checked as :meth:`Plans.load` checks it."""
+    return _build(cls, data, where)
+
+
+def legacy_target_spacing(data: Any, source: str) -> Any:
+    """``data`` without the ``preprocessing.target_spacing`` of older plans (nothing read it).
+
+    Accepted when it equals the spacing of every configuration (as the planner wrote it); a value
+    that differs was edited to change the spacing, so it is refused with where to set it instead.
+    """
+    pre = data.get("preprocessing") if isinstance(data, dict) else None
+    if not isinstance(pre, dict) or "target_spacing" not in pre:
+        return data
+    where = f"{source}.preprocessing.target_spacing"
+    target = _check_type(pre["target_spacing"], list[float], where)
+    configurations = data.get("configurations")
+    for name, config in (configurations.items() if isinstance(configurations, dict) else ()):
+        spacing = config.get("spacing") if isinstance(config, dict) else None
+        same = isinstance(spacing, list) and len(spacing) == len(target) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isclose(v, t, rel_tol=1e-9)
+            for v, t in zip(spacing, target))
+        if not same:
+            raise PlanError(f"{where}: {target} is no longer read and differs from configurations.{name}.spacing "
+                            f"{spacing}; set the spacing there (it is what preprocessing and prediction use) "
+                            "and remove this key")
+    log.debug("%s: dropped (equal to every configuration's spacing)", where)
+    return {**data, "preprocessing": {k: v for k, v in pre.items() if k != "target_spacing"}}
+
+
+def _check_choice(value: Any, allowed: tuple[str, ...], where: str) -> None:
+    """PlanError unless ``value`` (a string or a list of strings) holds only ``allowed`` values."""
+    for i, item in enumerate(value) if isinstance(value, list) else ((None, value),):
+        if item not in allowed:
+            at = where if i is None else f"{where}[{i}]"
+            raise PlanError(f"{at}: {item!r} is not allowed (allowed: {', '.join(allowed)})")
 
 
 def _check_type(value: Any, annotation: Any, where: str) -> Any:
@@ -286,9 +453,15 @@ def _build(cls: type, data: Any, where: str) -> Any:
     if unknown:
         raise PlanError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(fields)})")
     kwargs = {}
+    choices = CHOICES.get(cls, {})
     for name, f in fields.items():
         if name in data:
             kwargs[name] = _check_type(data[name], hints[name], f"{where}.{name}")
+            if name in choices:
+                _check_choice(kwargs[name], choices[name], f"{where}.{name}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise PlanError(f"{where}: missing key {name!r}")
-    return cls(**kwargs)
+    section = cls(**kwargs)
+    if cls in VALIDATORS:
+        VALIDATORS[cls](section, where)
+    return section

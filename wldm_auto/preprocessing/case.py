@@ -16,7 +16,7 @@ import SimpleITK as sitk
 from wldm_auto.io.geometry import Geometry
 from wldm_auto.planners.schema import Plans
 from wldm_auto.preprocessing.body_mask import body_mask_from_mr
-from wldm_auto.preprocessing.normalization import mr_percentile_range, normalise_ct, normalise_mr
+from wldm_auto.io.normalization import mr_percentile_range, normalise_ct, normalise_mr
 from wldm_auto.preprocessing.resampling import crop, crop_box_with_margin, resample_onto, resample_to_spacing
 
 

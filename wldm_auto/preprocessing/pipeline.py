@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from wldm_auto.dataset_conversion.validation import ensure_valid
 from wldm_auto.io.files import atomic_path, read_json, write_json
+from wldm_auto.io.raw_validation import ensure_valid
 from wldm_auto.paths import preprocessed_root, raw_root, resolve_dataset_name
 from wldm_auto.planners.fingerprint import compute_fingerprint, fingerprint_key, hash_case
-from wldm_auto.planners.planner import CONFIGURATION, plan_dataset
+from wldm_auto.planners.planner import CONFIGURATION, check_preset, plan_dataset, planner_options
 from wldm_auto.planners.schema import Plans
 from wldm_auto.planners.splits import make_splits
 from wldm_auto.preprocessing.preprocessor import CaseOutcome, preprocess_dataset
@@ -51,8 +51,10 @@ def check_options(
     num_processes: int = 1,
     spacing: Sequence[float] | None = None,
     gpu_memory_gb: float | None = None,
+    preset: str | None = None,
 ) -> None:
     """Raise a one-line ValueError for an option out of range (before anything is read or written)."""
+    check_preset(preset)
     if isinstance(num_processes, bool) or not isinstance(num_processes, numbers.Integral) or num_processes < 1:
         raise ValueError(f"number of processes (-np) must be an integer >= 1, got {num_processes!r}")
     if spacing is not None:
@@ -82,13 +84,15 @@ def plan_and_preprocess(
     clean: bool = False,
     spacing: Sequence[float] | None = None,
     gpu_memory_gb: float | None = None,
+    preset: str | None = None,
 ) -> PipelineSummary:
     """Run every stage for ``dataset``; failed cases are listed in the summary, not raised.
 
     Options are checked before anything is read or written (ValueError). An
-    existing ``plans.json`` is replaced only by a complete new plan.
+    existing ``plans.json`` is replaced only by a complete new plan. ``preset``:
+    a named plan preset (e.g. ``"cpu"``) applied to the planned configuration.
     """
-    check_options(num_processes, spacing, gpu_memory_gb)
+    check_options(num_processes, spacing, gpu_memory_gb, preset)
     start = time.time()
     name = resolve_dataset_name(dataset, ("wldm_raw",))
     raw = raw_root() / name
@@ -120,13 +124,13 @@ def plan_and_preprocess(
         log.info("fingerprint is current: skipped")
 
     plans_path = out / "plans.json"
-    planner_args = {"spacing": None if spacing is None else [float(v) for v in spacing],
-                    "gpu_memory_gb": gpu_memory_gb, "registration": bool(registration)}
+    planner_args = planner_options(spacing, gpu_memory_gb, registration, preset)
     plans = Plans.load(plans_path) if plans_path.is_file() and not clean else None
     if plans is None or plans.fingerprint_hash != fingerprint["key"] or plans.planner != planner_args:
         if plans is not None:
             log.info("the fingerprint or planner options changed: planning again")
-        plans = plan_dataset(name, fingerprint, dataset_raw.meta["channel_names"], spacing, gpu_memory_gb, registration)
+        plans = plan_dataset(name, fingerprint, dataset_raw.meta["channel_names"], spacing, gpu_memory_gb, registration,
+                             preset)
         _save_plans(plans, plans_path)
         summary.stages_run.append("plan")
     else:

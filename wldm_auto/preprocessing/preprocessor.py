@@ -31,6 +31,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from wldm_auto.io.files import hash_data, read_json, save_npy, write_json
 from wldm_auto.io.images import ImageReadError, read_image
+from wldm_auto.io.preprocessed_layout import ARRAYS
 from wldm_auto.io.raw_dataset import RawCase
 from wldm_auto.planners.schema import Plans
 from wldm_auto.planners.workers import WorkerPool
@@ -40,7 +41,6 @@ from wldm_auto.preprocessing.registration_cache import register_case, registrati
 
 log = logging.getLogger(__name__)
 
-ARRAYS = {"mr": "_mr.npy", "ct": "_ct.npy", "masks": "_masks.npy"}
 
 
 @dataclass

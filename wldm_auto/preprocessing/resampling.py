@@ -55,7 +55,12 @@ def resample_onto(
 
 
 def bounding_box(mask: np.ndarray) -> tuple[tuple[int, int], ...] | None:
-    """Per-axis (start, stop) of the nonzero voxels of a numpy mask; None if empty."""
+    """Per-axis (start, stop) of the nonzero voxels of a numpy mask; None if empty.
+
+    Kept rather than acvl-utils' ``get_bbox_from_mask``/``pad_bbox``, which give the same boxes
+    (checked on the phantom and TotalSegmentator CTs): their module imports torch and blosc2, which
+    cost every spawned preprocessing worker (torch-free otherwise) +195 MB and +1.0 s to load.
+    """
     if not mask.any():
         return None
     box = []

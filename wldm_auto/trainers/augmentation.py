@@ -17,9 +17,13 @@ Intensity (MR channels only, never CT or masks): multiplicative brightness,
 contrast, gamma (statistics retained). They act on ``mr + 1`` (air = 0, so a
 brightness factor leaves air unchanged); MR is shifted back and clipped to
 [-1, 1] afterwards.
+
+The parameters are the plan's ``augmentation`` section
+(:class:`~wldm_auto.planners.schema.AugmentationPlan`, whose defaults are :data:`DEFAULT_PARAMS`).
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -39,23 +43,11 @@ from batchgenerators.transforms.spatial_transforms import (
     SpatialTransform_2,
 )
 
+from wldm_auto.planners.schema import AugmentationPlan, parse_section
+
 log = logging.getLogger(__name__)
 
-DEFAULT_PARAMS: dict[str, Any] = {
-    "p_mirror": 1.0,  # per sample; then every axis in mirror_axes is flipped with probability 0.5
-    "mirror_axes": [0, 1, 2],
-    "p_rotation": 0.2,  # per sample; angles uniform in +-rotation_degrees about each axis
-    "rotation_degrees": 15.0,
-    "p_scale": 0.2,  # per sample; one isotropic factor (>1 zooms out)
-    "scale": [0.85, 1.15],
-    "enlarge_input": True,  # sample a larger patch for rotation/scale so corners hold image, not border
-    "p_brightness": 0.15,  # the rest: per sample, MR only
-    "brightness": [0.75, 1.25],
-    "p_contrast": 0.15,
-    "contrast": [0.75, 1.25],
-    "p_gamma": 0.3,
-    "gamma": [0.7, 1.5],
-}
+DEFAULT_PARAMS: dict[str, Any] = dataclasses.asdict(AugmentationPlan())  # the plan section's defaults
 BORDER = -1.0  # border value of every stacked channel (see module docstring)
 
 
@@ -147,25 +139,27 @@ def enlarged_patch_size(patch_size: Sequence[int], max_degrees: float, max_scale
     return tuple(math.ceil(e - 1e-6) for e in extent)
 
 
-def _check(params: dict[str, Any] | None) -> dict[str, Any]:
-    unknown = sorted(set(params or {}) - set(DEFAULT_PARAMS))
-    if unknown:
-        raise ValueError(f"unknown augmentation parameter(s) {unknown}; known: {sorted(DEFAULT_PARAMS)}")
-    merged = {**DEFAULT_PARAMS, **(params or {})}
-    for key, value in merged.items():
-        if key.startswith("p_") and not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"augmentation probability {key} must be in [0, 1], got {value}")
-    return merged
+def augmentation_params(params: AugmentationPlan | dict[str, Any] | None) -> dict[str, Any]:
+    """Checked parameters: a plan section as it is, or a dict of overrides of :data:`DEFAULT_PARAMS`.
+
+    A dict is checked as the plan's ``augmentation`` section is (unknown keys, types, ranges): a
+    ``PlanError`` (a ValueError) names the key; a section built in code is checked the same way."""
+    if isinstance(params, AugmentationPlan):
+        data = dataclasses.asdict(params)
+    else:
+        data = {**DEFAULT_PARAMS, **{k: list(v) if isinstance(v, tuple) else v for k, v in (params or {}).items()}}
+    return dataclasses.asdict(parse_section(AugmentationPlan, data, "augmentation"))
 
 
-def build_augmentation(params: dict[str, Any] | None = None,
+def build_augmentation(params: AugmentationPlan | dict[str, Any] | None = None,
                        patch_size: Sequence[int] | None = None) -> Augmentation:
-    """Transforms from :data:`DEFAULT_PARAMS` overridden by ``params`` (a probability 0 drops a transform).
+    """Transforms from the plan section ``params`` (or :data:`DEFAULT_PARAMS` overridden by a dict;
+    a probability 0 drops a transform).
 
     With ``patch_size`` the output is that size and, when rotation or scaling is on
     and ``enlarge_input``, ``input_patch_size`` is the larger patch to sample.
     """
-    p = _check(params)
+    p = augmentation_params(params)
     angle = math.radians(float(p["rotation_degrees"]))
     affine = p["p_rotation"] > 0 or p["p_scale"] > 0
     transforms: list[AbstractTransform] = []

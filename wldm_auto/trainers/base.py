@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import time
 from contextlib import nullcontext
@@ -24,13 +23,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from wldm_auto.io.files import read_json, write_json
+from wldm_auto.models.checkpoint import Checkpoint, disk_full_guard, load_checkpoint, save_checkpoint
+from wldm_auto.models.distributed import init_process_group
 from wldm_auto.planners.schema import ConfigurationPlan, Plans, TrainingPlan
-from wldm_auto.trainers.checkpoint import (
-    disk_full_guard, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
-)
 from wldm_auto.trainers.data import PreprocessedDataset, StepBatches
 from wldm_auto.trainers.loader import default_num_workers, make_loader
 from wldm_auto.trainers.progress import draw_progress
+from wldm_auto.trainers.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +176,7 @@ class BaseTrainer:
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         """Move to the device, DDP-wrap under torchrun, optionally torch.compile."""
         module = module.to(self.device)
-        if self.world_size > 1:
+        if dist.is_initialized():  # torchrun, also with one process: the same DDP (NCCL/Gloo) code path
             ids = [self.local_rank] if self.device.type == "cuda" else None
             module = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
         use_compile = self.options.compile if self.options.compile is not None else self.training_plan.compile
@@ -191,8 +190,9 @@ class BaseTrainer:
         ``predict`` maps a normalised MR tensor (C, z, y, x) to a normalised CT
         tensor (z, y, x); figures cover body voxels with real CT behind them.
         """
-        from wldm_auto.preprocessing.normalization import denormalise_ct
-        from wldm_auto.trainers.metrics import PSNR_RANGE_HU, mae, psnr
+        from wldm_auto.io.normalization import denormalise_ct
+        from wldm_auto.io.hu import SYNTHRAD_RANGE_HU
+        from wldm_auto.io.metrics import mae, psnr
 
         figures: dict[str, list[float]] = {"mae_ct_hu": [], "psnr_ct": []}
         for case in self.val_data.cases:
@@ -203,15 +203,16 @@ class BaseTrainer:
             region = (masks[0] > 0) & (masks[1] > 0)
             sct_hu = denormalise_ct(sct.float().clamp(-1, 1).cpu().numpy(), window)
             ct_hu = denormalise_ct(ct[0], window)
-            figures["mae_ct_hu"].append(mae(sct_hu, ct_hu, region))
-            figures["psnr_ct"].append(psnr(sct_hu, ct_hu, region, PSNR_RANGE_HU))
+            figures["mae_ct_hu"].append(mae(ct_hu, sct_hu, region))
+            figures["psnr_ct"].append(psnr(ct_hu, sct_hu, region, SYNTHRAD_RANGE_HU))
         return {k: float(np.mean(v)) for k, v in figures.items() if v}
 
     def batches(self, start: int, end: int) -> Any:
         num_workers = self.options.num_workers if self.options.num_workers is not None else default_num_workers()
         data = StepBatches(self.train_data, self.config.patch_size, self.config.batch_size, self.options.seed,
                            augment=True, rank=self.rank, world_size=self.world_size,
-                           channel_dropout=self.config.mr_channel_dropout)
+                           channel_dropout=self.config.mr_channel_dropout,
+                           augment_params=self.config.augmentation)
         return make_loader(data, start, end, num_workers, pin_memory=self.device.type == "cuda")
 
     # -- the loop ---------------------------------------------------------------------
@@ -293,27 +294,30 @@ class BaseTrainer:
             self.save("checkpoint_best.pt", barrier=False)  # main process only: no barrier
 
     # -- checkpoints ------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
-        return {
-            "trainer": type(self).__name__,
-            "stage": self.stage,
-            "step": self.step,
-            "total_steps": self.total_steps,
-            "networks": {k: v.state_dict() for k, v in self.networks().items()},
-            "optimizers": {k: o.state_dict() for k, (o, _, _) in self._optimizers.items()},
-            "scalers": {k: sc.state_dict() for k, (_, _, sc) in self._optimizers.items()},
-            "rng": rng_state(),
-            "plans": self.plans.to_dict(),
-            "configuration": self.configuration_name,
-            "fold": self.fold,
-            "mr_channels": self.train_data.num_mr_channels,
-            "history": self.history,
-            "epoch_sums": dict(self.epoch_sums),
-            "epoch_count": self.epoch_count,
-            "best_value": self.best_value,
-            "best_step": self.best_step,
-            "seed": self.options.seed,
-        }
+    def state(self) -> Checkpoint:
+        """Everything a prediction needs (the model) and a resumed run needs (``extra``)."""
+        return Checkpoint(
+            trainer=type(self).__name__,
+            step=self.step,
+            networks={k: v.state_dict() for k, v in self.networks().items()},
+            plans=self.plans.to_dict(),
+            stage=self.stage,
+            configuration=self.configuration_name,
+            fold=self.fold,
+            mr_channels=self.train_data.num_mr_channels,
+            extra={
+                "total_steps": self.total_steps,
+                "optimizers": {k: o.state_dict() for k, (o, _, _) in self._optimizers.items()},
+                "scalers": {k: sc.state_dict() for k, (_, _, sc) in self._optimizers.items()},
+                "rng": rng_state(),
+                "history": self.history,
+                "epoch_sums": dict(self.epoch_sums),
+                "epoch_count": self.epoch_count,
+                "best_value": self.best_value,
+                "best_step": self.best_step,
+                "seed": self.options.seed,
+            },
+        )
 
     def save(self, name: str, barrier: bool = True) -> None:
         """Rank 0 writes ``name``; with ``barrier`` every rank waits for it."""
@@ -324,25 +328,26 @@ class BaseTrainer:
 
     def load(self, path: Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
-        if state["trainer"] != type(self).__name__:
-            raise ValueError(f"{path}: written by {state['trainer']}, not {type(self).__name__}")
+        if state.trainer != type(self).__name__:
+            raise ValueError(f"{path}: written by {state.trainer}, not {type(self).__name__}")
+        extra = state.extra
         for name, module in self.networks().items():
-            module.load_state_dict(state["networks"][name])
+            module.load_state_dict(state.networks[name])
         for name, (optimizer, _, scaler) in self._optimizers.items():
-            optimizer.load_state_dict(state["optimizers"][name])
-            scaler.load_state_dict(state["scalers"][name])
-        self.step = int(state["step"])
-        self.history = list(state["history"])
-        self.epoch_sums = dict(state["epoch_sums"])
-        self.epoch_count = int(state["epoch_count"])
-        self.best_value = state["best_value"]
-        best_step = state.get("best_step")  # absent in checkpoints of older versions
+            optimizer.load_state_dict(extra["optimizers"][name])
+            scaler.load_state_dict(extra["scalers"][name])
+        self.step = int(state.step)
+        self.history = list(extra["history"])
+        self.epoch_sums = dict(extra["epoch_sums"])
+        self.epoch_count = int(extra["epoch_count"])
+        self.best_value = extra["best_value"]
+        best_step = extra.get("best_step")  # absent in checkpoints of older versions
         self.best_step = None if best_step is None else int(best_step)
-        set_rng_state(state["rng"])
+        set_rng_state(extra["rng"])
         self.restore_extra(state)
         log.info("resumed from %s at step %d", path, self.step)
 
-    def restore_extra(self, state: dict[str, Any]) -> None:
+    def restore_extra(self, state: Checkpoint) -> None:
         """Subclasses restore what they added to :meth:`state`."""
 
     def _resume_path(self) -> Path:
@@ -387,11 +392,7 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
 
 
 def _init_distributed(device: str) -> tuple[int, int, int]:
-    """(rank, world size, local rank); starts the process group under torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return 0, 1, 0
+    """(rank, world size, local rank); joins the process group under torchrun (one process included)."""
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    ranks = init_process_group(use_cuda)
+    return ranks.rank, ranks.world_size, ranks.local_rank

@@ -18,9 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 
 from wldm_auto.io.files import read_json
-from wldm_auto.preprocessing.preprocessor import ARRAYS
+from wldm_auto.planners.schema import AugmentationPlan
+from wldm_auto.io.preprocessed_layout import ARRAYS
 from wldm_auto.trainers.augmentation import Augmentation, build_augmentation
 
 log = logging.getLogger(__name__)
@@ -99,14 +101,15 @@ def _random_body_voxel(body: np.ndarray, rng: np.random.Generator) -> np.ndarray
 
 
 def _read_padded(array: np.ndarray, start: np.ndarray, size: Sequence[int], fill: float, dtype: Any) -> np.ndarray:
-    """``array[:, start:start+size]`` with out-of-image voxels set to ``fill``; only the inside is read."""
-    out = np.full((array.shape[0], *size), fill, dtype=dtype)
-    lo = np.maximum(start, 0)
-    hi = np.minimum(start + np.asarray(size), array.shape[1:])
-    src = (slice(None), *(slice(a, b) for a, b in zip(lo, hi)))
-    dst = (slice(None), *(slice(a - s, b - s) for a, b, s in zip(lo, hi, start)))
-    out[dst] = array[src]
-    return out
+    """``array[:, start:start+size]`` with out-of-image voxels set to ``fill``; only the inside is read.
+
+    The box must overlap the image (``sample_patch``'s always does: acvl-utils returns zeros, not
+    ``fill``, for a box wholly outside). The result is a new array, never a view of ``array``.
+    """
+    box = [[int(s), int(s) + int(n)] for s, n in zip(start, size)]
+    patch = crop_and_pad_nd(array, box, pad_value=fill, cast_cropped_to=dtype)
+    # without padding or a dtype change acvl-utils returns a view of the (memory-mapped) input
+    return np.array(patch) if not patch.flags.owndata or isinstance(patch, np.memmap) else patch
 
 
 def sample_patch(
@@ -170,11 +173,14 @@ class StepBatches(torch.utils.data.Dataset):
     all float32 tensors (masks 0/1), ``available`` (B, C) flags of the MR sequences
     kept by ``channel_dropout`` (dropped ones are zeroed), and ``cases`` (list of B names). ``rank`` (of
     ``world_size`` processes) enters the seed so every process draws its own batches.
+    ``augment_params``: the plan's ``augmentation`` section (a dict: overrides of its defaults;
+    None: the defaults).
     """
 
     def __init__(
         self, dataset: PreprocessedDataset, patch_size: Sequence[int], batch_size: int, seed: int,
-        augment: bool = True, rank: int = 0, world_size: int = 1, augment_params: dict | None = None,
+        augment: bool = True, rank: int = 0, world_size: int = 1,
+        augment_params: AugmentationPlan | dict[str, Any] | None = None,
         body_fraction: float = 0.67, num_steps: int = 2**62, channel_dropout: float = 0.0,
     ) -> None:
         if batch_size < 2 or batch_size % 2:

@@ -25,48 +25,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from wldm_auto.diffusion.schedule import NoiseSchedule
-from wldm_auto.diffusion.synthesis import LatentSynthesizer
-from wldm_auto.networks.diffusion_unet import DiffusionUNet
-from wldm_auto.networks.haar import HaarFirstStage
-from wldm_auto.networks.vae import WaveletVAE
+from wldm_auto.models.checkpoint import Checkpoint
+from wldm_auto.models.factory import (
+    build_denoiser, build_first_stage, build_latent_synthesizer, build_schedule, check_first_stage,
+)
+from wldm_auto.models.latent import LatentSynthesizer
+from wldm_auto.models.loading import load_frozen_vae
 from wldm_auto.paths import model_folder_name
-from wldm_auto.planners.schema import FIRST_STAGES, DiffusionPlan, Plans, TrainingPlan
+from wldm_auto.planners.schema import DiffusionPlan, Plans, TrainingPlan
 from wldm_auto.trainers.base import BaseTrainer
-from wldm_auto.trainers.checkpoint import load_checkpoint
 from wldm_auto.trainers.losses import masked_mse_per_sample
 
 log = logging.getLogger(__name__)
 
 SCALE_BATCHES = 4
-
-
-def load_frozen_vae(path: Path, device: torch.device) -> tuple[WaveletVAE, dict[str, Any]]:
-    """The VAE of a finished stage-1 checkpoint, frozen, with the plan it was trained under."""
-    state = load_checkpoint(path, map_location="cpu")
-    if state.get("stage") != "vae":
-        raise ValueError(f"{path}: not a stage-1 (VAE) checkpoint (stage {state.get('stage')!r})")
-    plans = Plans.from_dict(state["plans"], str(path))
-    vae = WaveletVAE(int(state["mr_channels"]), plans.configuration(state["configuration"]).vae)
-    vae.load_state_dict(state["networks"]["vae"])
-    vae.requires_grad_(False)
-    return vae.to(device).eval(), state
-
-
-def check_first_stage(plan: DiffusionPlan, where: str) -> None:
-    """The plan's first stage is known, and DSCA is only asked for where a VAE gives S/M halves."""
-    if plan.first_stage not in FIRST_STAGES:
-        raise ValueError(f"{where}.first_stage={plan.first_stage!r}: must be one of {', '.join(FIRST_STAGES)}")
-    if plan.first_stage == "haar" and plan.dsca:
-        raise ValueError(f"{where}: first_stage 'haar' has no structure/modality latent halves for DSCA; "
-                         "set dsca to false")
-
-
-def build_unet(plan: DiffusionPlan, first_stage: torch.nn.Module) -> DiffusionUNet:
-    """The denoiser for ``first_stage``'s space: CT latent channels out, MR latent (+flags) as condition."""
-    if isinstance(first_stage, HaarFirstStage):
-        return DiffusionUNet(first_stage.channels("ct"), plan, cond_channels=first_stage.channels("mr"))
-    return DiffusionUNet(first_stage.latent_channels, plan)
 
 
 class DiffusionTrainer(BaseTrainer):
@@ -102,14 +74,15 @@ class DiffusionTrainer(BaseTrainer):
     def build(self) -> None:
         check_first_stage(self.diffusion_plan, self.plan_section)
         if self.haar:
-            self.vae = HaarFirstStage(self.train_data.num_mr_channels).to(self.device)
+            mr_channels = self.train_data.num_mr_channels
+            self.vae = build_first_stage(self.diffusion_plan, mr_channels, self.config.vae).to(self.device)
             self.vae_source = "haar"
         else:
             path = self.vae_checkpoint()
             self.vae, vae_state = load_frozen_vae(path, self.device)
             self.vae_source = str(path)
-            self.config.vae = Plans.from_dict(vae_state["plans"]).configuration(vae_state["configuration"]).vae
-        self.unet = build_unet(self.diffusion_plan, self.vae)
+            self.config.vae = Plans.from_dict(vae_state.plans).configuration(vae_state.configuration).vae
+        self.unet = build_denoiser(self.diffusion_plan, self.vae)
         divisor = int(self.vae.required_divisor) * self.unet.required_divisor
         if any(p % divisor for p in self.config.patch_size):
             raise ValueError(f"patch size {self.config.patch_size} is not divisible by {divisor} (first stage "
@@ -118,7 +91,7 @@ class DiffusionTrainer(BaseTrainer):
         self.ema = copy.deepcopy(self.unet).requires_grad_(False)
         self.model = self.wrap(self.unet)
         self.ema.to(self.device)
-        self.schedule = NoiseSchedule.from_plan(self.diffusion_plan)
+        self.schedule = build_schedule(self.diffusion_plan)
         self.opt = self.make_optimizer(self.unet.parameters(), self.training_plan.learning_rate)
         # 0 = not measured yet; Haar coefficients are used as they are (low band already in [-1, 1])
         self.latent_scale = torch.tensor(1.0 if self.haar else 0.0, dtype=torch.float32)
@@ -129,14 +102,14 @@ class DiffusionTrainer(BaseTrainer):
             networks["vae"] = self.vae
         return networks
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> Checkpoint:
         state = super().state()
-        state.update(latent_scale=float(self.latent_scale), vae_source=self.vae_source,
-                     plan_section=self.plan_section, first_stage=self.diffusion_plan.first_stage)
+        state.extra.update(latent_scale=float(self.latent_scale), vae_source=self.vae_source,
+                           plan_section=self.plan_section, first_stage=self.diffusion_plan.first_stage)
         return state
 
-    def restore_extra(self, state: dict[str, Any]) -> None:
-        self.latent_scale = torch.tensor(float(state["latent_scale"]))
+    def restore_extra(self, state: Checkpoint) -> None:
+        self.latent_scale = torch.tensor(float(state.extra["latent_scale"]))
 
     @torch.no_grad()
     def _measure_latent_scale(self) -> None:
@@ -183,10 +156,8 @@ class DiffusionTrainer(BaseTrainer):
             ema.copy_(live)
 
     def synthesizer(self) -> LatentSynthesizer:
-        inference = self.config.inference
-        return LatentSynthesizer(self.vae, self.ema, self.schedule, float(self.latent_scale), self.config.patch_size,
-                                 inference.tile_overlap, self.device, latent_tile_scale=inference.latent_tile_scale,
-                                 latent_overlap=inference.latent_overlap, image_tile_scale=inference.image_tile_scale)
+        return build_latent_synthesizer(self.vae, self.ema, self.schedule, float(self.latent_scale), self.config,
+                                        self.config.inference.tile_overlap, self.device)
 
     def validate(self) -> dict[str, float]:
         """Whole validation volumes sampled with DDIM (EMA weights, fixed seed): CT MAE and PSNR in HU."""

@@ -11,7 +11,8 @@ from typing import Any
 
 from torch import nn
 
-from wldm_auto.networks.regression_unet import RegressionSynthesizer, RegressionUNet
+from wldm_auto.models.factory import build_regression_synthesizer, build_regression_unet
+from wldm_auto.models.regression import RegressionSynthesizer
 from wldm_auto.planners.schema import RegressionPlan, TrainingPlan
 from wldm_auto.trainers.base import BaseTrainer
 from wldm_auto.trainers.losses import masked_l1
@@ -35,7 +36,7 @@ class RegressionTrainer(BaseTrainer):
         return self.config.regression.training
 
     def build(self) -> None:
-        self.net = RegressionUNet(self.train_data.num_mr_channels, self.regression_plan)
+        self.net = build_regression_unet(self.train_data.num_mr_channels, self.regression_plan)
         divisor = self.net.required_divisor
         if any(p % divisor for p in self.config.patch_size):
             raise ValueError(f"patch size {self.config.patch_size} is not divisible by {divisor}, which the "
@@ -59,7 +60,7 @@ class RegressionTrainer(BaseTrainer):
         return {"loss": loss.item()}
 
     def synthesizer(self) -> RegressionSynthesizer:
-        return RegressionSynthesizer(self.net, self.config.patch_size, self.config.inference.tile_overlap, self.device)
+        return build_regression_synthesizer(self.net, self.config, self.config.inference.tile_overlap, self.device)
 
     def validate(self) -> dict[str, float]:
         """Whole validation volumes, one tiled pass each: CT MAE and PSNR in HU on body & valid voxels."""

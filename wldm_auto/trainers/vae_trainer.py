@@ -16,14 +16,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from wldm_auto.networks.discriminator import PatchDiscriminator3D
-from wldm_auto.networks.tiling import fit_tile, sliding_window
+from wldm_auto.models.factory import build_discriminator, build_vae
+from wldm_auto.models.tiling import reconstruct
 from wldm_auto.networks.vae import DiagonalGaussian, WaveletVAE
 from wldm_auto.planners.schema import TrainingPlan, VAEPlan
-from wldm_auto.preprocessing.normalization import denormalise_ct
+from wldm_auto.io.normalization import denormalise_ct
 from wldm_auto.trainers.base import BaseTrainer
 from wldm_auto.trainers.losses import d_hinge_loss, g_adv_loss, kl_loss, masked_l1, masked_mse, smd_loss
-from wldm_auto.trainers.metrics import PSNR_RANGE_HU, mae, psnr
+from wldm_auto.io.hu import SYNTHRAD_RANGE_HU
+from wldm_auto.io.metrics import mae, psnr
 
 
 RECONSTRUCTION_LOSSES = {"l1": masked_l1, "l2": masked_mse}
@@ -40,17 +41,6 @@ class VAEPair(nn.Module):
         rec_mr, post_mr = self.vae(mr, "mr", available=available)
         rec_ct, post_ct = self.vae(ct, "ct")
         return rec_mr, post_mr.mean, post_mr.logvar, rec_ct, post_ct.mean, post_ct.logvar
-
-
-def reconstruct(vae: WaveletVAE, volume: torch.Tensor, modality: str, tile: list[int], overlap: float,
-                device: torch.device) -> torch.Tensor:
-    """Encode (posterior mode) and decode a whole volume (C, z, y, x), tiled and blended."""
-    tile = fit_tile(volume.shape[-3:], tile, vae.required_divisor)
-
-    def fn(batch: torch.Tensor) -> torch.Tensor:
-        return vae.decode(vae.encode(batch, modality).mode(), modality)
-
-    return sliding_window(volume, tile, fn, overlap=overlap, device=device)
 
 
 class VAETrainer(BaseTrainer):
@@ -73,8 +63,8 @@ class VAETrainer(BaseTrainer):
         if p.reconstruction_loss not in RECONSTRUCTION_LOSSES:
             raise ValueError(f"vae.reconstruction_loss={p.reconstruction_loss!r}: must be one of "
                              f"{', '.join(RECONSTRUCTION_LOSSES)}")
-        self.vae = WaveletVAE(self.train_data.num_mr_channels, p)
-        self.disc = PatchDiscriminator3D(1, p.discriminator_channels, p.discriminator_layers)
+        self.vae = build_vae(self.train_data.num_mr_channels, p)
+        self.disc = build_discriminator(p)
         self.model = self.wrap(VAEPair(self.vae))
         self.disc_model = self.wrap(self.disc)
         self.opt = self.make_optimizer(self.vae.parameters(), p.training.learning_rate)
@@ -136,9 +126,9 @@ class VAETrainer(BaseTrainer):
                 rec_mr = reconstruct(self.vae, torch.from_numpy(mr), "mr", tile, overlap, self.device)
             region = (masks[0] > 0) & (masks[1] > 0)
             ct_hu, rec_hu = denormalise_ct(ct[0], window), denormalise_ct(rec_ct[0].clamp(-1, 1).numpy(), window)
-            figures["mae_ct_hu"].append(mae(rec_hu, ct_hu, region))
-            figures["psnr_ct"].append(psnr(rec_hu, ct_hu, region, PSNR_RANGE_HU))
-            figures["psnr_mr"].append(psnr(rec_mr.numpy(), mr, np.broadcast_to(masks[1] > 0, mr.shape), (-1.0, 1.0)))
+            figures["mae_ct_hu"].append(mae(ct_hu, rec_hu, region))
+            figures["psnr_ct"].append(psnr(ct_hu, rec_hu, region, SYNTHRAD_RANGE_HU))
+            figures["psnr_mr"].append(psnr(mr, rec_mr.numpy(), np.broadcast_to(masks[1] > 0, mr.shape), (-1.0, 1.0)))
         return {k: float(np.mean(v)) for k, v in figures.items() if v}
 
 

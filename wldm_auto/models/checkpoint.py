@@ -1,22 +1,27 @@
 """Checkpoints: tensors and plain data only, written atomically, loaded with ``weights_only=True``.
 
-A checkpoint is a dict of state dicts (networks, optimisers, scaler), the
-step, RNG states (as tensors and lists), the plans (as plain JSON data) and
-the trainer's name. Nothing in it needs unpickling of arbitrary objects, so
-a checkpoint someone hands you cannot run code when loaded.
+A :class:`Checkpoint` names its trainer, step, network weights (state dicts
+by name) and the plans it was trained under (as plain JSON data); a model to
+predict with also names its stage, configuration, fold and MR channel count.
+Everything else (optimisers, scaler, RNG states, history, a stage's own
+values such as ``latent_scale``) travels in ``extra``. On disk it is one flat
+dict, so nothing in it needs unpickling of arbitrary objects and a checkpoint
+someone hands you cannot run code when loaded. :func:`save_checkpoint` and
+:func:`load_checkpoint` are its one writer and reader.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import pickle
-import random
 import re
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-import numpy as np
 import torch
 
 from wldm_auto.io.files import atomic_path, disk_full_errno
@@ -27,6 +32,57 @@ class CheckpointError(ValueError):
 
 
 REQUIRED_KEYS = ("trainer", "step", "networks", "plans")
+
+
+@dataclass
+class Checkpoint(Mapping[str, Any]):
+    """One model as stored; reads like the flat dict it is saved as (``checkpoint["step"]``).
+
+    Identity fields a checkpoint lacks are None and absent from that dict.
+    """
+
+    trainer: str
+    step: int
+    networks: dict[str, dict[str, torch.Tensor]]
+    plans: dict[str, Any]
+    stage: str | None = None
+    configuration: str | None = None
+    fold: int | None = None
+    mr_channels: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Checkpoint:
+        """The typed view of a flat checkpoint dict; ValueError naming the required keys it lacks."""
+        missing = [k for k in REQUIRED_KEYS if k not in data]
+        if missing:
+            raise ValueError(f"checkpoint state lacks {', '.join(missing)}")
+        typed = {k: data[k] for k in _FIELDS if k in data}
+        return cls(**typed, extra={k: v for k, v in data.items() if k not in _FIELDS})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat dict written to disk: the fields that are set, then ``extra``."""
+        data = {name: getattr(self, name) for name in _FIELDS if getattr(self, name) is not None}
+        data.update(self.extra)
+        return data
+
+    def __getitem__(self, key: str) -> Any:
+        if key in _FIELDS:
+            value = getattr(self, key)
+            if value is None:
+                raise KeyError(key)
+            return value
+        return self.extra[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(Checkpoint) if f.name != "extra")
+
 
 class DiskFullError(OSError):
     """Writing a file failed because the disk (or the user's quota) is full; ``str()`` is one line naming it."""
@@ -55,45 +111,21 @@ def disk_full_guard(path: str | os.PathLike) -> Iterator[None]:
         raise DiskFullError.for_path(path, code) from None
 
 
-def rng_state() -> dict[str, Any]:
-    """Torch (CPU, CUDA), NumPy and Python RNG states as tensors and plain lists."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
-        "python": {"version": version, "internal": list(internal), "gauss": gauss},
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured."""
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
-
-
-def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write ``state`` to ``path`` atomically (temporary file, fsync, rename).
+def save_checkpoint(checkpoint: Checkpoint | Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write ``checkpoint`` (or its flat dict) to ``path`` atomically (temporary file, fsync, rename).
 
     A full disk raises :class:`DiskFullError` (one line naming ``path``); the
     file already at ``path`` is left as it was.
     """
-    missing = [k for k in REQUIRED_KEYS if k not in state]
-    if missing:
-        raise ValueError(f"checkpoint state lacks {', '.join(missing)}")
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = Checkpoint.from_dict(checkpoint)
+    state = checkpoint.to_dict()
     with disk_full_guard(path), atomic_path(path, suffix=".pt") as tmp:
         with open(tmp, "wb") as handle:  # Python file I/O: a full disk surfaces as OSError(ENOSPC)
             torch.save(state, handle)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Load a checkpoint with ``weights_only=True``; CheckpointError naming the file on any problem."""
     path = Path(path)
     if not path.is_file():
@@ -104,7 +136,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(_load_problem(path, exc)) from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path}: not a wldm_auto checkpoint (expected keys {', '.join(REQUIRED_KEYS)})")
-    return state
+    return Checkpoint.from_dict(state)
 
 
 _REFUSED = re.compile(r"GLOBAL (\S+) was not an allowed global|whose module (\S+) is blocked|(\S+) must be \S+ to load")

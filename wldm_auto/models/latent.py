@@ -11,21 +11,28 @@ the predictor and the trainers' validation both call it.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
+from wldm_auto.diffusion.ranks import RankShare
 from wldm_auto.diffusion.samplers import DDIMSampler
 from wldm_auto.diffusion.schedule import NoiseSchedule
 from wldm_auto.diffusion.tiled import sample_whole_latent
+from wldm_auto.diffusion.tiling import fit_tile
+from wldm_auto.models.phases import Phases, phase
+from wldm_auto.models.tiling import sliding_window
 from wldm_auto.networks.haar import pad_even
-from wldm_auto.networks.tiling import fit_tile, sliding_window
 
 
 @dataclass
 class LatentSynthesizer:
-    """A first stage (``vae``: trained wavelet VAE or fixed Haar) and denoiser (``unet``) ready to sample sCT."""
+    """A first stage (``vae``: trained wavelet VAE or fixed Haar) and denoiser (``unet``) ready to sample sCT.
+
+    The latent and the wavelet-domain models are both this
+    :class:`~wldm_auto.models.synthesizer.Synthesizer`; their samples differ (``is_stochastic``).
+    """
 
     vae: torch.nn.Module
     unet: torch.nn.Module
@@ -38,6 +45,12 @@ class LatentSynthesizer:
     latent_tile_scale: int = 2  # sampling tiles are this many patch-latents wide per axis
     latent_overlap: float = 0.25
     image_tile_scale: int = 1  # VAE tiles are this many patches wide per axis (local VAEs only)
+    phases: Phases | None = None  # set by a caller that wants encode/sample/decode seconds
+    share: RankShare | None = None  # spread every tiled pass of a case over these ranks (--split-case)
+
+    @property
+    def is_stochastic(self) -> bool:
+        return True
 
     @property
     def factor(self) -> int:
@@ -72,7 +85,8 @@ class LatentSynthesizer:
                 return self.vae.encode(batch, modality, available).mode()
 
             z = sliding_window(volume, tile, encode, overlap=self.overlap, batch_size=self.batch_size,
-                               scale=1.0 / self.factor, pad_value=-1.0, device=self.device, align=self.factor)
+                               scale=1.0 / self.factor, pad_value=-1.0, device=self.device, align=self.factor,
+                               share=self.share)
         return z * self.latent_scale
 
     def encode_mr(self, mr: torch.Tensor, available: torch.Tensor | None = None) -> torch.Tensor:
@@ -97,7 +111,7 @@ class LatentSynthesizer:
             return self.vae.decode(batch, "ct")
 
         ct = sliding_window(z, tile, decode, overlap=self.overlap, batch_size=self.batch_size,
-                            scale=self.factor, pad_value=0.0, device=self.device)
+                            scale=self.factor, pad_value=0.0, device=self.device, share=self.share)
         return ct[0, : shape[0], : shape[1], : shape[2]]
 
     @torch.no_grad()
@@ -108,16 +122,19 @@ class LatentSynthesizer:
 
         ``available``: (C,) flags of the MR sequences present (missing ones must be zeros in ``mr``).
         """
-        cond = self.encode_mr(mr, available).to(self.device)[None]
+        with phase(self.phases, "encode"):
+            cond = self.encode_mr(mr, available).to(self.device)[None]
         sampler = DDIMSampler(self.schedule, steps, eta)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
             return self.unet(x, t, c)
 
-        latent = sample_whole_latent(
-            model_fn, cond, int(getattr(self.unet, "latent_channels", cond.shape[1])), sampler,
-            self.latent_tile(cond.shape[-3:]), overlap=self.latent_overlap,
-            batch_size=self.batch_size, generator=generator, num_samples=num_samples, progress=progress,
-            divisor=int(getattr(self.unet, "required_divisor", 1)),
-        )
-        return torch.stack([self.decode_ct(z.to(mr.device), mr.shape[-3:]) for z in latent])
+        with phase(self.phases, "sample"):
+            latent = sample_whole_latent(
+                model_fn, cond, int(getattr(self.unet, "latent_channels", cond.shape[1])), sampler,
+                self.latent_tile(cond.shape[-3:]), overlap=self.latent_overlap,
+                batch_size=self.batch_size, generator=generator, num_samples=num_samples, progress=progress,
+                divisor=int(getattr(self.unet, "required_divisor", 1)), share=self.share,
+            )
+        with phase(self.phases, "decode"):
+            return torch.stack([self.decode_ct(z.to(mr.device), mr.shape[-3:]) for z in latent])

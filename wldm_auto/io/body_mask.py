@@ -1,0 +1,56 @@
+"""Body mask from an MR volume: threshold, closing, largest component, hole filling (plain settings, no plan).
+
+Ground floor: planning (the fingerprint's default mask) and preprocessing
+(the plan's ``preprocessing.body_mask``) both compute masks with it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+
+def mr_body_mask(mr: sitk.Image, threshold_fraction: float, closing_mm: float, keep_largest_component: bool,
+                 fill_holes: bool) -> sitk.Image:
+    """Binary (uint8) body mask on ``mr``'s grid.
+
+    Voxels above ``threshold_fraction`` of the 99.5th intensity percentile
+    are foreground; a closing of ``closing_mm`` bridges thin gaps; the largest
+    connected component is kept; holes are filled in 3D and then slice by
+    slice (dark bone and air inside the body stay inside).
+    """
+    array = sitk.GetArrayViewFromImage(mr).astype(np.float32)
+    positive = array[array > 0]
+    if positive.size == 0:
+        return _mask_like(np.zeros(array.shape, np.uint8), mr)
+    threshold = threshold_fraction * float(np.percentile(positive, 99.5))
+    mask = sitk.Cast(sitk.BinaryThreshold(sitk.Cast(mr, sitk.sitkFloat32), threshold, 1e30, 1, 0), sitk.sitkUInt8)
+    if closing_mm > 0:
+        radius = [max(1, int(round(closing_mm / s))) for s in mr.GetSpacing()]
+        padded = sitk.ConstantPad(mask, radius, radius, 0)  # closing must not glue to the border
+        closed = sitk.BinaryMorphologicalClosing(padded, radius, sitk.sitkBall)
+        mask = sitk.Crop(closed, radius, radius)
+    out = sitk.GetArrayFromImage(mask).astype(bool)
+    if keep_largest_component:
+        out = largest_component(out)
+    if fill_holes:
+        out = ndimage.binary_fill_holes(out)
+        for z in range(out.shape[0]):
+            out[z] = ndimage.binary_fill_holes(out[z])
+    return _mask_like(out.astype(np.uint8), mr)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest face-connected (6-neighbour) component of a boolean 3D mask (components tied for
+    largest are all kept); an empty mask stays empty. acvl-utils' cc3d labelling: the same voxels as
+    SimpleITK's ConnectedComponent + RelabelComponent and scipy's label on the phantom and the
+    TotalSegmentator example, and faster (66 vs 75 vs 94 ms on the 256x200x200 phantom CT)."""
+    from acvl_utils.morphology.morphology_helper import remove_all_but_largest_component_cc3d
+
+    return remove_all_but_largest_component_cc3d(np.asarray(mask, dtype=bool), connectivity=6)
+
+
+def _mask_like(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    return image

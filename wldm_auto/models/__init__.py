@@ -1,0 +1,1 @@
+"""models stage: a trained model (typed checkpoint, network factory, synthesizers) that training and inference share."""

@@ -1,0 +1,104 @@
+"""Networks, noise schedules and synthesizers from plan sections: the one place that turns plans into plain arguments.
+
+Trainers build fresh networks here; the predictor builds the same networks
+here before loading a checkpoint's weights into them, so the two cannot
+disagree on an architecture; both wrap trained networks into synthesizers
+with the same tiles. Errors about a plan name its keys.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from wldm_auto.diffusion.schedule import NoiseSchedule
+from wldm_auto.models.latent import LatentSynthesizer
+from wldm_auto.models.regression import RegressionSynthesizer
+from wldm_auto.networks.diffusion_unet import DiffusionUNet
+from wldm_auto.networks.discriminator import PatchDiscriminator3D
+from wldm_auto.networks.haar import HaarFirstStage
+from wldm_auto.networks.regression_unet import RegressionUNet
+from wldm_auto.networks.vae import WaveletVAE
+from wldm_auto.planners.schema import FIRST_STAGES, ConfigurationPlan, DiffusionPlan, RegressionPlan, VAEPlan
+
+
+def _widths(values: Sequence[int], where: str) -> list[int]:
+    """``values`` as a list; ValueError naming the plan key ``where`` unless they are positive widths."""
+    widths = list(values)
+    if not widths or min(widths) < 1:
+        raise ValueError(f"{where} must be non-empty positive widths, got {widths}")
+    return widths
+
+
+def build_vae(mr_channels: int, plan: VAEPlan) -> WaveletVAE:
+    """The stage-1 wavelet VAE of ``plan`` for ``mr_channels`` MR sequences (untrained)."""
+    channels = _widths(plan.channels, "VAEPlan.channels")
+    expected = 2 ** (len(channels) - 1)
+    if plan.downsampling_factor != expected:
+        raise ValueError(
+            f"VAEPlan.downsampling_factor={plan.downsampling_factor} does not match "
+            f"channels={channels} ({len(channels)} levels give 2**{len(channels) - 1}={expected})"
+        )
+    return WaveletVAE(mr_channels, channels, plan.latent_channels, plan.blocks_per_level, plan.group_width,
+                      plan.wrm, plan.normalization)
+
+
+def build_discriminator(plan: VAEPlan) -> PatchDiscriminator3D:
+    """The 3D patch discriminator judging the VAE's CT reconstructions."""
+    return PatchDiscriminator3D(1, plan.discriminator_channels, plan.discriminator_layers)
+
+
+def check_first_stage(plan: DiffusionPlan, where: str) -> None:
+    """The plan's first stage is known, and DSCA is only asked for where a VAE gives S/M halves."""
+    if plan.first_stage not in FIRST_STAGES:
+        raise ValueError(f"{where}.first_stage={plan.first_stage!r}: must be one of {', '.join(FIRST_STAGES)}")
+    if plan.first_stage == "haar" and plan.dsca:
+        raise ValueError(f"{where}: first_stage 'haar' has no structure/modality latent halves for DSCA; "
+                         "set dsca to false")
+
+
+def build_first_stage(plan: DiffusionPlan, mr_channels: int, vae: VAEPlan) -> nn.Module:
+    """The space ``plan`` diffuses in: the fixed Haar transform, or an (untrained) VAE of plan section ``vae``."""
+    if plan.first_stage == "haar":
+        return HaarFirstStage(mr_channels)
+    return build_vae(mr_channels, vae)
+
+
+def build_denoiser(plan: DiffusionPlan, first_stage: nn.Module) -> DiffusionUNet:
+    """The denoiser for ``first_stage``'s space: CT latent channels out, MR latent (+flags) as condition."""
+    channels = _widths(plan.unet_channels, "DiffusionPlan.unet_channels")
+    if isinstance(first_stage, HaarFirstStage):
+        return DiffusionUNet(first_stage.channels("ct"), channels, cond_channels=first_stage.channels("mr"),
+                             dsca=plan.dsca)
+    return DiffusionUNet(first_stage.latent_channels, channels, dsca=plan.dsca)
+
+
+def build_schedule(plan: DiffusionPlan) -> NoiseSchedule:
+    """The noise schedule recorded in a plan's diffusion section."""
+    return NoiseSchedule(timesteps=plan.timesteps, schedule=plan.beta_schedule, beta_start=plan.beta_start,
+                         beta_end=plan.beta_end, prediction=plan.prediction)
+
+
+def build_regression_unet(mr_channels: int, plan: RegressionPlan) -> RegressionUNet:
+    """The regression-baseline U-Net of ``plan`` for ``mr_channels`` MR sequences (untrained)."""
+    return RegressionUNet(mr_channels, _widths(plan.unet_channels, "RegressionPlan.unet_channels"),
+                          plan.blocks_per_level, plan.group_width)
+
+
+def build_latent_synthesizer(first_stage: nn.Module, denoiser: nn.Module, schedule: NoiseSchedule, latent_scale: float,
+                             config: ConfigurationPlan, overlap: float,
+                             device: torch.device | str) -> LatentSynthesizer:
+    """Latent (or wavelet-domain) sampling with ``config``'s patch and inference tiles.
+
+    ``overlap``: of the first stage's encode/decode tiles."""
+    inference = config.inference
+    return LatentSynthesizer(first_stage, denoiser, schedule, latent_scale, config.patch_size, overlap, device,
+                             latent_tile_scale=inference.latent_tile_scale, latent_overlap=inference.latent_overlap,
+                             image_tile_scale=inference.image_tile_scale)
+
+
+def build_regression_synthesizer(net: nn.Module, config: ConfigurationPlan, overlap: float,
+                                 device: torch.device | str) -> RegressionSynthesizer:
+    """Whole-volume regression with tiles of ``config``'s patch size overlapping by ``overlap``."""
+    return RegressionSynthesizer(net, config.patch_size, overlap, device)
