@@ -230,3 +230,19 @@ def test_the_plans_augmentation_section_drives_the_augmenter(dataset, preprocess
     assert tuple(gamma.gamma_range) == (0.5, 2.0) and gamma.p_per_sample == 1.0
     assert not torch.equal(batches[3]["mr"], default[3]["mr"])  # same seed and step, other augmentation
     assert _equal(batches[3], StepBatches(dataset, PATCH, 2, seed=0, augment_params=edited)[3])
+
+
+def test_validation_box_bounds_voxels_and_centres_on_the_body() -> None:
+    """Whole volume when small enough or unlimited; else at most max_voxels, longest side cut first,
+    centred on the body's box and inside the volume."""
+    from wldm_auto.trainers.data import validation_box
+
+    body = np.zeros((200, 60, 50), np.uint8)
+    body[120:190, 10:50, 5:45] = 1
+    whole = tuple(slice(0, n) for n in body.shape)
+    assert validation_box(body, 0) == whole and validation_box(body, body.size) == whole
+    box = validation_box(body, 100_000)
+    sizes = [s.stop - s.start for s in box]
+    assert 0.7 * 100_000 < np.prod(sizes) <= 100_000 and sizes == [43, 48, 45]  # the longest side is cut first
+    assert all(0 <= s.start and s.stop <= n for s, n in zip(box, body.shape))
+    assert abs((box[0].start + box[0].stop) / 2 - 155) <= 1  # the body's box centre along z

@@ -124,3 +124,30 @@ def test_ddp_two_gloo_processes(preprocessed_small, tmp_path, monkeypatch):
     assert sorted(p.name for p in folder.glob("checkpoint_*.pt")) == [
         "checkpoint_best.pt", "checkpoint_final.pt", "checkpoint_latest.pt"]
     assert load_checkpoint(folder / "checkpoint_final.pt")["step"] == 4
+
+
+def test_validation_uses_a_bounded_crop(preprocessed_small, tmp_path, monkeypatch, caplog):
+    """training.validation_max_voxels: each epoch validates the same centred crop of at most that many voxels."""
+    from wldm_auto.trainers import base
+
+    dataset = tiny_copy(preprocessed_small, tmp_path, monkeypatch)
+    plans_path = Path(os.environ["wldm_preprocessed"]) / dataset / "plans.json"
+    plans = json.loads(plans_path.read_text())
+    plans["configurations"]["3d_wldm"]["regression"]["training"]["validation_max_voxels"] = 4000
+    plans_path.write_text(json.dumps(plans))
+    shapes: list[tuple[int, ...]] = []
+    original = base.BaseTrainer.validation_arrays
+
+    def recorded(self, case):
+        arrays = original(self, case)
+        shapes.append(arrays[0].shape[1:])
+        return arrays
+
+    monkeypatch.setattr(base.BaseTrainer, "validation_arrays", recorded)
+    with caplog.at_level("INFO"):
+        run_training(dataset, "regression", 0, options=TrainerOptions(device="cpu", num_workers=0, num_steps=4,
+                                                                      steps_per_epoch=2))
+    assert shapes and all(np.prod(s) <= 4000 for s in shapes) and len(set(shapes)) == len(set(shapes[:len(shapes) // 2]))
+    assert "training.validation_max_voxels" in caplog.text
+    history = json.loads((fold_dir(tmp_path, dataset, "RegressionTrainer") / "history.json").read_text())
+    assert all(np.isfinite(h["val_mae_ct_hu"]) for h in history)

@@ -104,6 +104,7 @@ class BaseTrainer:
         self.steps_per_epoch = min(self.steps_per_epoch, self.total_steps)
         self.step = 0
         self.history: list[dict[str, Any]] = []
+        self._cropped_logged: set[str] = set()  # validation cases already reported as cropped
         self.epoch_sums: dict[str, float] = {}
         self.epoch_count = 0
         self.epoch_started = time.time()
@@ -184,6 +185,16 @@ class BaseTrainer:
             module = torch.compile(module)
         return module
 
+    def validation_arrays(self, case: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(mr, ct, masks)`` of a validation case, cropped to ``training.validation_max_voxels``."""
+        limit = self.training_plan.validation_max_voxels
+        arrays = self.val_data.validation_arrays(case, limit)
+        if arrays[0][0].size < self.val_data.arrays(case)[0][0].size and case not in self._cropped_logged:
+            self._cropped_logged.add(case)
+            log.info("validating %s on a centred crop %s of %d voxels (training.validation_max_voxels)", case,
+                     list(arrays[0].shape[1:]), limit)
+        return arrays
+
     def validate_synthesis(self, predict: Any) -> dict[str, float]:
         """CT MAE and PSNR (HU) of ``predict`` on every whole validation volume.
 
@@ -196,7 +207,7 @@ class BaseTrainer:
 
         figures: dict[str, list[float]] = {"mae_ct_hu": [], "psnr_ct": []}
         for case in self.val_data.cases:
-            mr, ct, masks = (np.array(a) for a in self.val_data.arrays(case))
+            mr, ct, masks = self.validation_arrays(case)
             window = self.val_data.properties(case)["ct_window"]
             with self.autocast():
                 sct = predict(torch.from_numpy(mr))

@@ -11,6 +11,8 @@ holds the first patient of every pair and ``batch["mr"][1::2]`` the second.
 """
 from __future__ import annotations
 
+import math
+
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -82,6 +84,29 @@ class PreprocessedDataset:
     def arrays(self, case: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Read-only memory maps ``(mr, ct, masks)`` of ``case``; only what is sliced is read."""
         return tuple(np.load(self.folder / f"{case}{s}", mmap_mode="r") for s in ARRAYS.values())  # type: ignore[return-value]
+
+    def validation_arrays(self, case: str, max_voxels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(mr, ct, masks)`` of ``case`` in memory, cropped by :func:`validation_box` to ``max_voxels``."""
+        mr, ct, masks = self.arrays(case)
+        box = (slice(None), *validation_box(masks[1], max_voxels))
+        return np.array(mr[box]), np.array(ct[box]), np.array(masks[box])
+
+
+def validation_box(body: np.ndarray, max_voxels: int) -> tuple[slice, slice, slice]:
+    """The whole (z, y, x) volume, or with ``max_voxels`` > 0 a box of at most that many voxels centred on
+    the body's bounding box (its longest side shortened first): the same box every epoch, so validation
+    figures stay comparable while their cost is bounded on whole-body volumes."""
+    shape = list(body.shape)
+    if max_voxels <= 0 or math.prod(shape) <= max_voxels:
+        return tuple(slice(0, n) for n in shape)  # type: ignore[return-value]
+    size = list(shape)
+    while math.prod(size) > max_voxels:
+        axis = size.index(max(size))
+        size[axis] = max(1, int(size[axis] * 0.9))
+    found = np.nonzero(np.asarray(body))
+    centre = [int((a.min() + a.max()) // 2) if a.size else n // 2 for a, n in zip(found, shape)]
+    starts = [min(max(0, c - s // 2), n - s) for c, s, n in zip(centre, size, shape)]
+    return tuple(slice(a, a + s) for a, s in zip(starts, size))  # type: ignore[return-value]
 
 
 def _random_body_voxel(body: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:

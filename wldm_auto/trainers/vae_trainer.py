@@ -116,7 +116,7 @@ class VAETrainer(BaseTrainer):
         figures: dict[str, list[float]] = {"psnr_ct": [], "mae_ct_hu": [], "psnr_mr": []}
         overlap = self.config.inference.tile_overlap
         for case in self.val_data.cases:
-            mr, ct, masks = (np.array(a) for a in self.val_data.arrays(case))
+            mr, ct, masks = self.validation_arrays(case)
             window = self.val_data.properties(case)["ct_window"]
             tile = self.config.patch_size
             if self.vae.local:  # its output does not depend on the tile: use the larger inference tiles
