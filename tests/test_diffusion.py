@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -276,3 +278,43 @@ def test_ablation_diffusion_trainers_pick_their_first_stage() -> None:
         cls = trainer_class(name)
         assert cls.vae_trainer == vae and cls.stage == "diffusion"
         assert trainer_class(vae).stage == "vae"
+
+
+@pytest.mark.parametrize("shape", [(450, 250, 250), (436, 224, 200), (100, 96, 96), (260, 300, 40), (257, 513, 64)])
+def test_balanced_tiles_cover_with_the_margin_and_compute_less(shape) -> None:
+    """Fewest tiles of at most 256 covering every voxel, neighbours overlapping by >= the margin (less the
+    alignment), and fewer voxels computed than 256-voxel tiles at overlap 0.5."""
+    from wldm_auto.diffusion.tiling import balanced_tiles, tiles
+
+    shape = tuple(-(-n // 4) * 4 for n in shape)  # sliding_window pads to the alignment first
+    tile, overlap = balanced_tiles(shape, [256] * 3, 64, 4)
+    assert all(t <= 256 and t % 4 == 0 for t in tile)
+    slices = tiles(shape, tile, overlap, 4)
+    covered = np.zeros(shape, bool)
+    for s in slices:
+        covered[s] = True
+    assert covered.all()
+    for axis in range(3):
+        starts = sorted({s[axis].start for s in slices})
+        gaps = [b - a for a, b in zip(starts, starts[1:])]
+        assert all(tile[axis] - g >= 64 - 4 for g in gaps), (axis, starts, tile)
+    computed = sum(int(np.prod([x.stop - x.start for x in s])) for s in slices)
+    old = sum(int(np.prod([x.stop - x.start for x in s])) for s in tiles(shape, [256] * 3, 0.5, 4))
+    assert computed <= old
+
+
+def test_first_stage_layout_respects_the_element_budget() -> None:
+    """A local VAE's tiles shrink until one first-level activation fits TILE_ELEMENTS; batches too."""
+    from wldm_auto.models import latent
+    from wldm_auto.models.factory import build_vae
+    from wldm_auto.planners.schema import VAEPlan
+
+    plan = VAEPlan()
+    plan.channels, plan.latent_channels, plan.downsampling_factor = [64, 128], 8, 2
+    vae = build_vae(1, plan)
+    assert vae.local
+    synthesizer = latent.LatentSynthesizer(vae, torch.nn.Identity(), None, 1.0, [64, 64, 64], image_tile_scale=4)
+    tile, overlap, batch = synthesizer.first_stage_layout([450, 250, 250])
+    assert np.prod(tile) * 64 <= latent.TILE_ELEMENTS and batch == 1 and all(t % 2 == 0 for t in tile)
+    small, _, batch_small = synthesizer.first_stage_layout([64, 64, 64])
+    assert small == [64, 64, 64] and batch_small == min(synthesizer.batch_size, latent.TILE_ELEMENTS // (64 ** 3 * 64))

@@ -11,6 +11,7 @@ the predictor and the trainers' validation both call it.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,10 +21,13 @@ from wldm_auto.diffusion.ranks import RankShare
 from wldm_auto.diffusion.samplers import DDIMSampler
 from wldm_auto.diffusion.schedule import NoiseSchedule
 from wldm_auto.diffusion.tiled import sample_whole_latent
-from wldm_auto.diffusion.tiling import fit_tile
+from wldm_auto.diffusion.tiling import balanced_tiles, fit_tile
 from wldm_auto.models.phases import Phases, phase
 from wldm_auto.models.tiling import sliding_window
 from wldm_auto.networks.haar import pad_even
+
+
+TILE_ELEMENTS = 2 ** 27  # values of one first-level VAE activation per batch of tiles (512 MB in float32)
 
 
 @dataclass
@@ -45,6 +49,7 @@ class LatentSynthesizer:
     latent_tile_scale: int = 2  # sampling tiles are this many patch-latents wide per axis
     latent_overlap: float = 0.25
     image_tile_scale: int = 1  # VAE tiles are this many patches wide per axis (local VAEs only)
+    first_stage_margin: int = 64  # local VAEs: neighbouring encode/decode tiles overlap by this many image voxels
     phases: Phases | None = None  # set by a caller that wants encode/sample/decode seconds
     share: RankShare | None = None  # spread every tiled pass of a case over these ranks (--split-case)
 
@@ -66,6 +71,25 @@ class LatentSynthesizer:
         scale = self.image_tile_scale if getattr(self.vae, "local", False) else 1
         return [int(t) * max(1, int(scale)) for t in self.image_tile]
 
+    def first_stage_layout(self, shape: Sequence[int]) -> tuple[list[int], float | list[float], int]:
+        """Encode/decode tiles for an image of ``shape``: (tile in image voxels, overlap, tiles per batch).
+
+        A GroupNorm VAE keeps patch-sized tiles overlapping by ``overlap``. A local VAE gets the fewest
+        tiles of at most ``image_tile_scale`` patches per axis that overlap by ``first_stage_margin``
+        voxels (its receptive field, not a fraction of a large tile), shrunk until one tile's first-level
+        activation holds at most :data:`TILE_ELEMENTS` values; a batch holds at most that many too."""
+        tile = fit_tile(shape, self.first_stage_tile(), self.factor)
+        stems = getattr(self.vae, "stems", None)
+        width = int(stems["ct"].out_channels) if stems is not None else 1
+        overlap: float | list[float] = self.overlap
+        if getattr(self.vae, "local", False):
+            while math.prod(tile) * width > TILE_ELEMENTS and max(tile) > 2 * self.factor:
+                axis = tile.index(max(tile))
+                tile[axis] = max(self.factor, tile[axis] // 2 // self.factor * self.factor)
+            tile, overlap = balanced_tiles(shape, tile, self.first_stage_margin, self.factor)
+        batch = max(1, min(self.batch_size, TILE_ELEMENTS // (math.prod(tile) * width)))
+        return tile, overlap, batch
+
     @property
     def whole_volume(self) -> bool:
         return bool(getattr(self.vae, "whole_volume", False))
@@ -79,12 +103,12 @@ class LatentSynthesizer:
         if self.whole_volume:
             z = self.vae.encode(pad_even(volume[None].to(self.device), -1.0), modality, available).mode()[0]
         else:
-            tile = fit_tile(volume.shape[-3:], self.first_stage_tile(), self.factor)
+            tile, overlap, batch_size = self.first_stage_layout(volume.shape[-3:])
 
             def encode(batch: torch.Tensor) -> torch.Tensor:
                 return self.vae.encode(batch, modality, available).mode()
 
-            z = sliding_window(volume, tile, encode, overlap=self.overlap, batch_size=self.batch_size,
+            z = sliding_window(volume, tile, encode, overlap=overlap, batch_size=batch_size,
                                scale=1.0 / self.factor, pad_value=-1.0, device=self.device, align=self.factor,
                                share=self.share)
         return z * self.latent_scale
@@ -104,13 +128,13 @@ class LatentSynthesizer:
         if self.whole_volume:
             ct = self.vae.decode(z[None].to(self.device), "ct")[0]
             return ct[0, : shape[0], : shape[1], : shape[2]]
-        tile = [max(1, t // self.factor) for t in self.first_stage_tile()]
-        tile = [min(t, s) for t, s in zip(tile, z.shape[-3:])]
+        image_tile, overlap, batch_size = self.first_stage_layout([n * self.factor for n in z.shape[-3:]])
+        tile = [min(max(1, t // self.factor), n) for t, n in zip(image_tile, z.shape[-3:])]
 
         def decode(batch: torch.Tensor) -> torch.Tensor:
             return self.vae.decode(batch, "ct")
 
-        ct = sliding_window(z, tile, decode, overlap=self.overlap, batch_size=self.batch_size,
+        ct = sliding_window(z, tile, decode, overlap=overlap, batch_size=batch_size,
                             scale=self.factor, pad_value=0.0, device=self.device, share=self.share)
         return ct[0, : shape[0], : shape[1], : shape[2]]
 

@@ -31,7 +31,7 @@ def sliding_window(
     volume: torch.Tensor,
     tile: Sequence[int],
     fn: Callable[[torch.Tensor], torch.Tensor],
-    overlap: float = 0.5,
+    overlap: float | Sequence[float] = 0.5,
     batch_size: int = 1,
     out_channels: int | None = None,
     scale: int | float = 1,
