@@ -241,6 +241,31 @@ def test_kill_9_of_the_parent_ends_its_workers(driver):
     assert hash_file(driver["raw"]) == driver["raw_hash"]
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64",
+                    reason="reads /proc; tgkill's syscall number is x86_64's")
+def test_ctrl_c_taken_by_a_helper_thread_still_stops_promptly(driver):
+    """The kernel hands a process-directed SIGINT to any thread that does not block it; when that is one
+    of the pool's helper threads, the main thread must still notice it (it waits in short slices)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    proc = _start(driver, 120.0)
+    pids: list[int] = []
+    try:
+        pids = _worker_pids(driver, proc, 2)
+        helpers = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid]
+        assert helpers, "the driver runs no helper thread"
+        assert libc.syscall(234, proc.pid, helpers[-1], int(signal.SIGINT)) == 0  # tgkill(tgid, tid, SIGINT)
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("a SIGINT taken by a helper thread did not stop wldm_plan_and_preprocess within 30 s")
+        survivors = _wait_gone(pids, 10.0)
+    finally:
+        _cleanup(proc, pids)
+    assert code == 130 and not survivors, (driver["logs"] / "stderr.txt").read_text()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_ctrl_c_stops_promptly_and_a_rerun_continues(driver):
     proc = _start(driver, 120.0)

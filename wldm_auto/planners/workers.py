@@ -23,7 +23,8 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import TimeoutError as FuturesTimeout
 from types import TracebackType
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -35,6 +36,7 @@ R = TypeVar("R")
 PR_SET_PDEATHSIG = 1
 WATCHDOG_SECONDS = 0.5
 TERMINATE_WAIT_SECONDS = 5.0
+POLL_SECONDS = 0.25  # longest untimed wait of the main thread for results (see WorkerPool.imap_unordered)
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -107,16 +109,30 @@ class WorkerPool:
         return self
 
     def imap_unordered(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
-        """Results of ``fn`` over ``items`` as they complete."""
-        futures = [self._executor.submit(fn, item) for item in items]
-        for future in as_completed(futures):
-            yield future.result()
+        """Results of ``fn`` over ``items`` as they complete.
+
+        The main thread never blocks longer than :data:`POLL_SECONDS`: a Ctrl-C that the kernel hands
+        to one of the pool's helper threads only sets Python's flag, and a main thread asleep in an
+        untimed wait would not raise KeyboardInterrupt until a case finished (minutes)."""
+        pending = {self._executor.submit(fn, item) for item in items}
+        while pending:
+            done, pending = wait(pending, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[R]:
-        """Results of ``fn`` over ``items`` in order."""
+        """Results of ``fn`` over ``items`` in order (waiting in short slices, as :meth:`imap_unordered`)."""
         futures = [self._executor.submit(fn, item) for item in items]
         for future in futures:
-            yield future.result()
+            while True:
+                try:
+                    result = future.result(timeout=POLL_SECONDS)
+                except FuturesTimeout:
+                    if future.done():  # the task itself raised a TimeoutError
+                        raise
+                    continue
+                yield result
+                break
 
     def terminate(self) -> None:
         """Cancel queued work and stop running workers now."""
