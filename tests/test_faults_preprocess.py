@@ -143,9 +143,14 @@ def test_case_interrupted_while_rewriting_is_not_finished(planned, monkeypatch):
 # worker processes (-np 2): kill -9, Ctrl-C, log lines. A driver script slows every case down inside the workers.
 
 DRIVER = '''
-import logging, os, sys, time
+import logging, os, signal, sys, time
 from pathlib import Path
 from wldm_auto.preprocessing import preprocessor
+
+# a test run started in the background (`cmd &`, nohup) hands its children SIGINT ignored, as shells do
+# for background jobs, and Python then keeps ignoring it; a terminal's foreground job, which these tests
+# play, receives Ctrl-C: restore Python's handler
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _real = preprocessor.preprocess_case
 
