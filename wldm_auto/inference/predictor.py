@@ -327,31 +327,30 @@ def predict_case(
     result = synthesize(folds, images, available, steps, samples, seed, eta, want_std=save_std,
                         names=[str(p) for p in paths])
     phases.update(result.phases)
-    write_start = time.perf_counter()  # the write phase (below) ends once every output is written
     outputs: list[Path] = []
-    try:
-        write_image(result.sct, sct_path)
-        outputs.append(sct_path)
-        if result.std is not None:
-            write_image(result.std, std_path)
-            outputs.append(std_path)
-        elif save_std:
-            deterministic = not any(f.synthesizer.is_stochastic for f in folds)
-            reason = "a deterministic regression model with one fold" if deterministic else "one fold and one sample"
-            log.info("%s: std map not written: %s gives no spread (use several folds%s)", case.name, reason,
-                     "" if deterministic else " or --samples")
-        if mumap:
-            write_image(mu_map(result.sct, first.plans.mu_map), mumap_file)
-            outputs.append(mumap_file)
-        if dicom_out:
-            source = paths[0] if Path(paths[0]).is_dir() else None  # a DICOM MR: inherit patient, study, frame
-            description, derivation, identity = dicom_labels(folds, result.draws, seed)
-            write_dicom_series(result.sct, dicom_folder, description, derivation, source, identity)
-            outputs.append(dicom_folder)
-    except OSError:
-        _remove_outputs(outputs)
-        raise
-    phases.seconds["write"] = time.perf_counter() - write_start
+    with phases("write"):
+        try:
+            write_image(result.sct, sct_path)
+            outputs.append(sct_path)
+            if result.std is not None:
+                write_image(result.std, std_path)
+                outputs.append(std_path)
+            elif save_std:
+                deterministic = not any(f.synthesizer.is_stochastic for f in folds)
+                reason = "a deterministic regression model with one fold" if deterministic else "one fold and one sample"
+                log.info("%s: std map not written: %s gives no spread (use several folds%s)", case.name, reason,
+                         "" if deterministic else " or --samples")
+            if mumap:
+                write_image(mu_map(result.sct, first.plans.mu_map), mumap_file)
+                outputs.append(mumap_file)
+            if dicom_out:
+                source = paths[0] if Path(paths[0]).is_dir() else None  # a DICOM MR: inherit patient, study, frame
+                description, derivation, identity = dicom_labels(folds, result.draws, seed)
+                write_dicom_series(result.sct, dicom_folder, description, derivation, source, identity)
+                outputs.append(dicom_folder)
+        except OSError:
+            _remove_outputs(outputs)
+            raise
     log.debug("%s phases: %s", case.name, phases.table())
     return PredictionOutcome(case.name, "done", seconds=time.time() - start, outputs=outputs, phases=phases.seconds)
 

@@ -26,7 +26,7 @@ from wldm_auto.io.files import read_json, write_json
 from wldm_auto.models.checkpoint import Checkpoint, disk_full_guard, load_checkpoint, save_checkpoint
 from wldm_auto.models.distributed import init_process_group
 from wldm_auto.planners.schema import ConfigurationPlan, Plans, TrainingPlan
-from wldm_auto.trainers.data import PreprocessedDataset, StepBatches
+from wldm_auto.trainers.data import PreprocessedDataset, StepBatches, validation_box
 from wldm_auto.trainers.loader import default_num_workers, make_loader
 from wldm_auto.trainers.progress import draw_progress
 from wldm_auto.trainers.rng import rng_state, set_rng_state
@@ -186,14 +186,17 @@ class BaseTrainer:
         return module
 
     def validation_arrays(self, case: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(mr, ct, masks)`` of a validation case, cropped to ``training.validation_max_voxels``."""
+        """``(mr, ct, masks)`` of a validation case in memory, cropped by :func:`validation_box` to
+        ``training.validation_max_voxels``."""
         limit = self.training_plan.validation_max_voxels
-        arrays = self.val_data.validation_arrays(case, limit)
-        if arrays[0][0].size < self.val_data.arrays(case)[0][0].size and case not in self._cropped_logged:
+        mr, ct, masks = self.val_data.arrays(case)
+        box = validation_box(masks[1], limit)
+        if any(s.stop - s.start < n for s, n in zip(box, masks.shape[1:])) and case not in self._cropped_logged:
             self._cropped_logged.add(case)
             log.info("validating %s on a centred crop %s of %d voxels (training.validation_max_voxels)", case,
-                     list(arrays[0].shape[1:]), limit)
-        return arrays
+                     [s.stop - s.start for s in box], limit)
+        region = (slice(None), *box)
+        return np.array(mr[region]), np.array(ct[region]), np.array(masks[region])
 
     def validate_synthesis(self, predict: Any) -> dict[str, float]:
         """CT MAE and PSNR (HU) of ``predict`` on every whole validation volume.

@@ -85,12 +85,6 @@ class PreprocessedDataset:
         """Read-only memory maps ``(mr, ct, masks)`` of ``case``; only what is sliced is read."""
         return tuple(np.load(self.folder / f"{case}{s}", mmap_mode="r") for s in ARRAYS.values())  # type: ignore[return-value]
 
-    def validation_arrays(self, case: str, max_voxels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(mr, ct, masks)`` of ``case`` in memory, cropped by :func:`validation_box` to ``max_voxels``."""
-        mr, ct, masks = self.arrays(case)
-        box = (slice(None), *validation_box(masks[1], max_voxels))
-        return np.array(mr[box]), np.array(ct[box]), np.array(masks[box])
-
 
 def validation_box(body: np.ndarray, max_voxels: int) -> tuple[slice, slice, slice]:
     """The whole (z, y, x) volume, or with ``max_voxels`` > 0 a box of at most that many voxels centred on
