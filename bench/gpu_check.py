@@ -16,8 +16,10 @@ exception's one-line message (traceback on stderr) and the others still run.
 * ``predict``: wldm_predict's per-case code (load_model + predict_case) on a
   synthetic 250 x 250 x 450 MR at 2 mm (``bench/predict.py``), plan-sized
   networks with random weights, 10 DDIM steps x 5 samples: seconds per phase,
-  peak GPU memory, against the goals (30 s, 16 GB); ``predict_autocast``: the
-  same under autocast, its largest sCT difference (HU) from float32;
+  peak GPU memory, against the goals (30 s, 16 GB); ``predict_precision``: the
+  same with the plan option ``inference.precision`` bfloat16 and float16 (each where the
+  device's autocast runs it; on CPU bfloat16 only): seconds, peak memory, goals, and the sCT's max |difference|
+  and mean |difference| inside the body (HU) against the float32 sCT of the same seed;
 * ``predict_split_case``: with 2+ GPUs, ``--split-case`` on 2 ranks (NCCL) = 1 rank;
 * ``sampler``: ``bench/sampler.py`` on the device.
 
@@ -60,13 +62,14 @@ from predict import model_folder, synthetic_mr  # noqa: E402
 from sampler import parse_args as sampler_args, run_child_process  # noqa: E402
 from train import DATASET, build_dataset, load_plans, time_trainer  # noqa: E402
 from wldm_auto.inference.predictor import predict_case  # noqa: E402
+from wldm_auto.models.precision import DTYPES, autocast_works  # noqa: E402
 
 log = logging.getLogger("bench.gpu_check")
 
 TRAINERS = ("VAETrainer", "DiffusionTrainer", "WaveletDiffusionTrainer", "RegressionTrainer")
 # check-name prefix -> checks it needs first (with --only)
 DEPENDS = {"train_": {"dataset"}, "torchrun_train": {"dataset"}, "train_DiffusionTrainer": {"train_VAETrainer"},
-           "predict_autocast": {"predict"}}
+           "predict_precision": {"predict"}}
 GOALS = {"predict_seconds": 30.0, "predict_peak_gpu_gb": 16.0}
 FULL = {"train_steps": 3, "train_widths": "plan", "train_patch": [32, 32, 32], "train_spacing": 2.0,
         "predict_size": [250, 250, 450], "predict_widths": "plan", "predict_patch": [64, 64, 64],
@@ -201,14 +204,16 @@ def check_predict(ctx: Context) -> dict[str, Any]:
     (root / "in").mkdir(parents=True)
     mr = synthetic_mr(s["predict_size"])
     sitk.WriteImage(mr, str(root / "in" / "case_0000.nii.gz"))
-    folds = load_model(model_folder(root, s["predict_widths"], s["predict_patch"]), [0], ctx.device)
+    model = model_folder(root, s["predict_widths"], s["predict_patch"])
+    folds = load_model(model, [0], ctx.device)
     (case,) = find_cases(root / "in")
     reset_peak(ctx)
     outcome = predict_case(folds, case, root / "out", steps=s["predict_steps"], samples=s["predict_samples"],
                            save_std=True)
     sct = sitk.ReadImage(str(outcome.outputs[0]))
     values = sitk.GetArrayViewFromImage(sct)
-    ctx.results["predict"] = (folds, case, values.astype(np.int32))  # for predict_autocast
+    ctx.results["predict"] = {"model": model, "case": case, "mr": mr, "plans": folds[0].plans,
+                              "sct": values.astype(np.int32)}  # for predict_precision
     if sct.GetSize() != mr.GetSize() or not (values.min() >= -1024 and values.max() <= 3071):
         raise RuntimeError(f"sCT of size {sct.GetSize()} (MR {mr.GetSize()}), HU {values.min()}..{values.max()}")
     figures: dict[str, Any] = {
@@ -224,25 +229,59 @@ def check_predict(ctx: Context) -> dict[str, Any]:
     return figures
 
 
-def check_predict_autocast(ctx: Context) -> dict[str, Any]:
-    """The same prediction under CUDA autocast (bf16, else fp16; blending still accumulates in float32):
-    seconds, memory and the largest sCT difference from float32 (random weights: an indication only)."""
+def precisions(device: torch.device) -> tuple[list[str], dict[str, str]]:
+    """(half precisions the device's autocast runs, those it does not and why)."""
+    run, skipped = [], {}
+    for name in ("bfloat16", "float16"):
+        if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            skipped[name] = "this GPU has no bfloat16 (wldm_predict --precision bfloat16 runs float16 here)"
+        elif name == "float16" and device.type == "cpu":
+            skipped[name] = "CPU float16 autocast runs (about 19x slower than float32: no native kernels); not timed"
+        elif not autocast_works(device.type, DTYPES[name]):
+            skipped[name] = f"{device.type} autocast in torch {torch.__version__} does not run {name}"
+        else:
+            run.append(name)
+    return run, skipped
+
+
+def check_predict_precision(ctx: Context) -> dict[str, Any]:
+    """The predict check's prediction again with ``inference.precision`` bfloat16 and float16 (networks under
+    autocast, blending and DDIM steps float32), same seed: seconds, memory, goals, and the sCT difference
+    from float32 in HU, largest and mean inside the body (random weights: an indication only)."""
+    from wldm_auto.inference.predictor import load_model
+    from wldm_auto.preprocessing.case import body_mask
+
     if "predict" not in ctx.results:
         raise RuntimeError("no float32 prediction to compare with (the predict check failed)")
-    folds, case, reference = ctx.results.pop("predict")
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    given = ctx.results.pop("predict")
+    reference = given["sct"]
+    body = sitk.GetArrayFromImage(body_mask(given["mr"], given["plans"])) > 0
     s = ctx.settings
-    reset_peak(ctx)
-    with torch.autocast("cuda", dtype=dtype):
-        outcome = predict_case(folds, case, ctx.root / "predict" / "out_autocast", steps=s["predict_steps"],
-                               samples=s["predict_samples"])
-    torch.cuda.synchronize(ctx.device)
-    got = sitk.GetArrayFromImage(sitk.ReadImage(str(outcome.outputs[0]))).astype(np.int32)
-    difference = np.abs(got - reference)
-    return {"dtype": str(dtype).replace("torch.", ""), "seconds": round(outcome.seconds, 2),
-            "peak_gpu_gb": round(torch.cuda.max_memory_allocated(ctx.device) / 2**30, 3),
-            "max_abs_diff_hu": int(difference.max()), "mean_abs_diff_hu": round(float(difference.mean()), 3),
-            "note": "random weights; measure a trained model before making half precision the default"}
+    names, skipped = precisions(ctx.device)
+    figures: dict[str, Any] = {"seed": 0, "ddim_steps": s["predict_steps"], "samples": s["predict_samples"],
+                               "not_run": skipped}
+    for name in names:
+        folds = load_model(given["model"], [0], ctx.device, precision=name)
+        reset_peak(ctx)
+        outcome = predict_case(folds, given["case"], ctx.root / "predict" / f"out_{name}", steps=s["predict_steps"],
+                               samples=s["predict_samples"], save_std=True)  # as the float32 run
+        if ctx.cuda:
+            torch.cuda.synchronize(ctx.device)
+        got = sitk.GetArrayFromImage(sitk.ReadImage(str(outcome.outputs[0]))).astype(np.int32)
+        difference = np.abs(got - reference)
+        result: dict[str, Any] = {
+            "autocast_dtype": str(folds[0].synthesizer.autocast).replace("torch.", ""),
+            "seconds": round(outcome.seconds, 2),
+            "phases": {k: round(v, 2) for k, v in outcome.phases.items()},
+            "max_abs_diff_hu": int(difference.max()), "mean_abs_diff_body_hu": round(float(difference[body].mean()), 3),
+            "hu_range": [int(got.min()), int(got.max())]}
+        if ctx.cuda:
+            peak = torch.cuda.max_memory_allocated(ctx.device) / 2**30
+            result.update(peak_gpu_gb=round(peak, 3), meets_goals=outcome.seconds < GOALS["predict_seconds"]
+                          and peak < GOALS["predict_peak_gpu_gb"])
+        figures[name] = result
+    figures["note"] = "random weights; measure a trained model before making half precision the default"
+    return figures
 
 
 def check_split_case(ctx: Context) -> dict[str, Any]:
@@ -335,10 +374,10 @@ def plan(ctx: Context) -> tuple[list[tuple[str, Callable[[Context], dict[str, An
         not_run["train_VAETrainer_fp16"] = ("the trainers already use fp16 + GradScaler on this GPU"
                                             if ctx.cuda else "no AMP on CPU")
     checks += [("torchrun_train", check_torchrun), ("predict", check_predict)]
-    if ctx.cuda:
-        checks.append(("predict_autocast", check_predict_autocast))
+    if precisions(ctx.device)[0]:
+        checks.append(("predict_precision", check_predict_precision))
     else:
-        not_run["predict_autocast"] = "CUDA autocast only"
+        not_run["predict_precision"] = "; ".join(precisions(ctx.device)[1].values())
     if ctx.cuda and torch.cuda.device_count() >= 2:
         checks.append(("predict_split_case", check_split_case))
     else:

@@ -9,8 +9,13 @@ mask, preprocess = crop + resample + normalise, encode, sample, decode,
 denormalise, resample back, write) on stderr and, last on stdout, one JSON
 line: ``phases``, ``sampling_seconds`` (the DDIM steps), ``peak_rss_gb``, ...
 
+``--precision bfloat16|float16`` runs the networks under autocast (plan ``inference.precision``);
+``--compare`` then also predicts in float32 with the same seed and reports ``max_abs_diff_hu`` and
+``mean_abs_diff_body_hu`` (inside the body mask) of the sCT against it (random weights: an indication).
+
     python bench/predict.py --size 250 250 450 --steps 2 --widths tiny
     python bench/predict.py --phantom --steps 5
+    python bench/predict.py --phantom --steps 10 --samples 5 --precision bfloat16 --compare
 """
 from __future__ import annotations
 
@@ -30,7 +35,8 @@ from wldm_auto.inference.inputs import find_cases
 from wldm_auto.inference.predictor import load_model, predict_case, resolve_device
 from wldm_auto.models.checkpoint import save_checkpoint
 from wldm_auto.models.factory import build_denoiser, build_vae
-from wldm_auto.planners.schema import ConfigurationPlan, Plans, PreprocessingPlan, RegistrationPlan
+from wldm_auto.planners.schema import PRECISIONS, ConfigurationPlan, Plans, PreprocessingPlan, RegistrationPlan
+from wldm_auto.preprocessing.case import body_mask
 
 PHANTOM = Path(__file__).resolve().parents[1] / "wldm_auto/dataset_conversion/example_data/mri_dir_porcine_phantom/mr_t2.nii.gz"
 
@@ -73,6 +79,11 @@ def main() -> None:
     parser.add_argument("--patch", type=int, nargs=3, default=[64, 64, 64], help="tile size in voxels (z y x)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="float32",
+                        help="the networks' autocast dtype (plan inference.precision; default float32)")
+    parser.add_argument("--compare", action="store_true",
+                        help="with --precision bfloat16/float16: also predict in float32 (same seed), report the sCT "
+                             "difference in HU")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,13 +94,27 @@ def main() -> None:
         (root / "in").mkdir()
         mr = sitk.ReadImage(str(PHANTOM)) if args.phantom else synthetic_mr(args.size)
         sitk.WriteImage(mr, str(root / "in" / "case_0000.nii.gz"))
-        folds = load_model(model_folder(root, args.widths, args.patch), [0], device)
+        model = model_folder(root, args.widths, args.patch)
+        folds = load_model(model, [0], device, precision=args.precision)
         (case,) = find_cases(root / "in")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.time()
         outcome = predict_case(folds, case, root, steps=args.steps, samples=args.samples)
         total = time.time() - start
+        peak_gpu = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        comparison = {}
+        if args.compare and args.precision != "float32":
+            sct = sitk.GetArrayFromImage(sitk.ReadImage(str(outcome.outputs[0]))).astype(np.int32)
+            (root / "float32").mkdir()
+            reference_outcome = predict_case(load_model(model, [0], device, precision="float32"), case,
+                                             root / "float32", steps=args.steps, samples=args.samples)
+            reference = sitk.GetArrayFromImage(sitk.ReadImage(str(reference_outcome.outputs[0]))).astype(np.int32)
+            body = sitk.GetArrayFromImage(body_mask(mr, folds[0].plans)) > 0
+            difference = np.abs(sct - reference)
+            comparison = {"max_abs_diff_hu": int(difference.max()),
+                          "mean_abs_diff_body_hu": round(float(difference[body].mean()), 3),
+                          "seconds_total_float32": round(reference_outcome.seconds, 2)}
     phases = {name: round(seconds, 2) for name, seconds in outcome.phases.items()}
     sampling = outcome.phases.get("sample", 0.0)
     print("phase            seconds", file=sys.stderr)
@@ -98,14 +123,15 @@ def main() -> None:
     print(f"{'total':16s} {total:8.2f}", file=sys.stderr)
     figures = {
         "input_size_xyz": list(mr.GetSize()), "spacing": list(mr.GetSpacing()), "widths": args.widths,
-        "device": str(device), "ddim_steps": args.steps, "samples": args.samples, "phases": phases,
+        "device": str(device), "precision": args.precision, "ddim_steps": args.steps, "samples": args.samples,
+        "phases": phases,
         "sampling_seconds": round(sampling, 2), "seconds_per_ddim_step": round(sampling / args.steps, 3),
         "seconds_total": round(total, 2), "seconds_outside_sampling": round(total - sampling, 2),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), **comparison,
     }
     if device.type == "cuda":
-        figures["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        figures["peak_gpu_gb"] = round(peak_gpu, 3)  # of the --precision run
     print(json.dumps(figures))
 
 

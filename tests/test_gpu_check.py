@@ -25,7 +25,8 @@ def test_quick_cpu_run_passes_every_check(tmp_path):
     report = json.loads(out.read_text())
     assert json.loads(done.stdout.strip().splitlines()[-1]) == report
     checks = report["checks"]
-    assert set(checks) == {"dataset", *(f"train_{t}" for t in TRAINERS), "torchrun_train", "predict", "sampler"}
+    assert set(checks) == {"dataset", *(f"train_{t}" for t in TRAINERS), "torchrun_train", "predict",
+                           "predict_precision", "sampler"}
     assert report["all_ok"] and report["failed"] == [] and all(c["ok"] for c in checks.values()), checks
     assert {"environment", "settings", "not_run", "amp", "seconds_total", "budget_seconds"} <= set(report)
     for trainer in TRAINERS:
@@ -36,6 +37,10 @@ def test_quick_cpu_run_passes_every_check(tmp_path):
     assert (checks["torchrun_train"]["backend"], checks["torchrun_train"]["world_size"]) == ("gloo", 1)
     predict = checks["predict"]
     assert predict["seconds"] > 0 and (predict["ddim_steps"], predict["samples"]) == (2, 2)
+    half = checks["predict_precision"]["bfloat16"]  # CPU: bfloat16 only (float16 runs, but 19x slower)
+    assert half["autocast_dtype"] == "bfloat16" and half["seconds"] > 0, half
+    assert 0 <= half["mean_abs_diff_body_hu"] <= half["max_abs_diff_hu"] <= 4095, half
+    assert "float16" in checks["predict_precision"]["not_run"] and "float16" not in checks["predict_precision"]
     assert checks["sampler"]["ours"]["seconds"] > 0 and checks["sampler"]["naive_over_ours_seconds"] > 0
     assert {"train_VAETrainer_fp16", "predict_split_case"} <= set(report["not_run"])
 

@@ -224,6 +224,8 @@ def load_error(tmp_path, data: dict) -> tuple:
     (("configurations", "3d_wldm", "vae"), "normalization", "batch", "voxel, group"),
     (("configurations", "3d_wldm", "vae"), "reconstruction_loss", "l3", "l1, l2"),
     (("registration",), "metric", "MutualInformation", "AdvancedMattesMutualInformation, "),
+    (("configurations", "3d_wldm", "inference"), "precision", "half", "float32, bfloat16, float16"),
+    (("registration",), "pyramid", "gaussian", "smoothing, recursive, shrinking"),
 ])
 def test_bad_choice_names_file_field_and_allowed_values(tmp_path, plans_dict, location, key, value, allowed):
     target = plans_dict
@@ -249,9 +251,10 @@ def test_bad_item_of_a_choice_list_is_named_with_its_index(plans_dict, key, valu
 
 def test_every_allowed_value_loads_and_matches_its_consumer(plans_dict):
     from wldm_auto.diffusion import schedule
+    from wldm_auto.models.precision import DTYPES
     from wldm_auto.networks.blocks import NORMALIZATIONS
     from wldm_auto.planners import schema
-    from wldm_auto.preprocessing.registration import ORIENTATIONS
+    from wldm_auto.preprocessing.registration import ORIENTATIONS, PYRAMIDS
     from wldm_auto.trainers.vae_trainer import RECONSTRUCTION_LOSSES
 
     assert set(schema.PREDICTIONS) == set(schedule.PREDICTIONS)
@@ -259,6 +262,11 @@ def test_every_allowed_value_loads_and_matches_its_consumer(plans_dict):
     assert set(schema.VAE_NORMALIZATIONS) == set(NORMALIZATIONS)
     assert set(schema.RECONSTRUCTION_LOSSES) == set(RECONSTRUCTION_LOSSES)
     assert set(schema.INITIAL_ORIENTATIONS) == set(ORIENTATIONS)
+    assert set(schema.REGISTRATION_PYRAMIDS) == set(PYRAMIDS)
+    assert set(schema.PRECISIONS) == set(DTYPES)
+    for precision in schema.PRECISIONS:
+        plans_dict["configurations"]["3d_wldm"]["inference"]["precision"] = precision
+        assert Plans.from_dict(plans_dict).configuration("3d_wldm").inference.precision == precision
     for prediction in schema.PREDICTIONS:
         for beta_schedule in schema.BETA_SCHEDULES:
             plans_dict["configurations"]["3d_wldm"]["diffusion"].update(prediction=prediction,
@@ -269,6 +277,12 @@ def test_every_allowed_value_loads_and_matches_its_consumer(plans_dict):
     plans_dict["registration"].update(stages=list(schema.REGISTRATION_STAGES), iterations=[1, 1, 1],
                                       resolutions=[1, 1, 1])
     assert Plans.from_dict(plans_dict).registration.stages == ["rigid", "affine", "bspline"]
+
+
+def test_plans_without_precision_predict_in_float32(plans_dict):
+    for config in plans_dict["configurations"].values():
+        config["inference"].pop("precision", None)  # plans written before the option
+    assert {c.inference.precision for c in Plans.from_dict(plans_dict).configurations.values()} == {"float32"}
 
 
 def test_registration_lists_must_have_equal_lengths(plans_dict):

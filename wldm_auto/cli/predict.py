@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed of the start noise")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
     parser.add_argument("--overlap", type=float, help="tile overlap in [0, 1) (default: the plan's, 0.5)")
+    parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"],
+                        help="the networks' autocast dtype (blending and DDIM steps stay float32; default: the "
+                             "plan's inference.precision, float32; bfloat16 on a GPU without it: float16)")
     parser.add_argument("--save-std", action="store_true", help="write CASE_std: standard deviation over samples (HU)")
     parser.add_argument("--dicom-out", action="store_true",
                         help="also write a CT DICOM series per case (CASE_dicom/; joins a DICOM MR's study)")
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
             name = resolve_dataset_name(args.dataset, (RESULTS,))
             model = results_root() / name / model_folder_name(args.trainer, args.plans, args.configuration)
-        folds = load_model(model, args.folds, device, args.overlap, args.checkpoint)
+        folds = load_model(model, args.folds, device, args.overlap, args.checkpoint, precision=args.precision)
         ranks.spread(folds)
         cases = prepare_prediction(args.input, args.output, args.resume, args.overwrite, args.file_ending,
                                    *ranks.share)

@@ -56,17 +56,20 @@ class Predictor:
     @classmethod
     def from_model_folder(cls, path: str | os.PathLike, folds: Sequence[int] | None = (0,), device: str = "cuda",
                           checkpoint: str = CHECKPOINT, overlap: float | None = None,
-                          progress: bool = True) -> "Predictor":
+                          progress: bool = True, precision: str | None = None) -> "Predictor":
         """Load ``<Trainer>__<plans>__<config>/fold_F/checkpoint`` for each fold in ``folds``; ``path`` may
         also be a model zip (``wldm_export_model``: hashes checked, unpacked to a temporary folder).
 
         ``folds=None``: every fold with a finished checkpoint. ``device``: "cuda",
         "cpu" or "auto" (CUDA if available); "cuda" without CUDA is a ValueError.
-        ``progress``: show a progress bar while sampling.
+        ``progress``: show a progress bar while sampling. ``precision``: the networks' autocast dtype,
+        "float32", "bfloat16" or "float16" (None: the plan's ``inference.precision``, float32 unless edited);
+        tile blending and DDIM steps stay float32 (``wldm_predict --precision``; bfloat16 on a GPU
+        without it runs float16).
         """
         resolved = resolve_device(device)
-        return cls(load_model(Path(path), list(folds) if folds is not None else None, resolved, overlap, checkpoint),
-                   resolved, progress)
+        return cls(load_model(Path(path), list(folds) if folds is not None else None, resolved, overlap, checkpoint,
+                              precision=precision), resolved, progress)
 
     @property
     def mr_channels(self) -> int:

@@ -36,9 +36,10 @@ from wldm_auto.io.images import FILE_ENDINGS, ImageReadError, file_ending, read_
 from wldm_auto.models.checkpoint import CheckpointError
 from wldm_auto.models.loading import build_synthesizer, load_synthesis_checkpoint
 from wldm_auto.models.phases import Phases
+from wldm_auto.models.precision import autocast_dtype
 from wldm_auto.models.synthesizer import Synthesizer
 from wldm_auto.paths import model_folder_name
-from wldm_auto.planners.schema import ConfigurationPlan, InferencePlan, Plans
+from wldm_auto.planners.schema import PRECISIONS, ConfigurationPlan, InferencePlan, Plans
 from wldm_auto.preprocessing.case import CaseError, body_mask, check_channels, preprocess_mr
 from wldm_auto.io.normalization import denormalise_ct
 
@@ -85,11 +86,20 @@ def resolve_device(device: str | torch.device, option: str = "device") -> torch.
         raise ValueError(f"{option} {name!r}: {str(exc).strip().splitlines()[0]}") from None
 
 
+def check_precision(precision: str | None, option: str = "precision") -> None:
+    """One-line ValueError unless ``precision`` is None (the plan's) or one of :data:`PRECISIONS`."""
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"{option} {precision!r}: use one of {', '.join(PRECISIONS)}")
+
+
 def load_fold(folder: Path, device: torch.device, overlap: float | None = None, checkpoint: str = CHECKPOINT,
-              inference: InferencePlan | None = None) -> LoadedFold:
+              inference: InferencePlan | None = None, precision: str | None = None) -> LoadedFold:
     """The synthesizer of one ``fold_F`` folder (diffusion or regression); ValueError naming the file on problems.
 
-    ``inference``: prediction settings to use instead of those stored with the checkpoint (tiles, steps)."""
+    ``inference``: prediction settings to use instead of those stored with the checkpoint (tiles, steps).
+    ``precision``: "float32", "bfloat16" or "float16" instead of the plan's ``inference.precision``
+    (the networks' autocast dtype, see ``models/precision.py``)."""
+    check_precision(precision)
     path = folder / checkpoint
     if not path.is_file():
         raise ValueError(f"{path}: not found (is training of {folder.name} finished? "
@@ -102,20 +112,29 @@ def load_fold(folder: Path, device: torch.device, overlap: float | None = None, 
     config = plans.configuration(stored.configuration)
     if inference is not None:
         config = replace(config, inference=inference)
+    if precision is not None:
+        config = replace(config, inference=replace(config.inference, precision=precision))
     overlap = config.inference.tile_overlap if overlap is None else overlap
+    try:
+        autocast_dtype(config.inference.precision, device)  # a precision this device cannot run: its own message
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
     try:
         synthesizer = build_synthesizer(stored, config, overlap, device)
     except (RuntimeError, KeyError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise ValueError(f"{path}: weights do not match the plan stored in it ({first[:200]})") from None
+    if config.inference.precision != "float32":
+        log.info("%s: networks under %s autocast (blending and DDIM steps in float32)", folder.name,
+                 config.inference.precision)
     return LoadedFold(int(stored.fold), plans, stored.configuration, int(stored.mr_channels), synthesizer, path,
                       stored.trainer, sha256_file(path))
 
 
 def load_model(model_folder: Path, folds: Sequence[int] | None, device: torch.device,
                overlap: float | None = None, checkpoint: str = CHECKPOINT,
-               inference: InferencePlan | None = None) -> list[LoadedFold]:
-    """The requested folds of a model folder or model zip (``inference``: see load_fold).
+               inference: InferencePlan | None = None, precision: str | None = None) -> list[LoadedFold]:
+    """The requested folds of a model folder or model zip (``inference``, ``precision``: see load_fold).
 
     Default: every ``fold_*`` folder holding ``checkpoint``; folders without one
     (training unfinished or failed) are skipped with a warning. Requested folds must have it.
@@ -123,7 +142,7 @@ def load_model(model_folder: Path, folds: Sequence[int] | None, device: torch.de
     model_folder = Path(model_folder)
     if is_model_archive(model_folder):
         with extracted_model(model_folder) as folder:
-            return load_model(folder, folds, device, overlap, checkpoint, inference)
+            return load_model(folder, folds, device, overlap, checkpoint, inference, precision)
     if not model_folder.is_dir():
         raise ValueError(f"{model_folder}: model folder not found")
     names = [f"fold_{f}" for f in folds] if folds else sorted(p.name for p in model_folder.glob("fold_*") if p.is_dir())
@@ -136,7 +155,8 @@ def load_model(model_folder: Path, folds: Sequence[int] | None, device: torch.de
             log.warning("%s: skipping %s: no %s (training unfinished or failed); using %s", model_folder,
                         ", ".join(skipped), checkpoint, ", ".join(finished))
         names = finished or names  # none finished: load_fold names the missing file
-    loaded = [load_fold(model_folder / name, device, overlap, checkpoint, inference) for name in names]
+    check_precision(precision)
+    loaded = [load_fold(model_folder / name, device, overlap, checkpoint, inference, precision) for name in names]
     first = loaded[0]
     for other in loaded[1:]:
         if other.plans.preprocessing != first.plans.preprocessing or other.mr_channels != first.mr_channels:
@@ -207,6 +227,18 @@ def channel_flags(name: str, labels: Mapping[int, str], fold: LoadedFold,
         log.warning("%s: this model was trained with mr_channel_dropout 0, i.e. never without a sequence: "
                     "its output with missing channels is untested", name)
     return present, torch.tensor([float(c in labels) for c in expected])
+
+
+def check_case(folds: list[LoadedFold], case: InputCase, output: Path, ending: str | None,
+               protected: set[Path]) -> tuple[list[str], torch.Tensor]:
+    """The checks made before a case is read, on every rank of a run: its usable MR channels (CaseError
+    otherwise) and no output of it (sCT, std, DICOM folder, mu-map) that is an input (ValueError).
+    Returns (channels present, availability vector)."""
+    first = folds[0]
+    present, available = usable_channels(case, first, first.plans.configuration(first.configuration))
+    _refuse_inputs([*output_paths(case, output, ending), output / f"{case.name}_dicom",
+                    mumap_path(case, output, ending)], protected)
+    return present, available
 
 
 def _refuse_inputs(paths: Sequence[Path], protected: set[Path]) -> None:
@@ -314,13 +346,11 @@ def predict_case(
     paths never to write to (the run's inputs).
     """
     start = time.time()
-    first = folds[0]
-    present, available = usable_channels(case, first, first.plans.configuration(first.configuration))
+    present, available = check_case(folds, case, output, ending, protected or set())
     paths = [case.channels[c] for c in present]
     sct_path, std_path = output_paths(case, output, ending)
     dicom_folder = output / f"{case.name}_dicom"
     mumap_file = mumap_path(case, output, ending)
-    _refuse_inputs([sct_path, std_path, dicom_folder, mumap_file], protected or set())
     phases = Phases()
     with phases("read"):
         images = {c: read_image(p, sitk.sitkFloat32) for c, p in zip(present, paths)}

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from wldm_auto.inference.inputs import InputCase, input_files
 from wldm_auto.inference.predictor import (
-    LoadedFold, PredictionOutcome, _refuse_inputs, mumap_path, output_paths, synthesize, usable_channels,
+    LoadedFold, PredictionOutcome, check_case, synthesize,
 )
 from wldm_auto.io.images import ImageReadError, read_image
 from wldm_auto.models.distributed import (
@@ -104,10 +104,7 @@ class PredictionRanks:
                 outcomes.append(PredictionOutcome(case.name, status, f"rank 0: {decision}"))
                 continue
             try:
-                first = folds[0]
-                present, available = usable_channels(case, first, first.plans.configuration(first.configuration))
-                _refuse_inputs([*output_paths(case, output, ending), output / f"{case.name}_dicom",
-                                mumap_path(case, output, ending)], protected)
+                present, available = check_case(folds, case, output, ending, protected)
                 images = {c: read_image(case.channels[c], sitk.sitkFloat32) for c in present}
                 synthesize(folds, images, available, steps, samples, seed, eta, want_std=False,
                            names=[str(case.channels[c]) for c in present], progress=False)

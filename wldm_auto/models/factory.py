@@ -14,6 +14,7 @@ from torch import nn
 
 from wldm_auto.diffusion.schedule import NoiseSchedule
 from wldm_auto.models.latent import LatentSynthesizer
+from wldm_auto.models.precision import autocast_dtype
 from wldm_auto.models.regression import RegressionSynthesizer
 from wldm_auto.networks.diffusion_unet import DiffusionUNet
 from wldm_auto.networks.discriminator import PatchDiscriminator3D
@@ -91,15 +92,19 @@ def build_latent_synthesizer(first_stage: nn.Module, denoiser: nn.Module, schedu
                              device: torch.device | str) -> LatentSynthesizer:
     """Latent (or wavelet-domain) sampling with ``config``'s patch and inference tiles.
 
-    ``overlap``: of the first stage's encode/decode tiles."""
+    ``overlap``: of the first stage's encode/decode tiles; the networks run in ``inference.precision``
+    (autocast, ``models/precision.py``)."""
     inference = config.inference
     return LatentSynthesizer(first_stage, denoiser, schedule, latent_scale, config.patch_size, overlap, device,
                              latent_tile_scale=inference.latent_tile_scale, latent_overlap=inference.latent_overlap,
                              image_tile_scale=inference.image_tile_scale,
-                             first_stage_margin=inference.first_stage_margin)
+                             first_stage_margin=inference.first_stage_margin,
+                             autocast=autocast_dtype(inference.precision, device))
 
 
 def build_regression_synthesizer(net: nn.Module, config: ConfigurationPlan, overlap: float,
                                  device: torch.device | str) -> RegressionSynthesizer:
-    """Whole-volume regression with tiles of ``config``'s patch size overlapping by ``overlap``."""
-    return RegressionSynthesizer(net, config.patch_size, overlap, device)
+    """Whole-volume regression with tiles of ``config``'s patch size overlapping by ``overlap``, the U-Net in
+    ``inference.precision``."""
+    return RegressionSynthesizer(net, config.patch_size, overlap, device,
+                                 autocast=autocast_dtype(config.inference.precision, device))

@@ -23,6 +23,7 @@ from wldm_auto.diffusion.schedule import NoiseSchedule
 from wldm_auto.diffusion.tiled import sample_whole_latent
 from wldm_auto.diffusion.tiling import balanced_tiles, fit_tile
 from wldm_auto.models.phases import Phases, phase
+from wldm_auto.models.precision import network_autocast
 from wldm_auto.models.tiling import sliding_window
 from wldm_auto.networks.haar import pad_even
 
@@ -52,6 +53,9 @@ class LatentSynthesizer:
     first_stage_margin: int = 64  # local VAEs: neighbouring encode/decode tiles overlap by this many image voxels
     phases: Phases | None = None  # set by a caller that wants encode/sample/decode seconds
     share: RankShare | None = None  # spread every tiled pass of a case over these ranks (--split-case)
+    # network forwards (tiled VAE encode/decode, denoiser) under autocast in this dtype, outputs cast to float32
+    # before blending; None: float32 throughout. The fixed Haar transform always runs in float32.
+    autocast: torch.dtype | None = None
 
     @property
     def is_stochastic(self) -> bool:
@@ -106,7 +110,8 @@ class LatentSynthesizer:
             tile, overlap, batch_size = self.first_stage_layout(volume.shape[-3:])
 
             def encode(batch: torch.Tensor) -> torch.Tensor:
-                return self.vae.encode(batch, modality, available).mode()
+                with network_autocast(self.device, self.autocast):
+                    return self.vae.encode(batch, modality, available).mode().float()
 
             z = sliding_window(volume, tile, encode, overlap=overlap, batch_size=batch_size,
                                scale=1.0 / self.factor, pad_value=-1.0, device=self.device, align=self.factor,
@@ -132,7 +137,8 @@ class LatentSynthesizer:
         tile = [min(max(1, t // self.factor), n) for t, n in zip(image_tile, z.shape[-3:])]
 
         def decode(batch: torch.Tensor) -> torch.Tensor:
-            return self.vae.decode(batch, "ct")
+            with network_autocast(self.device, self.autocast):
+                return self.vae.decode(batch, "ct").float()
 
         ct = sliding_window(z, tile, decode, overlap=overlap, batch_size=batch_size,
                             scale=self.factor, pad_value=0.0, device=self.device, share=self.share)
@@ -151,7 +157,10 @@ class LatentSynthesizer:
         sampler = DDIMSampler(self.schedule, steps, eta)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-            return self.unet(x, t, c)
+            if self.autocast is None:
+                return self.unet(x, t, c)
+            with network_autocast(self.device, self.autocast):
+                return self.unet(x, t, c).float()
 
         with phase(self.phases, "sample"):
             latent = sample_whole_latent(

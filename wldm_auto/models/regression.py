@@ -9,6 +9,7 @@ import torch
 
 from wldm_auto.diffusion.ranks import RankShare
 from wldm_auto.diffusion.tiling import fit_tile
+from wldm_auto.models.precision import network_autocast
 from wldm_auto.models.tiling import sliding_window
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class RegressionSynthesizer:
     device: torch.device | str = "cpu"
     batch_size: int = 4
     share: RankShare | None = None  # spread the sliding window over these ranks (--split-case)
+    autocast: torch.dtype | None = None  # the U-Net under autocast in this dtype (output blended in float32)
 
     @property
     def is_stochastic(self) -> bool:
@@ -44,7 +46,8 @@ class RegressionSynthesizer:
         tile = fit_tile(mr.shape[-3:], [max(divisor, int(t) // divisor * divisor) for t in self.tile], divisor)
 
         def fn(batch: torch.Tensor) -> torch.Tensor:
-            return self.net(batch, available)
+            with network_autocast(self.device, self.autocast):
+                return self.net(batch, available).float()
 
         return sliding_window(mr, tile, fn, overlap=self.overlap, batch_size=self.batch_size, pad_value=-1.0,
                               device=self.device, share=self.share)[0]

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from wldm_auto.planners.presets import PRESETS, apply_preset
-from wldm_auto.planners.recipe import RECIPE_NOTES
+from wldm_auto.planners.recipe import RECIPE_NOTES, REGISTRATION_NOTES
 from wldm_auto.planners.schema import (
     WDM_UNET_CHANNELS, ConfigurationPlan, DiffusionPlan, InferencePlan, Plans, PreprocessingPlan, RegistrationPlan,
     VAEPlan, wavelet_diffusion_plan,
@@ -150,6 +150,7 @@ def plan_dataset(
                                          "the identity by orientation_margin (scans from different sessions may be flipped)")
     reg.notes["bspline_grid_spacing_mm"] = ("control points every 20 mm (at least 5 working voxels apart), with a "
                                             "bending-energy penalty: local soft-tissue motion without folding")
+    reg.notes.update(REGISTRATION_NOTES)
 
     vae, diffusion, inference = VAEPlan(), DiffusionPlan(), InferencePlan()
     median = median_cropped_shape(fingerprint, target, pre.crop_margin_mm)

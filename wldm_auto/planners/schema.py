@@ -31,8 +31,10 @@ BETA_SCHEDULES = ("linear", "cosine")  # diffusion.schedule.SCHEDULES
 PREDICTIONS = ("epsilon", "v", "x0")  # diffusion.schedule.PREDICTIONS
 VAE_NORMALIZATIONS = ("voxel", "group")  # networks.blocks.NORMALIZATIONS
 RECONSTRUCTION_LOSSES = ("l1", "l2")  # trainers.vae_trainer.RECONSTRUCTION_LOSSES
+PRECISIONS = ("float32", "bfloat16", "float16")  # models.precision.DTYPES: prediction's network autocast
 REGISTRATION_STAGES = ("rigid", "affine", "bspline")  # elastix default parameter maps (preprocessing.registration)
 INITIAL_ORIENTATIONS = ("identity", "rot180_x", "rot180_y", "rot180_z")  # preprocessing.registration.ORIENTATIONS
+REGISTRATION_PYRAMIDS = ("smoothing", "recursive", "shrinking")  # preprocessing.registration.PYRAMIDS
 # the pairwise image metrics compiled into itk-elastix 0.25.4 (its *MetricInstallComponent symbols; the
 # group-wise and point-set metrics need inputs the registration does not give)
 REGISTRATION_METRICS = (
@@ -56,11 +58,16 @@ class RegistrationPlan:
     working_spacing_mm: float = 2.0
     bspline_grid_spacing_mm: float = 20.0
     iterations: list[int] = field(default_factory=lambda: [256, 256])
-    resolutions: list[int] = field(default_factory=lambda: [3, 3])
+    resolutions: list[int] = field(default_factory=lambda: [3, 2])
     histogram_bins: int = 32
-    spatial_samples: int = 4096
+    spatial_samples: int = 2048
     initial_orientations: list[str] = field(default_factory=lambda: ["identity", "rot180_x", "rot180_y", "rot180_z"])
     orientation_margin: float = 0.02
+    orientation_spacing_mm: float = 8.0
+    orientation_iterations: int = 64
+    orientation_resolutions: int = 1
+    pyramid: str = "recursive"
+    body_margin_mm: float = 30.0
     bending_energy_weight: float = 1.0
     ct_padding_threshold_hu: float = -1500.0
     max_folding_fraction: float = 0.01
@@ -198,7 +205,16 @@ class InferencePlan:
     overlap by ``first_stage_margin`` image voxels instead of ``tile_overlap``: as few
     and as small tiles as that allows (bench/predict.py; the VAE's receptive field: with
     a 16-voxel overlap a tiny-width VAE's tiled decoding differed from whole-volume
-    decoding by 0.04 mean / 0.71 max in [-1, 1] units, with 64 voxels by 0.0002 / 0.011)."""
+    decoding by 0.04 mean / 0.71 max in [-1, 1] units, with 64 voxels by 0.0002 / 0.011).
+
+    ``precision``: the networks' forwards (VAE encode/decode, denoiser, regression U-Net) under
+    autocast in "bfloat16" or "float16" (``models/precision.py``; blending, DDIM updates and the
+    schedule stay float32); "float32" (default) is the plain prediction, bit for bit. ``wldm_predict
+    --precision`` overrides it. Measured on the 2-core CPU (whole bundled phantom, tiny model trained
+    8+8 steps at 4 mm, same seed; tests/test_precision.py): bfloat16 differed from float32 by at most
+    22 HU and 5.6 HU on average inside the body (4 DDIM steps; 10 steps x 5 samples: 17 / 5.5 HU) in
+    the same time; float16 by 3 / 0.6 HU but 19x slower on CPU (no native kernels). GPU figures:
+    bench/gpu_check.py (``predict_precision``)."""
 
     ddim_steps: int = 50
     ddim_eta: float = 0.0
@@ -208,6 +224,7 @@ class InferencePlan:
     latent_tile_scale: int = 2
     latent_overlap: float = 0.25
     samples: int = 1
+    precision: str = "float32"
 
 
 @dataclass
@@ -323,9 +340,10 @@ class Plans:
 # choice fields per section: field -> allowed values (for a list of strings: allowed items)
 CHOICES: dict[type, dict[str, tuple[str, ...]]] = {
     RegistrationPlan: {"stages": REGISTRATION_STAGES, "metric": REGISTRATION_METRICS,
-                       "initial_orientations": INITIAL_ORIENTATIONS},
+                       "initial_orientations": INITIAL_ORIENTATIONS, "pyramid": REGISTRATION_PYRAMIDS},
     VAEPlan: {"normalization": VAE_NORMALIZATIONS, "reconstruction_loss": RECONSTRUCTION_LOSSES},
     DiffusionPlan: {"first_stage": FIRST_STAGES, "beta_schedule": BETA_SCHEDULES, "prediction": PREDICTIONS},
+    InferencePlan: {"precision": PRECISIONS},
 }
 
 
