@@ -105,3 +105,25 @@ def test_kl_loss_reduction() -> None:
     # the training loss averages over the 2 latent elements per sample as well
     assert kl_loss(post).item() == pytest.approx(expected / 2, rel=1e-6)
     assert post.kl_per_sample().shape == (2,)
+
+
+def test_smd_pooled_modality_leaves_the_voxels_of_m_free() -> None:
+    """Voxel-wise L_modal is at its minimum (-4) only for one constant M per modality; pooled, any
+    texture around a per-modality mean reaches it too (the collapse the plan notes describe)."""
+    gen = torch.Generator().manual_seed(1)
+    shape = (2, 4, 3, 3, 3)
+    s = torch.randn(shape, generator=gen)
+    ct, mr = s.clone(), s.clone()
+    offset = torch.tensor([3.0, -3.0])[None, :, None, None, None]
+    ct[:, 2:] = offset + 0.5 * torch.randn(2, 2, 3, 3, 3, generator=gen)
+    mr[:, 2:] = -offset + 0.5 * torch.randn(2, 2, 3, 3, 3, generator=gen)
+    voxel, pooled = smd_loss(ct, mr)["modal"].item(), smd_loss(ct, mr, pooled_modality=True)["modal"].item()
+    assert pooled == pytest.approx(-4.0, abs=1e-3)
+    assert voxel > -3.99
+    # the structure term does not depend on the pooling
+    assert smd_loss(ct, mr)["stru"].item() == pytest.approx(smd_loss(ct, mr, True)["stru"].item(), abs=1e-6)
+    # pooled by hand: cosine of channel means
+    m = lambda z, i: z[i, 2:].flatten(1).mean(1)  # noqa: E731
+    expected = (_cos(m(ct, 0).numpy(), m(mr, 0).numpy()) + _cos(m(ct, 1).numpy(), m(mr, 1).numpy())
+                - _cos(m(ct, 0).numpy(), m(ct, 1).numpy()) - _cos(m(mr, 0).numpy(), m(mr, 1).numpy()))
+    assert pooled == pytest.approx(expected, abs=1e-5)

@@ -35,13 +35,19 @@ RECIPE_NOTES: dict[str, str] = {
         "171 HU). x0, unweighted (same VAE, same steps): estimates improve as noise falls (0.174 at t=999, 0.139 "
         "at t=200) and DDIM stays near them (46.7 HU at 1 step, 50.0 at 10; validation 50.0 HU)."),
     "vae_smd": (
-        "smd_weight 0.01 (kept; the paper gives no value), with a measured cost: L_modal reaches -3.9 of its minimum "
-        "-4, so the modality halves M become one constant code per modality and half of the latent channels carry no "
-        "image. MR reconstruction lost 1.1 dB (validation PSNR 25.32 vs 26.43 without SMD) and a diffusion U-Net on "
-        "that latent reached 54.8 HU validation MAE at 1600 steps vs 43.3 HU without SMD (fidelity benchmark data). "
-        "At 0.001 L_modal stays near 0 (SMD effectively off). Per-channel latent standardisation did not help (59.7 "
-        "vs 54.7 HU at 1280 steps). Worth trying on a GPU budget: more latent channels so S keeps 8, or SMD on "
-        "centred latents."),
+        "smd_weight 0.01 (the paper gives no value) with smd_pooled_modality: L_modal compares the channel means "
+        "of the modality halves M instead of M voxel by voxel. Voxel by voxel, L_modal reached -3.9 of its minimum "
+        "-4 by making M one constant code per modality, so half of the latent carried no image: MR reconstruction "
+        "lost 1.1 dB (validation PSNR 25.32 vs 26.43 without SMD), the first-stage ceiling on the fidelity "
+        "benchmark's test cases was 55.9 HU (52.7 without SMD) and the 3D-WLDM sCT 92.3 HU (80.3 for LDM + WRM). "
+        "Pooled, L_modal reaches -3.94 while M keeps its voxels: ceiling 50.3 HU (700 VAE steps, same budget and "
+        "seed; per test case 77.7 / 30.5 / 32.1 / 61.0 against 78.4 / 34.7 / 36.4 / 74.0). Tried and not kept: "
+        "smd_weight 0.001 (L_modal stays near 0: SMD effectively off), per-channel latent standardisation (59.7 vs "
+        "54.7 HU diffusion validation at 1280 steps)."),
+    "vae_ema": (
+        "ema_decay 0 (off) for the VAE: an average with decay 0.99 gave a first-stage ceiling of 57.7 HU against "
+        "55.9 HU without (700 steps, voxel-wise SMD), and 51.2 against 50.3 HU with pooled SMD. The diffusion "
+        "U-Net keeps its EMA (diffusion.ema_decay)."),
 }
 
 CPU_NOTES: dict[str, str] = {

@@ -128,6 +128,10 @@ class VAEPlan:
     (MR weight 1). ``kl_weight`` multiplies the KL averaged over latent elements.
     ``normalization``: ``"voxel"`` (per-voxel LayerNorm: the VAE is local, so tiles of
     any size give the same output) or ``"group"`` (GroupNorm).
+    ``smd_pooled_modality``: compare the modality codes M in the SMD loss by their
+    channel means (one vector per patch) instead of voxel by voxel, so M can agree within a
+    modality without becoming a constant image. ``ema_decay`` > 0 keeps an exponential
+    moving average of the VAE weights: validation and every later stage use it.
     """
 
     channels: list[int] = field(default_factory=lambda: [32, 64, 128])
@@ -141,6 +145,8 @@ class VAEPlan:
     ct_weight: float = 1.0
     kl_weight: float = 1e-6
     smd_weight: float = 0.01
+    smd_pooled_modality: bool = True
+    ema_decay: float = 0.0
     adv_weight: float = 0.05
     adv_start_step: int = 10000
     discriminator_channels: int = 32

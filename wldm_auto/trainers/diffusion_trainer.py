@@ -17,7 +17,6 @@ latent scaling (the low band is already normalised), no DSCA.
 """
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from wldm_auto.models.loading import load_frozen_vae
 from wldm_auto.paths import model_folder_name
 from wldm_auto.planners.schema import DiffusionPlan, Plans, TrainingPlan
 from wldm_auto.trainers.base import BaseTrainer
+from wldm_auto.trainers.ema import ema_copy, update_ema
 from wldm_auto.trainers.losses import masked_mse_per_sample
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class DiffusionTrainer(BaseTrainer):
             raise ValueError(f"patch size {self.config.patch_size} is not divisible by {divisor} (first stage "
                              f"x{self.vae.required_divisor}, U-Net with {len(self.diffusion_plan.unet_channels)} "
                              f"levels): edit patch_size or {self.plan_section}.unet_channels in plans.json")
-        self.ema = copy.deepcopy(self.unet).requires_grad_(False)
+        self.ema = ema_copy(self.unet)
         self.model = self.wrap(self.unet)
         self.ema.to(self.device)
         self.schedule = build_schedule(self.diffusion_plan)
@@ -144,16 +144,8 @@ class DiffusionTrainer(BaseTrainer):
                                                valid_latent)
             loss = (weight * per_sample).mean()
         self.optimise(loss, self.opt, self.unet.parameters())
-        self._update_ema()
+        update_ema(self.ema, self.unet, self.diffusion_plan.ema_decay)
         return {"loss": loss.item()}
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        decay = self.diffusion_plan.ema_decay
-        for ema, live in zip(self.ema.parameters(), self.unet.parameters()):
-            ema.lerp_(live.detach(), 1.0 - decay)
-        for ema, live in zip(self.ema.buffers(), self.unet.buffers()):
-            ema.copy_(live)
 
     def synthesizer(self) -> LatentSynthesizer:
         return build_latent_synthesizer(self.vae, self.ema, self.schedule, float(self.latent_scale), self.config,

@@ -47,8 +47,10 @@ def kl_loss(posterior: DiagonalGaussian) -> torch.Tensor:
     return posterior.kl() / posterior.mean[0].numel()
 
 
-def _pairwise(z: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(2P, C, ...) -> S_a, S_b, M_a, M_b, each (P, C/2 * voxels)."""
+def _pairwise(z: torch.Tensor, name: str, pooled_modality: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(2P, C, ...) -> S_a, S_b, M_a, M_b: S each (P, C/2 * voxels); M the same, or (P, C/2) channel
+    means when ``pooled_modality``."""
     if z.dim() < 2 or z.shape[0] % 2 or z.shape[0] == 0:
         raise ValueError(
             f"smd_loss needs a batch of patient pairs (0,1), (2,3), ...: {name} has batch size "
@@ -58,11 +60,12 @@ def _pairwise(z: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, t
         raise ValueError(f"smd_loss needs an even number of latent channels, {name} has {z.shape[1]}")
     half = z.shape[1] // 2
     s = z[:, :half].flatten(1).unflatten(0, (-1, 2))
-    m = z[:, half:].flatten(1).unflatten(0, (-1, 2))
+    m = z[:, half:].flatten(2).mean(2) if pooled_modality else z[:, half:].flatten(1)
+    m = m.unflatten(0, (-1, 2))
     return s[:, 0], s[:, 1], m[:, 0], m[:, 1]
 
 
-def smd_loss(z_ct: torch.Tensor, z_mr: torch.Tensor) -> dict[str, torch.Tensor]:
+def smd_loss(z_ct: torch.Tensor, z_mr: torch.Tensor, pooled_modality: bool = False) -> dict[str, torch.Tensor]:
     """Structure-Modality Disentanglement loss (paper's L_D = L_stru + L_modal).
 
     ``z_ct[i]`` and ``z_mr[i]`` are latents of the same patient; the batch
@@ -75,11 +78,15 @@ def smd_loss(z_ct: torch.Tensor, z_mr: torch.Tensor) -> dict[str, torch.Tensor]:
     i.e. structure agrees across modalities of one patient and differs
     between patients; the modality code differs across modalities and agrees
     within one modality. Returns {"stru", "modal", "total"}, each the mean over pairs.
+
+    Compared voxel by voxel, L_modal is smallest when M is one constant image per
+    modality (half of the latent then carries no image). ``pooled_modality`` compares
+    the channel means of M instead: the modality sits in M's mean, its voxels stay free.
     """
     if z_ct.shape != z_mr.shape:
         raise ValueError(f"z_ct {tuple(z_ct.shape)} and z_mr {tuple(z_mr.shape)} must have the same shape")
-    sct_a, sct_b, mct_a, mct_b = _pairwise(z_ct, "z_ct")
-    smr_a, smr_b, mmr_a, mmr_b = _pairwise(z_mr, "z_mr")
+    sct_a, sct_b, mct_a, mct_b = _pairwise(z_ct, "z_ct", pooled_modality)
+    smr_a, smr_b, mmr_a, mmr_b = _pairwise(z_mr, "z_mr", pooled_modality)
 
     def cos(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return F.cosine_similarity(u, v, dim=1, eps=1e-8)

@@ -22,6 +22,7 @@ from wldm_auto.networks.vae import DiagonalGaussian, WaveletVAE
 from wldm_auto.planners.schema import TrainingPlan, VAEPlan
 from wldm_auto.io.normalization import denormalise_ct
 from wldm_auto.trainers.base import BaseTrainer
+from wldm_auto.trainers.ema import ema_copy, update_ema
 from wldm_auto.trainers.losses import d_hinge_loss, g_adv_loss, kl_loss, masked_l1, masked_mse, smd_loss
 from wldm_auto.io.hu import SYNTHRAD_RANGE_HU
 from wldm_auto.io.metrics import mae, psnr
@@ -64,6 +65,8 @@ class VAETrainer(BaseTrainer):
             raise ValueError(f"vae.reconstruction_loss={p.reconstruction_loss!r}: must be one of "
                              f"{', '.join(RECONSTRUCTION_LOSSES)}")
         self.vae = build_vae(self.train_data.num_mr_channels, p)
+        # the weights validation and later stages use: an average of the trained ones, or those
+        self.vae_ema = ema_copy(self.vae).to(self.device) if p.ema_decay > 0 else self.vae
         self.disc = build_discriminator(p)
         self.model = self.wrap(VAEPair(self.vae))
         self.disc_model = self.wrap(self.disc)
@@ -71,7 +74,12 @@ class VAETrainer(BaseTrainer):
         self.opt_d = self.make_optimizer(self.disc.parameters(), p.discriminator_learning_rate)
 
     def networks(self) -> dict[str, nn.Module]:
-        return {"vae": self.vae, "discriminator": self.disc}
+        """"vae" holds the weights every later stage loads (the average when ``ema_decay`` > 0);
+        "vae_train" the trained ones, kept for resuming."""
+        networks = {"vae": self.vae_ema, "discriminator": self.disc}
+        if self.vae_ema is not self.vae:
+            networks["vae_train"] = self.vae
+        return networks
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
         p = self.vae_plan
@@ -92,7 +100,7 @@ class VAETrainer(BaseTrainer):
             out = {"loss": 0.0, "rec": rec.item(), "rec_ct": rec_ct_loss.item(), "rec_mr": rec_mr_loss.item(),
                    "kl": kl.item()}
             if p.smd_weight > 0:
-                smd = smd_loss(mean_ct, mean_mr)
+                smd = smd_loss(mean_ct, mean_mr, p.smd_pooled_modality)
                 loss = loss + p.smd_weight * smd["total"]
                 out.update(smd_stru=smd["stru"].item(), smd_modal=smd["modal"].item())
             if adversarial:
@@ -109,6 +117,8 @@ class VAETrainer(BaseTrainer):
                 d_loss = d_hinge_loss(logits[: len(ct)], logits[len(ct):])
             self.optimise(d_loss, self.opt_d, self.disc.parameters())
             out["d"] = d_loss.item()
+        if self.vae_ema is not self.vae:
+            update_ema(self.vae_ema, self.vae, p.ema_decay)
         return out
 
     def validate(self) -> dict[str, float]:
@@ -122,8 +132,8 @@ class VAETrainer(BaseTrainer):
             if self.vae.local:  # its output does not depend on the tile: use the larger inference tiles
                 tile = [p * max(1, self.config.inference.image_tile_scale) for p in tile]
             with self.autocast():
-                rec_ct = reconstruct(self.vae, torch.from_numpy(ct), "ct", tile, overlap, self.device)
-                rec_mr = reconstruct(self.vae, torch.from_numpy(mr), "mr", tile, overlap, self.device)
+                rec_ct = reconstruct(self.vae_ema, torch.from_numpy(ct), "ct", tile, overlap, self.device)
+                rec_mr = reconstruct(self.vae_ema, torch.from_numpy(mr), "mr", tile, overlap, self.device)
             region = (masks[0] > 0) & (masks[1] > 0)
             ct_hu, rec_hu = denormalise_ct(ct[0], window), denormalise_ct(rec_ct[0].clamp(-1, 1).numpy(), window)
             figures["mae_ct_hu"].append(mae(ct_hu, rec_hu, region))
