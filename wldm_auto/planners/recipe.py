@@ -44,6 +44,13 @@ RECIPE_NOTES: dict[str, str] = {
         "seed; per test case 77.7 / 30.5 / 32.1 / 61.0 against 78.4 / 34.7 / 36.4 / 74.0). Tried and not kept: "
         "smd_weight 0.001 (L_modal stays near 0: SMD effectively off), per-channel latent standardisation (59.7 vs "
         "54.7 HU diffusion validation at 1280 steps)."),
+    "diffusion_image_loss": (
+        "image_loss_weight 0 (off). With 1.0 (masked L1 of the decoded clean-latent estimate against the CT "
+        "patch, added to the latent loss), same VAE, budget and seed, the 3D-WLDM diffusion stage reached 49.8 HU "
+        "validation MAE at 1200 steps against 56.0 HU without, and the simulated abdomen test cases 54.3 / 53.8 HU "
+        "against 58.9 / 58.8; but the phantom slab (148.9 vs 141.8) and the thin DICOM case (95.1 vs 92.1) got "
+        "worse, so the test mean did not move (88.0 vs 87.9 HU). Each step also decodes the patch (about 1.5x the "
+        "step time on CPU). Worth measuring again on a GPU budget."),
     "vae_ema": (
         "ema_decay 0 (off) for the VAE: an average with decay 0.99 gave a first-stage ceiling of 57.7 HU against "
         "55.9 HU without (700 steps, voxel-wise SMD), and 51.2 against 50.3 HU with pooled SMD. The diffusion "

@@ -164,7 +164,10 @@ class DiffusionPlan:
     one-level 3D Haar transform, 8 sub-bands per channel at half resolution,
     the low-pass band divided by sqrt(8); no training, no S/M split, so no DSCA).
     ``prediction``: ``"epsilon"`` (the paper's), ``"v"`` or ``"x0"``; ``min_snr_gamma``
-    > 0 weights the loss over timesteps by min-SNR-gamma (0: unweighted).
+    > 0 weights the loss over timesteps by min-SNR-gamma (0: unweighted). ``image_loss_weight``
+    > 0 adds the masked L1 between the CT patch and the frozen first stage's decoding of the
+    predicted clean latent (in [-1, 1] CT units), so the U-Net is trained on the error a
+    reader sees in HU, not only on latent distances.
     """
 
     first_stage: str = "vae"
@@ -174,6 +177,7 @@ class DiffusionPlan:
     beta_end: float = 0.02
     prediction: str = "x0"
     min_snr_gamma: float = 0.0
+    image_loss_weight: float = 0.0
     unet_channels: list[int] = field(default_factory=lambda: [64, 128, 256])
     dsca: bool = True
     ema_decay: float = 0.999

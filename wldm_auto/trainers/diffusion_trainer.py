@@ -34,7 +34,7 @@ from wldm_auto.paths import model_folder_name
 from wldm_auto.planners.schema import DiffusionPlan, Plans, TrainingPlan
 from wldm_auto.trainers.base import BaseTrainer
 from wldm_auto.trainers.ema import ema_copy, update_ema
-from wldm_auto.trainers.losses import masked_mse_per_sample
+from wldm_auto.trainers.losses import masked_l1, masked_mse_per_sample
 
 log = logging.getLogger(__name__)
 
@@ -138,14 +138,21 @@ class DiffusionTrainer(BaseTrainer):
         noise = torch.randn_like(z_ct)
         x_t = self.schedule.add_noise(z_ct, noise, t)
         weight = self.schedule.min_snr_weight(t, self.diffusion_plan.min_snr_gamma)
+        out = {}
         with self.autocast():
             prediction = self.model(x_t, t, z_mr)
             per_sample = masked_mse_per_sample(prediction.float(), self.schedule.training_target(z_ct, noise, t),
                                                valid_latent)
             loss = (weight * per_sample).mean()
+            if self.diffusion_plan.image_loss_weight > 0:
+                x0, _ = self.schedule.split(x_t, t, prediction.float())
+                image = masked_l1(self.vae.decode(x0 / scale, "ct").float(), ct, valid)
+                out["latent"] = loss.item()
+                out["image_l1"] = image.item()
+                loss = loss + self.diffusion_plan.image_loss_weight * image
         self.optimise(loss, self.opt, self.unet.parameters())
         update_ema(self.ema, self.unet, self.diffusion_plan.ema_decay)
-        return {"loss": loss.item()}
+        return {"loss": loss.item(), **out}
 
     def synthesizer(self) -> LatentSynthesizer:
         return build_latent_synthesizer(self.vae, self.ema, self.schedule, float(self.latent_scale), self.config,
