@@ -371,7 +371,7 @@ def predict_case(
                 log.info("%s: std map not written: %s gives no spread (use several folds%s)", case.name, reason,
                          "" if deterministic else " or --samples")
             if mumap:
-                write_image(mu_map(result.sct, first.plans.mu_map), mumap_file)
+                write_image(mu_map(result.sct, folds[0].plans.mu_map), mumap_file)
                 outputs.append(mumap_file)
             if dicom_out:
                 source = paths[0] if Path(paths[0]).is_dir() else None  # a DICOM MR: inherit patient, study, frame
