@@ -58,7 +58,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from predict import model_folder, synthetic_mr  # noqa: E402
+from predict import model_folder, sct_difference, synthetic_mr  # noqa: E402
 from sampler import parse_args as sampler_args, run_child_process  # noqa: E402
 from train import DATASET, build_dataset, load_plans, time_trainer  # noqa: E402
 from wldm_auto.inference.predictor import predict_case  # noqa: E402
@@ -267,14 +267,12 @@ def check_predict_precision(ctx: Context) -> dict[str, Any]:
                                samples=s["predict_samples"], save_std=True)  # as the float32 run
         if ctx.cuda:
             torch.cuda.synchronize(ctx.device)
-        got = sitk.GetArrayFromImage(sitk.ReadImage(str(outcome.outputs[0]))).astype(np.int32)
-        difference = np.abs(got - reference)
+        got, difference = sct_difference(outcome.outputs[0], reference, body)
         result: dict[str, Any] = {
             "autocast_dtype": str(folds[0].synthesizer.autocast).replace("torch.", ""),
             "seconds": round(outcome.seconds, 2),
             "phases": {k: round(v, 2) for k, v in outcome.phases.items()},
-            "max_abs_diff_hu": int(difference.max()), "mean_abs_diff_body_hu": round(float(difference[body].mean()), 3),
-            "hu_range": [int(got.min()), int(got.max())]}
+            **difference, "hu_range": [int(got.min()), int(got.max())]}
         if ctx.cuda:
             peak = torch.cuda.max_memory_allocated(ctx.device) / 2**30
             result.update(peak_gpu_gb=round(peak, 3), meets_goals=outcome.seconds < GOALS["predict_seconds"]

@@ -69,6 +69,15 @@ def model_folder(root: Path, widths: str, patch: list[int]) -> Path:
     return folder
 
 
+def sct_difference(sct_path: Path, reference: np.ndarray, body: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+    """The sCT written at ``sct_path`` (HU, int32) and its difference from ``reference`` (same grid): largest
+    and mean inside ``body``, in HU."""
+    sct = sitk.GetArrayFromImage(sitk.ReadImage(str(sct_path))).astype(np.int32)
+    difference = np.abs(sct - reference)
+    return sct, {"max_abs_diff_hu": int(difference.max()),
+                 "mean_abs_diff_body_hu": round(float(difference[body].mean()), 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, nargs=3, default=[250, 250, 450], help="synthetic MR size (x y z) at 2 mm")
@@ -105,16 +114,13 @@ def main() -> None:
         peak_gpu = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         comparison = {}
         if args.compare and args.precision != "float32":
-            sct = sitk.GetArrayFromImage(sitk.ReadImage(str(outcome.outputs[0]))).astype(np.int32)
             (root / "float32").mkdir()
             reference_outcome = predict_case(load_model(model, [0], device, precision="float32"), case,
                                              root / "float32", steps=args.steps, samples=args.samples)
             reference = sitk.GetArrayFromImage(sitk.ReadImage(str(reference_outcome.outputs[0]))).astype(np.int32)
             body = sitk.GetArrayFromImage(body_mask(mr, folds[0].plans)) > 0
-            difference = np.abs(sct - reference)
-            comparison = {"max_abs_diff_hu": int(difference.max()),
-                          "mean_abs_diff_body_hu": round(float(difference[body].mean()), 3),
-                          "seconds_total_float32": round(reference_outcome.seconds, 2)}
+            _, comparison = sct_difference(outcome.outputs[0], reference, body)
+            comparison["seconds_total_float32"] = round(reference_outcome.seconds, 2)
     phases = {name: round(seconds, 2) for name, seconds in outcome.phases.items()}
     sampling = outcome.phases.get("sample", 0.0)
     print("phase            seconds", file=sys.stderr)
