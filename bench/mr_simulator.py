@@ -101,25 +101,36 @@ def _output_grid(ct: sitk.Image, spacing: Sequence[float], keep: float, offset: 
     return grid
 
 
-def _centre(image: sitk.Image) -> list[float]:
+def grid_centre(image: sitk.Image) -> list[float]:
+    """Physical point of the centre of ``image``'s grid."""
     size = np.array(image.GetSize(), float)
     return [float(v) for v in image.TransformContinuousIndexToPhysicalPoint(list((size - 1) / 2))]
+
+
+def random_bspline(grid: sitk.Image, rng: np.random.Generator, control_spacing_mm: float, displacement_mm: float,
+                   max_mm: float | None = None) -> sitk.BSplineTransform:
+    """Cubic B-spline over ``grid`` with control points about ``control_spacing_mm`` apart and normal
+    coefficients of std ``displacement_mm`` (clipped to +-``max_mm`` when given)."""
+    extent = np.array(grid.GetSize()) * np.array(grid.GetSpacing())
+    mesh = [max(1, int(round(e / control_spacing_mm))) for e in extent]
+    bspline = sitk.BSplineTransformInitializer(grid, mesh, 3)
+    coefficients = rng.normal(0.0, displacement_mm, len(bspline.GetParameters()))
+    if max_mm is not None:
+        coefficients = np.clip(coefficients, -max_mm, max_mm)
+    bspline.SetParameters(coefficients.tolist())
+    return bspline
 
 
 def random_transform(grid: sitk.Image, rng: np.random.Generator, settings: SimulationSettings) -> sitk.Transform:
     """Smooth random spatial map: affine (rotation, anisotropic scale) about the centre, then B-spline."""
     angles = np.deg2rad(rng.uniform(-settings.rotation_deg, settings.rotation_deg, 3))
     affine = sitk.Euler3DTransform()
-    affine.SetCenter(_centre(grid))
+    affine.SetCenter(grid_centre(grid))
     affine.SetRotation(*[float(a) for a in angles])
     scaled = sitk.AffineTransform(3)
-    scaled.SetCenter(_centre(grid))
+    scaled.SetCenter(grid_centre(grid))
     scaled.SetMatrix(np.diag(1.0 + rng.uniform(-settings.scale, settings.scale, 3)).ravel().tolist())
-    extent = np.array(grid.GetSize()) * np.array(grid.GetSpacing())
-    mesh = [max(1, int(round(e / settings.control_spacing_mm))) for e in extent]
-    bspline = sitk.BSplineTransformInitializer(grid, mesh, 3)
-    params = rng.normal(0.0, settings.displacement_mm, len(bspline.GetParameters()))
-    bspline.SetParameters(params.tolist())
+    bspline = random_bspline(grid, rng, settings.control_spacing_mm, settings.displacement_mm)
     return sitk.CompositeTransform([affine, scaled, bspline])
 
 

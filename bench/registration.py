@@ -91,7 +91,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from mr_simulator import SimulationSettings, simulate_pair  # noqa: E402
+from mr_simulator import SimulationSettings, grid_centre, random_bspline, simulate_pair  # noqa: E402
 
 log = logging.getLogger("bench.registration")
 
@@ -126,11 +126,6 @@ def source_ct() -> sitk.Image:
     raise SystemExit(f"no source CT found (looked for {', '.join(map(str, CT_CANDIDATES))})")
 
 
-def _centre(image: sitk.Image) -> np.ndarray:
-    size = np.array(image.GetSize(), float)
-    return np.array(image.TransformContinuousIndexToPhysicalPoint(list((size - 1) / 2)))
-
-
 def _grid(reference: sitk.Image, size: tuple[int, int, int], spacing: tuple[float, float, float]) -> sitk.Image:
     """Empty float32 grid with ``reference``'s direction and centre."""
     grid = sitk.Image([int(s) for s in size], sitk.sitkFloat32)
@@ -138,7 +133,7 @@ def _grid(reference: sitk.Image, size: tuple[int, int, int], spacing: tuple[floa
     grid.SetDirection(reference.GetDirection())
     direction = np.array(reference.GetDirection()).reshape(3, 3)
     half = direction @ ((np.array(size, float) - 1) * np.array(spacing) / 2.0)
-    grid.SetOrigin([float(v) for v in _centre(reference) - half])
+    grid.SetOrigin([float(v) for v in np.array(grid_centre(reference)) - half])
     return grid
 
 
@@ -155,15 +150,11 @@ def case_grids(source: sitk.Image, settings: CaseSettings) -> tuple[sitk.Image, 
 def known_transform(grid: sitk.Image, rng: np.random.Generator, settings: CaseSettings) -> sitk.Transform:
     """The known smooth map (MR-grid points -> CT points): rigid about the centre, then a B-spline."""
     rigid = sitk.Euler3DTransform()
-    rigid.SetCenter([float(v) for v in _centre(grid)])
+    rigid.SetCenter(grid_centre(grid))
     rigid.SetRotation(*[float(a) for a in np.deg2rad(rng.uniform(-settings.rotation_deg, settings.rotation_deg, 3))])
     rigid.SetTranslation([float(t) for t in rng.uniform(-settings.translation_mm, settings.translation_mm, 3)])
-    extent = np.array(grid.GetSize()) * np.array(grid.GetSpacing())
-    mesh = [max(1, int(round(e / settings.control_spacing_mm))) for e in extent]
-    bspline = sitk.BSplineTransformInitializer(grid, mesh, 3)
-    coefficients = np.clip(rng.normal(0.0, settings.displacement_mm, len(bspline.GetParameters())),
-                           -settings.max_coefficient_mm, settings.max_coefficient_mm)
-    bspline.SetParameters(coefficients.tolist())
+    bspline = random_bspline(grid, rng, settings.control_spacing_mm, settings.displacement_mm,
+                             settings.max_coefficient_mm)
     return sitk.CompositeTransform([rigid, bspline])
 
 
