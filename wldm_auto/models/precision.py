@@ -31,12 +31,11 @@ DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bflo
 @functools.lru_cache(maxsize=None)
 def autocast_works(device_type: str, dtype: torch.dtype) -> bool:
     """Whether ``torch.autocast(device_type, dtype)`` really runs a matrix product in ``dtype`` here."""
-    device = "cuda" if device_type == "cuda" else device_type
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an unsupported dtype warns and disables autocast: we test instead
         try:
             with torch.autocast(device_type=device_type, dtype=dtype):
-                ones = torch.ones(2, 2, device=device)
+                ones = torch.ones(2, 2, device=device_type)
                 return (ones @ ones).dtype == dtype
         except (RuntimeError, ValueError):
             return False

@@ -11,9 +11,8 @@ holds the first patient of every pair and ``batch["mr"][1::2]`` the second.
 """
 from __future__ import annotations
 
-import math
-
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
