@@ -202,8 +202,10 @@ def _neighbour_diffs(volume: torch.Tensor, borders: set[int]) -> tuple[torch.Ten
     return diffs[..., at_border], diffs[..., ~at_border]
 
 
-def test_tiled_blending_has_no_seams() -> None:
-    # overlap 0.25: tile borders (every 5-6 voxels) and the crossings between tile centres differ
+@pytest.mark.parametrize("margin", [None, 2])
+def test_tiled_blending_has_no_seams(margin: int | None) -> None:
+    # overlap 0.25 (or balanced tiles overlapping by 2 voxels): tile borders and the crossings between tile
+    # centres differ
     shape, tile, overlap = (12, 12, 40), (8, 8, 8), 0.25
     g = torch.Generator().manual_seed(3)
     offsets: list[float] = []
@@ -214,8 +216,10 @@ def test_tiled_blending_has_no_seams() -> None:
         return xt + offset
 
     x = torch.full((1, 1, *shape), 0.25)
-    out = TiledDenoiser(model_fn, None, tile, overlap=overlap, batch_size=1)(x, torch.tensor([0]))
-    slices = tiles(shape, tile, overlap)
+    denoiser = TiledDenoiser(model_fn, None, tile, overlap=overlap, batch_size=1, margin=margin)
+    out = denoiser(x, torch.tensor([0]))
+    slices = denoiser.layout(shape, x.device).slices
+    assert slices == tiles(shape, tile, overlap) if margin is None else len(slices) > 3
     borders = ({s[2].start for s in slices} | {s[2].stop for s in slices}) - {0, shape[2]}
     # every row along the last axis, the volume's faces (where all tiles have low weight) included
     border, interior = _neighbour_diffs(out, borders)
@@ -227,6 +231,31 @@ def test_tiled_blending_has_no_seams() -> None:
         stitched[(0, 0, *s)] = 0.25 + offset
     border, interior = _neighbour_diffs(stitched, borders)
     assert border.pow(2).mean() > interior.pow(2).mean()
+
+
+def test_tiled_margin_takes_the_fewest_tiles_and_stays_exact() -> None:
+    """``margin``: the fewest tiles of at most ``tile`` overlapping by >= margin (less the divisor), fewer
+    voxels per step than tiles of half the size at overlap 0.25, and a pointwise model is reproduced exactly."""
+    g = torch.Generator().manual_seed(6)
+    shape = (113, 45, 63)  # the whole-body latent of bench/sampler.py (250 x 180 x 450 at 2 mm, factor 4)
+    x = torch.randn(1, 2, *shape, generator=g)
+    cond = torch.randn(1, 2, *shape, generator=g)
+
+    def model_fn(xt: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return 2 * xt + c
+
+    denoiser = TiledDenoiser(model_fn, cond, (64, 64, 64), batch_size=2, divisor=4, margin=8)
+    torch.testing.assert_close(denoiser(x, torch.tensor([5])), 2 * x + cond, atol=1e-5, rtol=0)
+    layout = denoiser.layout(shape, x.device)
+    assert all(t <= 64 and t % 4 == 0 for t in layout.tile)
+    for axis in range(3):
+        starts = sorted({s[axis].start for s in layout.slices})
+        assert all(layout.tile[axis] - (b - a) >= 8 - 4 for a, b in zip(starts, starts[1:]))
+    fraction = TiledDenoiser(model_fn, cond, (32, 32, 32), overlap=0.25, divisor=4).layout(shape, x.device)
+    voxels = [len(lay.slices) * math.prod(lay.tile) for lay in (layout, fraction)]
+    assert len(layout.slices) == 2 and voxels[0] <= 0.4 * voxels[1]
+    with pytest.raises(ValueError, match="margin"):
+        TiledDenoiser(model_fn, cond, (8, 8, 8), margin=-1)
 
 
 def test_sample_whole_latent_one_tile_equals_sample() -> None:
@@ -318,3 +347,21 @@ def test_first_stage_layout_respects_the_element_budget() -> None:
     assert np.prod(tile) * 64 <= latent.TILE_ELEMENTS and batch == 1 and all(t % 2 == 0 for t in tile)
     small, _, batch_small = synthesizer.first_stage_layout([64, 64, 64])
     assert small == [64, 64, 64] and batch_small == min(synthesizer.batch_size, latent.TILE_ELEMENTS // (64 ** 3 * 64))
+
+
+def test_latent_tiles_respect_the_element_budget() -> None:
+    """Sampling tiles of a wide U-Net shrink until one first-level activation fits TILE_ELEMENTS; batches too."""
+    from types import SimpleNamespace
+
+    from wldm_auto.models import latent
+
+    vae = SimpleNamespace(required_divisor=4)
+    narrow = latent.LatentSynthesizer(vae, SimpleNamespace(channels=[16], required_divisor=4), None, 1.0,
+                                      [64, 64, 64], latent_tile_scale=4)
+    tile = narrow.latent_tile([113, 45, 63])
+    assert tile == [64, 48, 64] and narrow.latent_batch(tile) == narrow.batch_size
+    wide = latent.LatentSynthesizer(vae, SimpleNamespace(channels=[2048], required_divisor=4), None, 1.0,
+                                    [64, 64, 64], latent_tile_scale=4)
+    tile = wide.latent_tile([113, 45, 63])
+    assert math.prod(tile) * 2048 <= latent.TILE_ELEMENTS and all(t % 4 == 0 for t in tile)
+    assert wide.latent_batch(tile) == 1

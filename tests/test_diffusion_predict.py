@@ -48,9 +48,10 @@ def test_prediction_settings_can_replace_those_stored_at_training(trained):
 
     stored = load_model(trained["model"], [0], torch.device("cpu"))[0]
     assert stored.synthesizer.latent_tile_scale == stored.plans.configuration("3d_wldm").inference.latent_tile_scale
-    given = InferencePlan(ddim_steps=3, latent_tile_scale=3, latent_overlap=0.125, image_tile_scale=2)
+    given = InferencePlan(ddim_steps=3, latent_tile_scale=3, latent_overlap=0.125, latent_margin=5, image_tile_scale=2)
     fold = load_model(trained["model"], [0], torch.device("cpu"), inference=given)[0]
     assert (fold.synthesizer.latent_tile_scale, fold.synthesizer.latent_overlap) == (3, 0.125)
+    assert fold.synthesizer.latent_margin == 5
     assert fold.synthesizer.image_tile_scale == 2
 
 

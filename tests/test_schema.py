@@ -296,6 +296,7 @@ def test_registration_lists_must_have_equal_lengths(plans_dict):
     ("ddim_steps", 0, "inference.ddim_steps: 0 must be at least 1"),
     ("tile_overlap", 1.0, "inference.tile_overlap: 1.0 outside [0, 1)"),
     ("ddim_eta", -0.5, "inference.ddim_eta: -0.5 must be >= 0"),
+    ("latent_margin", -1, "inference.latent_margin: -1 must be >= 0 (latent voxels; 0: tiles at latent_overlap)"),
 ])
 def test_inference_values_are_checked(plans_dict, key, value, expected):
     plans_dict["configurations"]["3d_wldm"]["inference"][key] = value

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from wldm_auto.diffusion.ranks import RankShare, map_batches
 from wldm_auto.diffusion.samplers import Sampler, sample
-from wldm_auto.diffusion.tiling import fit_tile, separable_weight, tiles
+from wldm_auto.diffusion.tiling import balanced_tiles, fit_tile, separable_weight, tiles
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class TiledDenoiser:
         batch_size: int = 4,
         divisor: int = 1,
         share: RankShare | None = None,
+        margin: int | None = None,
     ) -> None:
         tile = tuple(int(t) for t in tile)
         if len(tile) != 3 or min(tile) < 1:
@@ -80,6 +81,8 @@ class TiledDenoiser:
             raise ValueError(f"tile {tile} is not divisible by the network's divisor {divisor}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if margin is not None and margin < 0:
+            raise ValueError(f"margin must be >= 0 voxels, got {margin}")
         if cond is not None and cond.dim() != 5:
             raise ValueError(f"cond must be (N, C, D, H, W), got shape {tuple(cond.shape)}")
         self.model_fn = model_fn
@@ -89,6 +92,7 @@ class TiledDenoiser:
         self.batch_size = int(batch_size)
         self.divisor = int(divisor)
         self.share = share
+        self.margin = None if margin is None else int(margin)
         self._layouts: dict[tuple, _Layout] = {}
 
     def layout(self, shape: Sequence[int], device: torch.device) -> _Layout:
@@ -96,9 +100,13 @@ class TiledDenoiser:
         key = (tuple(int(s) for s in shape), str(device))
         if key not in self._layouts:
             tile = tuple(fit_tile(key[0], self.tile, self.divisor))
+            overlap: float | list[float] = self.overlap
+            if self.margin is not None:
+                balanced, overlap = balanced_tiles(key[0], tile, self.margin, self.divisor)
+                tile = tuple(balanced)
             padded = tuple(max(s, t) for s, t in zip(key[0], tile))
             crop = tuple(slice((p - s) // 2, (p - s) // 2 + s) for s, p in zip(key[0], padded))
-            slices = tiles(padded, tile, self.overlap)
+            slices = tiles(padded, tile, overlap)
             weight = separable_weight(tile, [len({s[a].start for s in slices}) > 1 for a in range(3)]).to(device)
             norm = torch.zeros(padded, dtype=torch.float32, device=device)
             for s in slices:
@@ -161,6 +169,7 @@ def sample_whole_latent(
     divisor: int = 1,
     dtype: torch.dtype = torch.float32,
     share: RankShare | None = None,
+    margin: int | None = None,
 ) -> torch.Tensor:
     """Sample (num_samples, out_channels, D, H, W) latents conditioned on ``cond`` (1 or num_samples, C, D, H, W).
 
@@ -170,12 +179,12 @@ def sample_whole_latent(
     when one tile covers the latent. ``share``: spread each step's tiles over
     the ranks of a process group (every rank passes the same ``cond`` and an
     identically seeded ``generator``, so all hold the same latent throughout);
-    only its main rank shows progress.
+    only its main rank shows progress. ``margin``: see :class:`TiledDenoiser`.
     """
     if cond.dim() != 5 or cond.shape[0] not in (1, num_samples):
         raise ValueError(f"cond must be (1 or {num_samples}, C, D, H, W), got shape {tuple(cond.shape)}")
     denoiser = TiledDenoiser(model_fn, cond, tile, overlap=overlap, batch_size=batch_size, divisor=divisor,
-                             share=share)
+                             share=share, margin=margin)
     shape = (num_samples, out_channels, *cond.shape[-3:])
     layout = denoiser.layout(shape[-3:], cond.device)
     ranks = f" over {share.world_size} ranks" if share is not None and share.world_size > 1 else ""

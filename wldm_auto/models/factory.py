@@ -97,7 +97,7 @@ def build_latent_synthesizer(first_stage: nn.Module, denoiser: nn.Module, schedu
     inference = config.inference
     return LatentSynthesizer(first_stage, denoiser, schedule, latent_scale, config.patch_size, overlap, device,
                              latent_tile_scale=inference.latent_tile_scale, latent_overlap=inference.latent_overlap,
-                             image_tile_scale=inference.image_tile_scale,
+                             latent_margin=inference.latent_margin, image_tile_scale=inference.image_tile_scale,
                              first_stage_margin=inference.first_stage_margin,
                              autocast=autocast_dtype(inference.precision, device))
 

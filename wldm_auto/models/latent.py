@@ -28,7 +28,7 @@ from wldm_auto.models.tiling import sliding_window
 from wldm_auto.networks.haar import pad_even
 
 
-TILE_ELEMENTS = 2 ** 27  # values of one first-level VAE activation per batch of tiles (512 MB in float32)
+TILE_ELEMENTS = 2 ** 27  # values of one first-level VAE or U-Net activation per batch of tiles (512 MB in float32)
 
 
 @dataclass
@@ -47,8 +47,9 @@ class LatentSynthesizer:
     overlap: float = 0.5  # VAE encode/decode tiles
     device: torch.device | str = "cpu"
     batch_size: int = 4
-    latent_tile_scale: int = 2  # sampling tiles are this many patch-latents wide per axis
-    latent_overlap: float = 0.25
+    latent_tile_scale: int = 8  # sampling tiles are at most this many patch-latents wide per axis
+    latent_overlap: float = 0.25  # of the sampling tiles, when latent_margin is 0
+    latent_margin: int = 8  # > 0: the fewest sampling tiles whose neighbours overlap by this many latent voxels
     image_tile_scale: int = 1  # VAE tiles are this many patches wide per axis (local VAEs only)
     first_stage_margin: int = 64  # local VAEs: neighbouring encode/decode tiles overlap by this many image voxels
     phases: Phases | None = None  # set by a caller that wants encode/sample/decode seconds
@@ -66,9 +67,27 @@ class LatentSynthesizer:
         return int(self.vae.required_divisor)
 
     def latent_tile(self, latent_shape: Sequence[int]) -> list[int]:
-        """Sampling tile: ``latent_tile_scale`` x the patch's latent size, no larger than the latent."""
+        """Sampling tile: ``latent_tile_scale`` x the patch's latent size, no larger than the latent (with
+        ``latent_margin`` the largest tile: the denoiser then uses as few and as small tiles as it allows),
+        halved along its longest axis until one first-level U-Net activation holds at most
+        :data:`TILE_ELEMENTS` values."""
+        divisor = int(getattr(self.unet, "required_divisor", 1))
         tile = [max(1, self.latent_tile_scale * t // self.factor) for t in self.image_tile]
-        return fit_tile(latent_shape, tile, int(getattr(self.unet, "required_divisor", 1)))
+        tile = fit_tile(latent_shape, tile, divisor)
+        while math.prod(tile) * self._unet_width > TILE_ELEMENTS and max(tile) > 2 * divisor:
+            axis = tile.index(max(tile))
+            tile[axis] = max(divisor, tile[axis] // 2 // divisor * divisor)
+        return tile
+
+    @property
+    def _unet_width(self) -> int:
+        channels = getattr(self.unet, "channels", None)
+        return int(channels[0]) if channels else 1
+
+    def latent_batch(self, tile: Sequence[int]) -> int:
+        """Latent tiles per denoiser call: ``batch_size``, fewer when their first-level activations would
+        hold more than :data:`TILE_ELEMENTS` values."""
+        return max(1, min(self.batch_size, TILE_ELEMENTS // max(1, math.prod(tile) * self._unet_width)))
 
     def first_stage_tile(self) -> list[int]:
         """Encode/decode tile (image voxels): ``image_tile_scale`` patches for a local VAE, else the patch."""
@@ -162,12 +181,13 @@ class LatentSynthesizer:
             with network_autocast(self.device, self.autocast):
                 return self.unet(x, t, c).float()
 
+        tile = self.latent_tile(cond.shape[-3:])
         with phase(self.phases, "sample"):
             latent = sample_whole_latent(
                 model_fn, cond, int(getattr(self.unet, "latent_channels", cond.shape[1])), sampler,
-                self.latent_tile(cond.shape[-3:]), overlap=self.latent_overlap,
-                batch_size=self.batch_size, generator=generator, num_samples=num_samples, progress=progress,
+                tile, overlap=self.latent_overlap, batch_size=self.latent_batch(tile), generator=generator, num_samples=num_samples, progress=progress,
                 divisor=int(getattr(self.unet, "required_divisor", 1)), share=self.share,
+                margin=self.latent_margin or None,
             )
         with phase(self.phases, "decode"):
             return torch.stack([self.decode_ct(z.to(mr.device), mr.shape[-3:]) for z in latent])
