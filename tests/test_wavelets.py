@@ -76,3 +76,40 @@ def test_split_merge_roundtrip() -> None:
     assert torch.equal(merge_low_high(low, high), bands)
     with pytest.raises(ValueError):
         merge_low_high(low, high[:, :20])
+
+
+def test_idwt3d_low_high_equals_the_composed_inverse_bit_for_bit() -> None:
+    from wldm_auto.networks.wavelets import idwt3d_low_high, merge_low_high
+
+    g = torch.Generator().manual_seed(7)
+    low, high = torch.randn(2, 3, 4, 5, 6, generator=g), torch.randn(2, 21, 4, 5, 6, generator=g)
+    assert torch.equal(idwt3d_low_high(low, high), idwt3d(merge_low_high(low, high)))
+    with pytest.raises(ValueError, match="7\\*C"):
+        idwt3d_low_high(low, high[:, :20])
+
+
+@pytest.mark.parametrize("in_ch, out_ch, norm", [(8, 8, "voxel"), (8, 16, "voxel"), (8, 8, "group")])
+def test_wavelet_block_inference_path_matches_training_path(in_ch: int, out_ch: int, norm: str) -> None:
+    """Under no_grad the block accumulates in place and runs 1x1x1 convs as matrix products (less memory on
+    large tiles): the same values as the autograd path, up to float rounding; VoxelNorm bit for bit."""
+    from wldm_auto.networks.blocks import PointwiseConv3d, VoxelNorm, WaveletBlock
+
+    torch.manual_seed(3)
+    block = WaveletBlock(in_ch, out_ch, 4, True, norm).eval()
+    for module in block.modules():  # non-trivial norm affine parameters
+        if isinstance(module, VoxelNorm):
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(2, in_ch, 12, 10, 9)
+    with torch.enable_grad():
+        reference = block(x)
+        norm_reference = VoxelNorm(in_ch)(x)
+    with torch.no_grad():
+        fast = block(x)
+        norm_fast = VoxelNorm(in_ch)(x)
+    torch.testing.assert_close(fast, reference.detach(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(norm_fast, norm_reference.detach())
+    assert any(isinstance(m, PointwiseConv3d) for m in block.modules())
+    conv = PointwiseConv3d(in_ch, out_ch)
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), torch.nn.functional.conv3d(x, conv.weight, conv.bias), atol=1e-6, rtol=1e-6)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wldm_auto.networks.wavelets import dwt3d, idwt3d, merge_low_high, split_low_high
+from wldm_auto.networks.wavelets import dwt3d, idwt3d, idwt3d_low_high, merge_low_high, split_low_high
 
 
 def num_groups(channels: int, group_width: int) -> int:
@@ -42,9 +42,15 @@ class VoxelNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mean = x.mean(dim=1, keepdim=True)
-        var = (x - mean).pow(2).mean(dim=1, keepdim=True)
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+        if torch.is_grad_enabled():
+            var = (x - mean).pow(2).mean(dim=1, keepdim=True)
+            return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+        # inference: the same operations in the same order (same result, bit for bit), in place, so a large
+        # tile holds one copy of the activation instead of three
+        centred = x - mean
+        var = centred.pow(2).mean(dim=1, keepdim=True)
+        return centred.mul_(torch.rsqrt(var + self.eps)).mul_(self.weight.view(shape)).add_(self.bias.view(shape))
 
 
 def norm_layer(kind: str, channels: int, group_width: int) -> nn.Module:
@@ -54,6 +60,29 @@ def norm_layer(kind: str, channels: int, group_width: int) -> nn.Module:
     if kind == "voxel":
         return VoxelNorm(channels)
     raise ValueError(f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {kind!r}")
+
+
+class PointwiseConv3d(nn.Conv3d):
+    """1x1x1 convolution; at inference on the CPU one matrix product over the channels.
+
+    Same parameters (and state-dict keys) as ``nn.Conv3d(in, out, 1)``. On large CPU tiles the
+    oneDNN convolution reorders its input and output into blocked layouts, holding about four
+    activation-sized buffers for a 1x1x1 conv; the matrix product holds only its output. The result
+    equals the convolution up to float rounding (the channel sums may be added in another order).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__(in_ch, out_ch, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or x.device.type != "cpu" or not x.is_contiguous():
+            return super().forward(x)
+        batch, _, *spatial = x.shape
+        weight = self.weight.reshape(self.out_channels, self.in_channels).to(x.dtype)
+        out = torch.matmul(weight, x.reshape(batch, self.in_channels, -1))
+        if self.bias is not None:
+            out += self.bias.to(x.dtype)[:, None]
+        return out.reshape(batch, self.out_channels, *spatial)
 
 
 def group_conv(channels: int, groups: int) -> nn.Conv3d:
@@ -104,32 +133,47 @@ class WaveletBlock(nn.Module):
         g_in = num_groups(in_ch, group_width)
         if wrm:
             self.primary = nn.Sequential(
-                group_conv(in_ch, g_in), norm_layer(norm, in_ch, group_width), nn.SiLU(), nn.Conv3d(in_ch, in_ch, 1)
+                group_conv(in_ch, g_in), norm_layer(norm, in_ch, group_width), nn.SiLU(), PointwiseConv3d(in_ch, in_ch)
             )
             self.high1 = group_conv(7 * in_ch, 7 * g_in)
             self.low2 = group_conv(in_ch, g_in)
             self.high2 = group_conv(7 * in_ch, 7 * g_in)
             self.out_norm = norm_layer(norm, in_ch, group_width)
-            self.out_conv = nn.Conv3d(in_ch, out_ch, 1)
+            self.out_conv = PointwiseConv3d(in_ch, out_ch)
         else:
             self.body = nn.Sequential(
                 norm_layer(norm, in_ch, group_width), nn.SiLU(), nn.Conv3d(in_ch, out_ch, 3, padding=1),
                 norm_layer(norm, out_ch, group_width), nn.SiLU(), nn.Conv3d(out_ch, out_ch, 3, padding=1),
             )
-        self.shortcut: nn.Module = nn.Conv3d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.shortcut: nn.Module = PointwiseConv3d(in_ch, out_ch) if in_ch != out_ch else nn.Identity()
 
     def frequency_map(self, x: torch.Tensor) -> torch.Tensor:
         """High- and low-frequency streams fused by IDWT, at the resolution of ``x``."""
         padded, size = _pad_to_multiple(x, 4)
         low1, high1 = split_low_high(dwt3d(padded))
-        high1 = self.high1(high1)
-        low2, high2 = split_low_high(dwt3d(low1))
-        low1_refined = idwt3d(merge_low_high(self.low2(low2), self.high2(high2)))
-        fused = idwt3d(merge_low_high(low1 + low1_refined, high1))
+        del padded
+        if torch.is_grad_enabled():
+            high1 = self.high1(high1)
+            low2, high2 = split_low_high(dwt3d(low1))
+            low1_refined = idwt3d(merge_low_high(self.low2(low2), self.high2(high2)))
+            fused = idwt3d(merge_low_high(low1 + low1_refined, high1))
+        else:  # inference: the same values with fewer activation-sized buffers alive at once
+            low1 = low1.contiguous()  # a copy of 1/8 of the bands, so the other 7/8 are freed now
+            high1 = self.high1(high1)
+            low2, high2 = split_low_high(dwt3d(low1))
+            low1 += idwt3d_low_high(self.low2(low2), self.high2(high2))
+            fused = idwt3d_low_high(low1, high1)
         return fused[:, :, : size[0], : size[1], : size[2]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.wrm:
             return self.body(x) + self.shortcut(x)
-        y = x + self.primary(x) + self.frequency_map(x)
-        return self.out_conv(F.silu(self.out_norm(y))) + self.shortcut(x)
+        if torch.is_grad_enabled():
+            y = x + self.primary(x) + self.frequency_map(x)
+            return self.out_conv(F.silu(self.out_norm(y))) + self.shortcut(x)
+        # inference: the same sums in the same order, accumulated in place (fewer activation-sized copies alive)
+        y = self.primary(x).add_(x)  # x + p: addition commutes exactly
+        y.add_(self.frequency_map(x))
+        h = F.silu(self.out_norm(y), inplace=True)
+        del y
+        return self.out_conv(h).add_(self.shortcut(x))

@@ -62,6 +62,25 @@ def idwt3d(bands: torch.Tensor) -> torch.Tensor:
     return x.reshape(batch, channels, *x.shape[2:])
 
 
+def idwt3d_low_high(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """``idwt3d(merge_low_high(low, high))``, bit for bit, building the transform's input in place.
+
+    The composed form holds the merged bands and their per-channel copy (two buffers the size of the
+    output); this writes low and high straight into the per-channel layout (one). For inference on
+    large tiles.
+    """
+    channels, batch = low.shape[1], low.shape[0]
+    if high.shape[1] != 7 * channels or high.shape[2:] != low.shape[2:] or high.shape[0] != batch:
+        raise ValueError(f"high {tuple(high.shape)} does not match low {tuple(low.shape)} (need 7*C channels)")
+    dtype = torch.promote_types(low.dtype, high.dtype)
+    per_channel = torch.empty((batch, channels, 8, *low.shape[2:]), dtype=dtype, device=low.device)
+    per_channel[:, :, 0] = low
+    per_channel[:, :, 1:] = high.unflatten(1, (7, channels)).transpose(1, 2)
+    x = F.conv_transpose3d(per_channel.reshape(batch * channels, 8, *low.shape[2:]), _haar_kernels(dtype, low.device),
+                           stride=2)
+    return x.reshape(batch, channels, *x.shape[2:])
+
+
 def split_low_high(bands: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 8, C, ...) -> low band (B, C, ...) and details packed band-major (B, 7*C, ...).
 
