@@ -5,10 +5,13 @@ What it measures, for one synthetic whole-body-sized MR (an ellipsoidal
 250 x 180 x 450 voxels (x y z) at 2 mm) and randomly initialised networks
 (timings do not depend on the weights):
 
-* ours: ``LatentSynthesizer.sample`` - the VAE encodes the whole MR in
-  overlapping tiles, DDIM runs K steps on the WHOLE latent (noise predicted
-  on overlapping latent tiles, Gaussian-blended, one shared noise field),
-  then the VAE decodes in tiles;
+* ours: ``LatentSynthesizer.sample`` with the plan's tiling - the VAE
+  encodes the whole MR in the fewest tiles of at most ``image_tile_scale``
+  patches that overlap by ``first_stage_margin`` voxels, DDIM runs K steps on
+  the WHOLE latent (noise predicted on the fewest latent tiles of at most
+  ``latent_tile_scale`` patch-latents that overlap by ``latent_margin``
+  latent voxels, Gaussian-blended, one shared noise field), then the VAE
+  decodes in tiles like it encoded;
 * naive: the MR is cut into overlapping pixel-space patches (the plan's
   patch size, same overlap); every patch is encoded, sampled with its own
   K-step DDIM loop and its own noise, decoded, and the decoded patches are
@@ -36,21 +39,20 @@ would need. On CPU the hooks also time each conv call inside the run
 (``conv_seconds_in_run``); on CUDA that figure is left out (it would need a
 synchronisation per call).
 
-What to expect: the encoder and decoder see the same pixel tiles in both
-approaches (once each). The difference is the U-Net, run at every step:
-naive patches are sampled independently, so they need a large overlap (0.5:
-each voxel is denoised ~8 times per step in 3D) to hide their seams; ours
-re-blends the whole latent at every step with one shared noise field, so it
-uses larger latent tiles (``--latent-tile-scale``, plan default 2 x the
-patch's latent) with a small overlap (``--latent-overlap``, plan default
-0.25) and denoises each latent voxel ~2 times per step. The U-Net share of
-the time therefore drops by several times, more with more DDIM steps; ours
-also holds the whole latent and its blending buffers (about
-latent_channels / f^3 of the float32 MR), a small RAM cost. Quality (no
-seams, no per-patch drift) is not measured here. Conv efficiency on
-CPU is well below 1 with tiny widths: group-wise and 1x1x1 convs on few
-channels are memory-bound, and GroupNorm, attention, wavelet transforms and
-tile copies take a large share of the wall time.
+What to expect: naive patches are sampled independently, so they need a
+large overlap (0.5: each voxel is encoded, denoised at every step and decoded
+~8 times in 3D) to hide their seams. Ours re-blends the whole latent at every
+step with one shared noise field, so its tiles can be large with a small
+overlap: each voxel is encoded and decoded ~1.3 times and denoised ~1.1 times
+per step at the defaults. The U-Net share, paid at every step, therefore drops
+most, and the gap grows with the number of steps; ours also holds the whole
+latent and its blending buffers (about latent_channels / f^3 of the float32
+MR), a small RAM cost. Quality is not measured here (random weights): on the
+fidelity benchmark's trained 3D-WLDM the plan's tiling and the former ones
+gave the same MAE within 1.6 HU (``InferencePlan``'s docstring). Conv
+efficiency on CPU is well below 1 with tiny widths: group-wise and 1x1x1
+convs on few channels are memory-bound, and GroupNorm, attention, wavelet
+transforms and tile copies take a large share of the wall time.
 
 Threads: on a machine whose cores are shared with other busy processes,
 torch's OpenMP threads can wait on each other and run a small network
@@ -82,7 +84,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wldm_auto.planners.schema import InferencePlan
+
 log = logging.getLogger("bench.sampler")
+PLAN = InferencePlan()  # the tiling options default to the plan's
 
 QUICK = {"size": [48, 48, 48], "patch": [32, 32, 32], "steps": 2, "widths": "tiny", "micro_reps": 2}
 
@@ -198,7 +203,9 @@ def run_ours(vae, unet, schedule, mr: torch.Tensor, args: argparse.Namespace, de
     from wldm_auto.models.latent import LatentSynthesizer
 
     synthesizer = LatentSynthesizer(vae, unet, schedule, 1.0, args.patch, args.overlap, device, args.batch_size,
-                                    latent_tile_scale=args.latent_tile_scale, latent_overlap=args.latent_overlap)
+                                    latent_tile_scale=args.latent_tile_scale, latent_overlap=args.latent_overlap,
+                                    latent_margin=args.latent_margin, image_tile_scale=args.image_tile_scale,
+                                    first_stage_margin=args.first_stage_margin)
     generator = torch.Generator(device="cpu").manual_seed(0)
     return synthesizer.sample(mr, args.steps, generator=generator)[0]
 
@@ -306,11 +313,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="pixel-space patch / tile size (z y x), multiple of 16 (default: 64 64 64)")
     parser.add_argument("--overlap", type=float, default=0.5,
                         help="overlap of pixel patches: VAE tiles of ours, every patch of the naive approach (default 0.5)")
-    parser.add_argument("--latent-tile-scale", type=int, default=2,
-                        help="ours: latent sampling tiles are this many patch-latents wide per axis (plan default 2)")
-    parser.add_argument("--latent-overlap", type=float, default=0.25,
-                        help="ours: overlap of latent sampling tiles (plan default 0.25; one shared noise field "
-                             "and per-step blending keep it seam-free)")
+    parser.add_argument("--latent-tile-scale", type=int, default=PLAN.latent_tile_scale,
+                        help="ours: latent sampling tiles are at most this many patch-latents wide per axis "
+                             f"(plan default {PLAN.latent_tile_scale})")
+    parser.add_argument("--latent-overlap", type=float, default=PLAN.latent_overlap,
+                        help="ours: overlap of latent sampling tiles when --latent-margin is 0 "
+                             f"(plan default {PLAN.latent_overlap})")
+    parser.add_argument("--latent-margin", type=int, default=PLAN.latent_margin,
+                        help="ours: the fewest latent tiles whose neighbours overlap by this many latent voxels "
+                             f"(plan default {PLAN.latent_margin}; 0: tiles at --latent-overlap). One shared noise "
+                             "field and per-step blending keep either seam-free")
+    parser.add_argument("--image-tile-scale", type=int, default=PLAN.image_tile_scale,
+                        help="ours: VAE encode/decode tiles are at most this many patches wide per axis "
+                             f"(plan default {PLAN.image_tile_scale})")
+    parser.add_argument("--first-stage-margin", type=int, default=PLAN.first_stage_margin,
+                        help="ours: neighbouring VAE tiles overlap by this many image voxels "
+                             f"(plan default {PLAN.first_stage_margin})")
     parser.add_argument("--batch-size", type=int, default=4, help="tiles per network call (default: 4)")
     parser.add_argument("--widths", choices=["tiny", "plan"], default="tiny",
                         help="tiny: VAE [8,16,32] latent 8, U-Net [16,32,64]; plan: the default plan widths")
