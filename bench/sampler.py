@@ -8,9 +8,10 @@ What it measures, for one synthetic whole-body-sized MR (an ellipsoidal
 * ours: ``LatentSynthesizer.sample`` with the plan's tiling - the VAE
   encodes the whole MR in the fewest tiles of at most ``image_tile_scale``
   patches that overlap by ``first_stage_margin`` voxels, DDIM runs K steps on
-  the WHOLE latent (noise predicted on the fewest latent tiles of at most
-  ``latent_tile_scale`` patch-latents that overlap by ``latent_margin``
-  latent voxels, Gaussian-blended, one shared noise field), then the VAE
+  the WHOLE latent (noise predicted on latent tiles ``latent_tile_scale``
+  patch-latents wide at ``latent_overlap``, or with ``latent_margin`` > 0 the
+  fewest such tiles overlapping by that many latent voxels; Gaussian-blended,
+  one shared noise field), then the VAE
   decodes in tiles like it encoded;
 * naive: the MR is cut into overlapping pixel-space patches (the plan's
   patch size, same overlap); every patch is encoded, sampled with its own
@@ -43,13 +44,14 @@ What to expect: naive patches are sampled independently, so they need a
 large overlap (0.5: each voxel is encoded, denoised at every step and decoded
 ~8 times in 3D) to hide their seams. Ours re-blends the whole latent at every
 step with one shared noise field, so its tiles can be large with a small
-overlap: each voxel is encoded and decoded ~1.3 times and denoised ~1.1 times
-per step at the defaults. The U-Net share, paid at every step, therefore drops
-most, and the gap grows with the number of steps; ours also holds the whole
-latent and its blending buffers (about latent_channels / f^3 of the float32
-MR), a small RAM cost. Quality is not measured here (random weights): on the
-fidelity benchmark's trained 3D-WLDM the plan's tiling and the former ones
-gave the same MAE within 1.6 HU (``InferencePlan``'s docstring). Conv
+overlap: each voxel is encoded and decoded ~1.3 times, and denoised ~3 times per
+step with the default latent tiles (2x at 0.25) or ~1.1 times with
+``--latent-tile-scale 8 --latent-margin 8``. The U-Net share, paid at every step,
+drops most, and the gap grows with the number of steps; ours also holds the
+whole latent and its blending buffers (about latent_channels / f^3 of the
+float32 MR), a small RAM cost. Quality is not measured here (random weights):
+large latent tiles change the GroupNorm statistics of the trained U-Nets (see
+``InferencePlan``'s docstring), so they are not the plan's default. Conv
 efficiency on CPU is well below 1 with tiny widths: group-wise and 1x1x1
 convs on few channels are memory-bound, and GroupNorm, attention, wavelet
 transforms and tile copies take a large share of the wall time.

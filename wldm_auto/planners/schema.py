@@ -209,15 +209,17 @@ class InferencePlan:
     """Prediction settings. ``tile_overlap`` applies to VAE encoding/decoding tiles, which are
     ``image_tile_scale`` training patches wide per axis when the VAE is local (voxel
     normalisation; a GroupNorm VAE's output depends on the tile, so it keeps the patch);
-    latent sampling uses the fewest tiles of at most ``latent_tile_scale`` times the patch's latent
-    size whose neighbours overlap by ``latent_margin`` latent voxels, as small as that allows (0:
-    tiles of that size at the fraction ``latent_overlap``, the former layout). Every DDIM step
-    re-blends the whole latent with one shared noise field, so a small overlap leaves no seams. On
-    the fidelity benchmark's test cases (trained 3D-WLDM, 10 steps, same seed; MAE in HU, seconds
-    per case): 8x tiles (one per test volume) 88.2 HU in 16.5 s, 4x with an 8-voxel margin 88.5 in
-    16.4 s, the former 2x at 0.25 88.9 in 26.0 s, patch-sized tiles at 0.5 89.3 in 63.2 s. Tiles
-    shrink until a first-level U-Net activation fits the same budget as the VAE's (bench/sampler.py
-    for speed).
+    latent sampling uses tiles ``latent_tile_scale`` times the patch's latent size at the fraction
+    ``latent_overlap`` (every DDIM step re-blends the whole latent with one shared noise field, so
+    a small overlap leaves no seams); with ``latent_margin`` > 0, the fewest tiles of at most that
+    size whose neighbours overlap by that many latent voxels, as small as that allows. Tiles shrink
+    until a first-level U-Net activation fits the VAE tiles' element budget. Larger tiles are
+    faster (bench/sampler.py: 5.3x over independent patches at 50 steps with 8x tiles and an
+    8-voxel margin, one tile per whole-body latent) but the diffusion U-Nets use GroupNorm, whose
+    statistics change with the tile: on the fidelity benchmark's test cases (trained models, 10
+    steps, same seed) 8x tiles gave 3D-WLDM 88.2 HU MAE against 88.9 with the default, but bone
+    Dice 0.00 against 0.05, and the wavelet-domain model 181.0 HU against 146.7. So the default
+    stays at 2x tiles at overlap 0.25 until the U-Nets are tile-independent.
     A local VAE's tiles (at most ``image_tile_scale`` patches) overlap by ``first_stage_margin``
     image voxels instead of ``tile_overlap``: as few and as small tiles as that allows
     (bench/predict.py; the VAE's receptive field: with a 16-voxel overlap a tiny-width VAE's tiled
@@ -238,9 +240,9 @@ class InferencePlan:
     tile_overlap: float = 0.5
     first_stage_margin: int = 64
     image_tile_scale: int = 4
-    latent_tile_scale: int = 8
+    latent_tile_scale: int = 2
     latent_overlap: float = 0.25
-    latent_margin: int = 8
+    latent_margin: int = 0
     samples: int = 1
     precision: str = "float32"
 
