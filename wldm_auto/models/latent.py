@@ -71,13 +71,17 @@ class LatentSynthesizer:
         ``latent_margin`` the largest tile: the denoiser then uses as few and as small tiles as it allows),
         halved along its longest axis until one first-level U-Net activation holds at most
         :data:`TILE_ELEMENTS` values."""
-        divisor = int(getattr(self.unet, "required_divisor", 1))
+        divisor = self._unet_divisor
         tile = [max(1, self.latent_tile_scale * t // self.factor) for t in self.image_tile]
         tile = fit_tile(latent_shape, tile, divisor)
         while math.prod(tile) * self._unet_width > TILE_ELEMENTS and max(tile) > 2 * divisor:
             axis = tile.index(max(tile))
             tile[axis] = max(divisor, tile[axis] // 2 // divisor * divisor)
         return tile
+
+    @property
+    def _unet_divisor(self) -> int:
+        return int(getattr(self.unet, "required_divisor", 1))
 
     @property
     def _unet_width(self) -> int:
@@ -185,8 +189,8 @@ class LatentSynthesizer:
         with phase(self.phases, "sample"):
             latent = sample_whole_latent(
                 model_fn, cond, int(getattr(self.unet, "latent_channels", cond.shape[1])), sampler,
-                tile, overlap=self.latent_overlap, batch_size=self.latent_batch(tile), generator=generator, num_samples=num_samples, progress=progress,
-                divisor=int(getattr(self.unet, "required_divisor", 1)), share=self.share,
+                tile, overlap=self.latent_overlap, batch_size=self.latent_batch(tile), generator=generator,
+                num_samples=num_samples, progress=progress, divisor=self._unet_divisor, share=self.share,
                 margin=self.latent_margin or None,
             )
         with phase(self.phases, "decode"):

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wldm_auto.networks.wavelets import dwt3d, idwt3d, idwt3d_low_high, merge_low_high, split_low_high
+from wldm_auto.networks.wavelets import dwt3d, idwt3d_low_high, split_low_high
 
 
 def num_groups(channels: int, group_width: int) -> int:
@@ -152,17 +152,14 @@ class WaveletBlock(nn.Module):
         padded, size = _pad_to_multiple(x, 4)
         low1, high1 = split_low_high(dwt3d(padded))
         del padded
-        if torch.is_grad_enabled():
-            high1 = self.high1(high1)
-            low2, high2 = split_low_high(dwt3d(low1))
-            low1_refined = idwt3d(merge_low_high(self.low2(low2), self.high2(high2)))
-            fused = idwt3d(merge_low_high(low1 + low1_refined, high1))
-        else:  # inference: the same values with fewer activation-sized buffers alive at once
-            low1 = low1.contiguous()  # a copy of 1/8 of the bands, so the other 7/8 are freed now
-            high1 = self.high1(high1)
-            low2, high2 = split_low_high(dwt3d(low1))
-            low1 += idwt3d_low_high(self.low2(low2), self.high2(high2))
-            fused = idwt3d_low_high(low1, high1)
+        training = torch.is_grad_enabled()
+        if not training:  # inference: copy 1/8 of the bands, so the other 7/8 are freed now
+            low1 = low1.contiguous()
+        high1 = self.high1(high1)
+        low2, high2 = split_low_high(dwt3d(low1))
+        low1_refined = idwt3d_low_high(self.low2(low2), self.high2(high2))
+        low1 = low1 + low1_refined if training else low1.add_(low1_refined)
+        fused = idwt3d_low_high(low1, high1)
         return fused[:, :, : size[0], : size[1], : size[2]]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -62,16 +62,21 @@ def idwt3d(bands: torch.Tensor) -> torch.Tensor:
     return x.reshape(batch, channels, *x.shape[2:])
 
 
+def _check_low_high(low: torch.Tensor, high: torch.Tensor) -> None:
+    """``high`` must hold the 7 detail bands of ``low``'s channels, band-major, on the same grid."""
+    if high.shape[1] != 7 * low.shape[1] or high.shape[2:] != low.shape[2:] or high.shape[0] != low.shape[0]:
+        raise ValueError(f"high {tuple(high.shape)} does not match low {tuple(low.shape)} (need 7*C channels)")
+
+
 def idwt3d_low_high(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-    """``idwt3d(merge_low_high(low, high))``, bit for bit, building the transform's input in place.
+    """``idwt3d(merge_low_high(low, high))``, bit for bit (values and gradients), building the transform's
+    input in place.
 
     The composed form holds the merged bands and their per-channel copy (two buffers the size of the
-    output); this writes low and high straight into the per-channel layout (one). For inference on
-    large tiles.
+    output); this writes low and high straight into the per-channel layout (one).
     """
+    _check_low_high(low, high)
     channels, batch = low.shape[1], low.shape[0]
-    if high.shape[1] != 7 * channels or high.shape[2:] != low.shape[2:] or high.shape[0] != batch:
-        raise ValueError(f"high {tuple(high.shape)} does not match low {tuple(low.shape)} (need 7*C channels)")
     dtype = torch.promote_types(low.dtype, high.dtype)
     per_channel = torch.empty((batch, channels, 8, *low.shape[2:]), dtype=dtype, device=low.device)
     per_channel[:, :, 0] = low
@@ -93,9 +98,8 @@ def split_low_high(bands: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def merge_low_high(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`split_low_high`: (B, C, ...) and (B, 7*C, ...) -> (B, 8, C, ...)."""
+    _check_low_high(low, high)
     channels = low.shape[1]
-    if high.shape[1] != 7 * channels or high.shape[2:] != low.shape[2:] or high.shape[0] != low.shape[0]:
-        raise ValueError(f"high {tuple(high.shape)} does not match low {tuple(low.shape)} (need 7*C channels)")
     return torch.cat((low.unsqueeze(1), high.unflatten(1, (7, channels))), dim=1)
 
 
