@@ -1,4 +1,4 @@
-"""diffusion.image_loss_weight: the decoded clean-latent estimate is compared with the CT patch, and it trains."""
+"""diffusion.image_loss_weight (the decoded clean-latent estimate against the CT patch) and latent_loss: both train."""
 from __future__ import annotations
 
 import json
@@ -17,10 +17,10 @@ from wldm_auto.trainers.run import run_training
 from conftest import tiny_copy
 
 
-def _set_image_loss(dataset: str, weight: float) -> None:
+def _set_diffusion(dataset: str, **values) -> None:
     plans_path = Path(os.environ["wldm_preprocessed"]) / dataset / "plans.json"
     plans = json.loads(plans_path.read_text())
-    plans["configurations"]["3d_wldm"]["diffusion"]["image_loss_weight"] = weight
+    plans["configurations"]["3d_wldm"]["diffusion"].update(values)
     plans_path.write_text(json.dumps(plans))
 
 
@@ -31,7 +31,7 @@ def test_image_loss_is_logged_and_changes_the_training(preprocessed_small, tmp_p
     first = run_training(dataset, "diffusion", 0, options=options)
     plain = load_checkpoint(first)
     shutil.rmtree(first.parent.parent)  # the same trainer again, on the changed plan
-    _set_image_loss(dataset, 1.0)
+    _set_diffusion(dataset, image_loss_weight=1.0)
     with_image = load_checkpoint(run_training(dataset, "diffusion", 0, options=options))
     history = with_image["history"]
     assert all(np.isfinite(h["train_image_l1"]) and h["train_image_l1"] > 0 for h in history)
@@ -41,3 +41,11 @@ def test_image_loss_is_logged_and_changes_the_training(preprocessed_small, tmp_p
     assert "train_image_l1" not in plain["history"][0]
     a, b = plain["networks"]["unet"], with_image["networks"]["unet"]
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the image term reached the U-Net's weights
+
+    # diffusion.latent_loss l1: same seed, data and steps as the plain run; only the distance
+    # differs, so an ignored option would reproduce the plain run's losses exactly
+    shutil.rmtree(first.parent.parent)
+    _set_diffusion(dataset, image_loss_weight=0.0, latent_loss="l1")
+    l1 = load_checkpoint(run_training(dataset, "diffusion", 0, options=options))
+    first_l2, first_l1 = plain["history"][0]["train_loss"], l1["history"][0]["train_loss"]
+    assert np.isfinite(first_l1) and first_l1 != pytest.approx(first_l2, rel=1e-3)

@@ -10,7 +10,9 @@ from wldm_auto.trainers.losses import (
     d_hinge_loss,
     g_adv_loss,
     kl_loss,
+    masked_l1_per_sample,
     masked_mse,
+    masked_mse_per_sample,
     smd_loss,
 )
 
@@ -32,6 +34,21 @@ def test_masked_mse_matches_numpy_and_ignores_masked_out() -> None:
     pred2[~full_mask] += 100.0
     got2 = masked_mse(torch.from_numpy(pred2), torch.from_numpy(target), torch.from_numpy(mask.astype(np.float64)))
     assert got2.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_per_sample_distances_match_numpy_per_sample() -> None:
+    rng = np.random.default_rng(1)
+    pred, target = rng.standard_normal((3, 2, 3, 4, 5)), rng.standard_normal((3, 2, 3, 4, 5))
+    mask = rng.random((3, 1, 3, 4, 5)) > 0.4
+    mask[2] = False  # an empty sample gives 0, not NaN
+    full = np.broadcast_to(mask, pred.shape)
+    args = torch.from_numpy(pred), torch.from_numpy(target), torch.from_numpy(mask.astype(np.float64))
+    l1, l2 = masked_l1_per_sample(*args).numpy(), masked_mse_per_sample(*args).numpy()
+    for b in range(2):
+        diff = (pred - target)[b][full[b]]
+        assert l1[b] == pytest.approx(np.abs(diff).mean(), rel=1e-12)
+        assert l2[b] == pytest.approx((diff ** 2).mean(), rel=1e-12)
+    assert l1[2] == 0.0 and l2[2] == 0.0
 
 
 def test_masked_mse_empty_mask_is_zero_with_grad() -> None:

@@ -223,6 +223,7 @@ def load_error(tmp_path, data: dict) -> tuple:
     (("configurations", "3d_small", "wavelet_diffusion"), "beta_schedule", "quadratic", "linear, cosine"),
     (("configurations", "3d_wldm", "vae"), "normalization", "batch", "voxel, group"),
     (("configurations", "3d_wldm", "vae"), "reconstruction_loss", "l3", "l1, l2"),
+    (("configurations", "3d_wldm", "diffusion"), "latent_loss", "huber", "l1, l2"),
     (("registration",), "metric", "MutualInformation", "AdvancedMattesMutualInformation, "),
     (("configurations", "3d_wldm", "inference"), "precision", "half", "float32, bfloat16, float16"),
     (("registration",), "pyramid", "gaussian", "smoothing, recursive, shrinking"),

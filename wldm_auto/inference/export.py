@@ -15,6 +15,8 @@ from wldm_auto.io import hu
 from wldm_auto.io.images import ImageWriteError, write_image
 
 AIR_HU = hu.AIR_HU
+# plan inference.export_interpolation -> SimpleITK interpolator (planners.schema.EXPORT_INTERPOLATIONS)
+EXPORT_INTERPOLATORS = {"bspline": sitk.sitkBSpline, "linear": sitk.sitkLinear}
 
 
 def to_input_grid(values: np.ndarray, properties: dict[str, Any], reference: sitk.Image, body: sitk.Image,

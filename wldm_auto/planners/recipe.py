@@ -51,6 +51,13 @@ RECIPE_NOTES: dict[str, str] = {
         "against 58.9 / 58.8; but the phantom slab (148.9 vs 141.8) and the thin DICOM case (95.1 vs 92.1) got "
         "worse, so the test mean did not move (88.0 vs 87.9 HU). Each step also decodes the patch (about 1.5x the "
         "step time on CPU). Worth measuring again on a GPU budget."),
+    "diffusion_latent_loss": (
+        "latent_loss l2 (the paper's) kept. With l1 (same VAE, budget and seed; fidelity benchmark, 10 DDIM "
+        "steps) the 3D-WLDM test MAE fell from 88.9 to 83.9 HU (per case 131.9 / 55.3 / 56.0 / 92.6 against "
+        "141.9 / 59.8 / 59.0 / 95.1; validation 47.7 against 56.0 HU at 1200 steps), but bone Dice of the "
+        "abdomen cases from 0.10 to 0.005: an L1 x0 estimate is a conditional median, and the median of the "
+        "few bone voxels' latents is soft tissue. For radiotherapy and attenuation maps bone matters more "
+        "than 5 HU of soft-tissue MAE."),
     "diffusion_sampling": (
         "inference.ddim_steps 10, samples 1 on the fidelity benchmark. Same trained 3D-WLDM, its 4 test cases "
         "(test MAE HU / bone Dice of the abdomen cases): 1 step 84.7 / 0.00, 3 steps 86.7 / 0.01, 10 steps "

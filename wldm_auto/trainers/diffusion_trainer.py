@@ -34,11 +34,13 @@ from wldm_auto.paths import model_folder_name
 from wldm_auto.planners.schema import DiffusionPlan, Plans, TrainingPlan
 from wldm_auto.trainers.base import BaseTrainer
 from wldm_auto.trainers.ema import ema_copy, update_ema
-from wldm_auto.trainers.losses import masked_l1, masked_mse_per_sample
+from wldm_auto.trainers.losses import masked_l1, masked_l1_per_sample, masked_mse_per_sample
 
 log = logging.getLogger(__name__)
 
 SCALE_BATCHES = 4
+# diffusion.latent_loss -> per-sample masked distance (planners.schema.RECONSTRUCTION_LOSSES lists the names)
+LATENT_LOSSES = {"l2": masked_mse_per_sample, "l1": masked_l1_per_sample}
 
 
 class DiffusionTrainer(BaseTrainer):
@@ -141,8 +143,8 @@ class DiffusionTrainer(BaseTrainer):
         out = {}
         with self.autocast():
             prediction = self.model(x_t, t, z_mr)
-            per_sample = masked_mse_per_sample(prediction.float(), self.schedule.training_target(z_ct, noise, t),
-                                               valid_latent)
+            per_sample = LATENT_LOSSES[self.diffusion_plan.latent_loss](
+                prediction.float(), self.schedule.training_target(z_ct, noise, t), valid_latent)
             loss = (weight * per_sample).mean()
             if self.diffusion_plan.image_loss_weight > 0:
                 x0, _ = self.schedule.split(x_t, t, prediction.float())

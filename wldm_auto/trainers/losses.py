@@ -20,12 +20,25 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return ((pred - target).pow(2) * weight).sum() / weight.sum().clamp_min(1.0)
 
 
+def _masked_mean_per_sample(error: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weight = (mask > 0).to(error.dtype).expand_as(error)
+    return (error * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1.0)
+
+
 def masked_mse_per_sample(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the voxels where ``mask > 0``, one value per sample: shape (B,)."""
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    weight = (mask > 0).to(pred.dtype).expand_as(pred)
-    return ((pred - target).pow(2) * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1.0)
+    return _masked_mean_per_sample((pred - target).pow(2), mask)
+
+
+def masked_l1_per_sample(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error over the voxels where ``mask > 0``, one value per sample: shape (B,)."""
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    return _masked_mean_per_sample((pred - target).abs(), mask)
+
+
 
 
 def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
