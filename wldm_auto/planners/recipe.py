@@ -78,6 +78,12 @@ RECIPE_NOTES: dict[str, str] = {
 }
 
 CPU_NOTES: dict[str, str] = {
+    "budget_split": (
+        "fidelity benchmark: 700 VAE + 1200 diffusion steps kept. 1000 + 900 (same 1900-step budget, seed 0): "
+        "first-stage ceiling 46.7 HU against 53.1 (per test case 73.4 / 27.1 / 28.7 / 57.5; VAE validation 24.1 "
+        "against 29.8 HU), but the 3D-WLDM sCT 92.4 HU against 88.9 (diffusion validation 62.4 against 56.0 HU) "
+        "and bone Dice 0.07 / 0.09 against 0.11 / 0.10 on the abdomen cases: the diffusion stage, not the "
+        "ceiling, is what the sCT is short of at this budget."),
     "diffusion_unet_and_rate": (
         "cpu preset: diffusion U-Net [32, 64] at learning rate 1e-3 kept. Fidelity benchmark, same VAE, 1200 "
         "steps, seed 0, 10 DDIM steps (test MAE HU; bone Dice of the two abdomen cases): [32, 64] 88.9; 0.11 / "
