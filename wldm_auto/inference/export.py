@@ -20,15 +20,17 @@ EXPORT_INTERPOLATORS = {"bspline": sitk.sitkBSpline, "linear": sitk.sitkLinear}
 
 
 def to_input_grid(values: np.ndarray, properties: dict[str, Any], reference: sitk.Image, body: sitk.Image,
-                  outside: float, interpolator: int = sitk.sitkLinear) -> sitk.Image:
+                  outside: float, interpolation: str = "linear") -> sitk.Image:
     """(z, y, x) float values on the preprocessed grid -> float32 image on ``reference``'s grid.
 
+    ``interpolation``: a key of :data:`EXPORT_INTERPOLATORS` (plan ``inference.export_interpolation``).
     Voxels outside the preprocessed (cropped) region and outside ``body``
     get ``outside``.
     """
     grid = Geometry.from_dict(properties["preprocessed_geometry"])
     image = grid.apply_to(sitk.GetImageFromArray(values.astype(np.float32)))
-    out = sitk.Resample(image, reference, sitk.Transform(), interpolator, float(outside), sitk.sitkFloat32)
+    out = sitk.Resample(image, reference, sitk.Transform(), EXPORT_INTERPOLATORS[interpolation], float(outside),
+                        sitk.sitkFloat32)
     array = sitk.GetArrayFromImage(out)
     array[sitk.GetArrayViewFromImage(body) == 0] = outside
     result = sitk.GetImageFromArray(array)

@@ -11,7 +11,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from wldm_auto.inference.export import AIR_HU, EXPORT_INTERPOLATORS, to_input_grid
+from wldm_auto.inference.export import AIR_HU, to_input_grid
 from wldm_auto.planners.schema import Plans
 from wldm_auto.preprocessing.case import body_mask, preprocess_ct, preprocess_mr
 from wldm_auto.io.normalization import denormalise_ct
@@ -36,5 +36,4 @@ def first_stage_reconstruction(mr: sitk.Image, ct: sitk.Image, plans: Plans, con
             raise ValueError("this model has no first stage to reconstruct through (e.g. a regression U-Net)")
         values = synthesizer.reconstruct_ct(values)[None].cpu()
     hu = denormalise_ct(values[0].clamp(-1, 1).numpy().astype(np.float32), plans.preprocessing.ct_window)
-    interpolator = EXPORT_INTERPOLATORS[config.inference.export_interpolation]
-    return to_input_grid(hu, pre.properties, mr, body, AIR_HU, interpolator)
+    return to_input_grid(hu, pre.properties, mr, body, AIR_HU, config.inference.export_interpolation)

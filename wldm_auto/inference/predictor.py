@@ -28,9 +28,7 @@ import SimpleITK as sitk
 import torch
 
 from wldm_auto.inference.attenuation import mu_map
-from wldm_auto.inference.export import (
-    AIR_HU, EXPORT_INTERPOLATORS, hu_int16, to_input_grid, write_dicom_series,
-)
+from wldm_auto.inference.export import AIR_HU, hu_int16, to_input_grid, write_dicom_series
 from wldm_auto.inference.inputs import InputCase, check_output_folder, find_cases, input_files, select_part
 from wldm_auto.inference.model_archive import extracted_model, is_model_archive
 from wldm_auto.io.files import is_disk_full, sha256_file
@@ -331,8 +329,8 @@ def synthesize(
             draws.append(denormalise_ct(normalised.clamp(-1, 1).cpu().numpy(), window))
     with phases("resample_back"):  # to the input grid, air outside the body
         stack = np.concatenate(draws)
-        interpolator = EXPORT_INTERPOLATORS[config.inference.export_interpolation]
-        sct = hu_int16(to_input_grid(stack.mean(0), pre.properties, chosen[0], body, AIR_HU, interpolator), window)
+        sct = hu_int16(to_input_grid(stack.mean(0), pre.properties, chosen[0], body, AIR_HU,
+                                     config.inference.export_interpolation), window)
         # the spread linearly: a cubic spline can undershoot below 0
         std = to_input_grid(stack.std(0), pre.properties, chosen[0], body, 0.0) if want_std and len(stack) > 1 else None
     return Synthesis(sct, std, len(stack), phases.seconds)

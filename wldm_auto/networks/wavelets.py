@@ -56,9 +56,14 @@ def idwt3d(bands: torch.Tensor) -> torch.Tensor:
     """Exact inverse of :func:`dwt3d`: (B, 8, C, d, h, w) -> (B, C, 2d, 2h, 2w)."""
     if bands.dim() != 6 or bands.shape[1] != 8:
         raise ValueError(f"idwt3d expects (B, 8, C, d, h, w) sub-bands, got shape {tuple(bands.shape)}")
-    batch, _, channels = bands.shape[:3]
-    per_channel = bands.transpose(1, 2).reshape(batch * channels, 8, *bands.shape[3:])
-    x = F.conv_transpose3d(per_channel, _haar_kernels(bands.dtype, bands.device), stride=2)
+    return _synthesise(bands.transpose(1, 2))
+
+
+def _synthesise(per_channel: torch.Tensor) -> torch.Tensor:
+    """Inverse Haar transform of sub-bands laid out per channel: (B, C, 8, d, h, w) -> (B, C, 2d, 2h, 2w)."""
+    batch, channels = per_channel.shape[:2]
+    x = F.conv_transpose3d(per_channel.reshape(batch * channels, 8, *per_channel.shape[3:]),
+                           _haar_kernels(per_channel.dtype, per_channel.device), stride=2)
     return x.reshape(batch, channels, *x.shape[2:])
 
 
@@ -81,9 +86,7 @@ def idwt3d_low_high(low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     per_channel = torch.empty((batch, channels, 8, *low.shape[2:]), dtype=dtype, device=low.device)
     per_channel[:, :, 0] = low
     per_channel[:, :, 1:] = high.unflatten(1, (7, channels)).transpose(1, 2)
-    x = F.conv_transpose3d(per_channel.reshape(batch * channels, 8, *low.shape[2:]), _haar_kernels(dtype, low.device),
-                           stride=2)
-    return x.reshape(batch, channels, *x.shape[2:])
+    return _synthesise(per_channel)
 
 
 def split_low_high(bands: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

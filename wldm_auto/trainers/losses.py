@@ -1,10 +1,29 @@
 """Training losses: masked L2 and L1, KL, structure-modality disentanglement (SMD), hinge GAN."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from wldm_auto.networks.vae import DiagonalGaussian
+
+
+def _masked_mean(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                 distance: Callable[[torch.Tensor], torch.Tensor], per_sample: bool) -> torch.Tensor:
+    """Mean of ``distance(pred - target)`` over the voxels where ``mask > 0``: a scalar, or (B,) per sample."""
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    weight = (mask > 0).to(pred.dtype).expand_as(pred)
+    error = distance(pred - target) * weight
+    # clamp: an empty mask gives 0 / 1 = 0 (with grad) and no host sync on GPU
+    if per_sample:
+        return error.flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1.0)
+    return error.sum() / weight.sum().clamp_min(1.0)
+
+
+def _square(difference: torch.Tensor) -> torch.Tensor:
+    return difference.pow(2)
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -13,40 +32,22 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     ``mask`` broadcasts to ``pred`` (e.g. (B, 1, D, H, W) for multi-channel
     ``pred``). An empty mask gives a zero that still carries a graph.
     """
-    if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    weight = (mask > 0).to(pred.dtype).expand_as(pred)
-    # clamp: an empty mask gives 0 / 1 = 0 (with grad) and no host sync on GPU
-    return ((pred - target).pow(2) * weight).sum() / weight.sum().clamp_min(1.0)
-
-
-def _masked_mean_per_sample(error: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    weight = (mask > 0).to(error.dtype).expand_as(error)
-    return (error * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1.0)
+    return _masked_mean(pred, target, mask, _square, per_sample=False)
 
 
 def masked_mse_per_sample(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over the voxels where ``mask > 0``, one value per sample: shape (B,)."""
-    if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    return _masked_mean_per_sample((pred - target).pow(2), mask)
-
-
-def masked_l1_per_sample(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean absolute error over the voxels where ``mask > 0``, one value per sample: shape (B,)."""
-    if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    return _masked_mean_per_sample((pred - target).abs(), mask)
-
-
+    return _masked_mean(pred, target, mask, _square, per_sample=True)
 
 
 def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean absolute error over the voxels where ``mask > 0`` (as :func:`masked_mse`)."""
-    if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    weight = (mask > 0).to(pred.dtype).expand_as(pred)
-    return ((pred - target).abs() * weight).sum() / weight.sum().clamp_min(1.0)
+    return _masked_mean(pred, target, mask, torch.abs, per_sample=False)
+
+
+def masked_l1_per_sample(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error over the voxels where ``mask > 0``, one value per sample: shape (B,)."""
+    return _masked_mean(pred, target, mask, torch.abs, per_sample=True)
 
 
 def kl_loss(posterior: DiagonalGaussian) -> torch.Tensor:
