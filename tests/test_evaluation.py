@@ -206,19 +206,22 @@ def test_cli_end_to_end(folders: Path, phantom_ct: sitk.Image, tmp_path: Path) -
     assert noise["mae"] == pytest.approx(SIGMA * math.sqrt(2 / math.pi), rel=0.1)
     assert noise["psnr"] == pytest.approx(20 * math.log10(4024 / SIGMA), abs=0.5)
     assert 0.5 < noise["ssim"] < 1 and 0.5 < noise["ms_ssim"] < 1 and noise["ncc"] > 0.9
-    assert noise["dice_bone"] > 0.8 and noise["spearman_std"] > 0.9
+    assert noise["dice_bone"] > 0.8 and noise["spearman_error_std"] > 0.9
     ct = sitk.GetArrayFromImage(phantom_ct).astype(np.float64)
     body = M.default_body_mask(ct)
     bulk = rows["bulk"]
     assert float(bulk["mae"]) == pytest.approx(np.abs(ct[body]).mean(), rel=1e-5)
-    assert float(bulk["dice_bone"]) == 0.0 and bulk["spearman_std"] == "" and bulk["ncc"] == ""
+    assert float(bulk["dice_bone"]) == 0.0 and bulk["spearman_error_std"] == "" and bulk["ncc"] == ""
     assert int(bulk["mask_voxels"]) == body.sum()
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["metrics"]) == set(METRICS) and summary["n_cases"] == 2
     assert "CT > -500 HU" in summary["mask"]
     mae = summary["metrics"]["mae"]
     assert mae["n"] == 2 and mae["mean"] == pytest.approx((noise["mae"] + float(bulk["mae"])) / 2, rel=1e-5)
-    assert summary["metrics"]["spearman_std"]["n"] == 1
+    assert summary["metrics"]["spearman_error_std"]["n"] == 1
+    assert summary["metrics"]["ause"]["n"] == 1 and summary["case_std_vs_mae"]["n"] == 1
+    assert (out / "noise_sparsification.png").is_file() and (out / "noise_reliability.png").is_file()
+    assert not list(out.glob("bulk_*.png"))
     for case in ("noise", "bulk"):
         png = out / f"{case}.png"
         assert png.stat().st_size > 20_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

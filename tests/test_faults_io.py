@@ -406,6 +406,6 @@ def test_evaluate_summary_counts_non_finite_values(small_phantom, tmp_path):
     assert written["metrics"]["psnr"] == summary["metrics"]["psnr"]
     psnr = written["metrics"]["psnr"]
     assert psnr["n"] == 0 and psnr["n_inf"] == 1 and psnr["n_nan"] == 0 and psnr["mean"] is None
-    spearman = written["metrics"]["spearman_std"]  # no std map: NaN, counted
+    spearman = written["metrics"]["spearman_error_std"]  # no std map: NaN, counted
     assert spearman["n_nan"] == 1 and spearman["mean"] is None
     assert os.path.getsize(tmp_path / "out" / "metrics.csv") > 0

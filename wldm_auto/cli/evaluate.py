@@ -19,14 +19,18 @@ connected component, holes filled). MR for the figures: MR_DIR/CASE_0000<ending>
 Metrics inside the mask: MAE (HU, no clipping); PSNR (clip to [-1024, 3000], range 4024);
 SSIM as SynthRAD2023 (clip, -1024 outside the mask, +1024, 3D skimage SSIM with a 7-voxel
 window, mean inside the mask); masked MS-SSIM as SynthRAD2025 (5 scales, fewer for small
-volumes); NCC (Pearson); bone Dice (> 250 HU); with a std map the Spearman correlation of
-|sCT - CT| and std.
+volumes); NCC (Pearson); bone Dice (> 250 HU). With a std map, how well it tracks the error:
+Spearman of |sCT - CT| and std, AUSE (HU; area between the MAE-after-removal curves by std and
+by true error, 50 removed fractions), coverage of |error| <= k std for k = 1, 2, 3 (Gaussian
+0.6827/0.9545/0.9973), ECE (Gaussian levels 0.05..0.95), mean std; across cases, the
+correlation of mean std and MAE (summary.json, 3 cases or more).
 
 Outputs in OUT (default SCT_DIR_evaluation/ beside SCT_DIR, never inside it): metrics.csv
 (one row per case), summary.json (mean, std, median, n per metric with n_nan/n_inf counting
 the cases whose value is not finite, the failed cases, and the definitions), CASE.png
 (axial/coronal/sagittal through the mask's centre: MR, CT and sCT in a wide and a soft-tissue
-window, |error| 0..500 HU, std; titled with --label), logs/.
+window, |error| 0..500 HU, std; titled with --label), with a std map CASE_sparsification.png
+and CASE_reliability.png, logs/.
 
 A sCT on another grid than its CT is an error unless --resample (linear, air -1024 outside).
 A case present on one side only is an error unless --allow-missing.

@@ -1,5 +1,10 @@
 """Evaluate a folder of sCT against reference CT: metrics.csv, summary.json and a PNG per case.
 
+With a std map (``CASE_std``) a case also gets the quality of its uncertainty (Spearman of error and
+std, AUSE, coverage, ECE, mean std; see :mod:`wldm_auto.evaluation.uncertainty`) and two more PNGs
+(``CASE_sparsification.png``, ``CASE_reliability.png``); summary.json adds the Gaussian coverage
+expectations and the correlation across cases of mean std and MAE.
+
 A case that cannot be evaluated (unreadable or truncated image, empty mask)
 is reported by name and the others are still evaluated; the failed ones are
 listed in summary.json and :class:`EvaluationError` is raised at the end.
@@ -18,15 +23,17 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from wldm_auto.evaluation import metrics as M
-from wldm_auto.evaluation.figures import save_case_figure
-from wldm_auto.evaluation.pairing import CaseFiles, check_geometries, on_ct_grid, pair_cases
+from wldm_auto.evaluation import uncertainty as U
+from wldm_auto.evaluation.figures import save_case_figure, save_reliability_figure, save_sparsification_figure
+from wldm_auto.evaluation.pairing import CaseFiles, check_geometries, pair_cases
 from wldm_auto.io import hu
 from wldm_auto.io.files import atomic_path, write_json
+from wldm_auto.io.image_folders import on_ct_grid
 from wldm_auto.io.images import read_image
 
 log = logging.getLogger(__name__)
 
-METRICS = ("mae", "psnr", "ssim", "ms_ssim", "ncc", "dice_bone", "spearman_std")
+METRICS = ("mae", "psnr", "ssim", "ms_ssim", "ncc", "dice_bone", "spearman_error_std", *U.KEYS)
 COLUMNS = ("case", *METRICS, "mask_voxels")
 AIR_HU = float(hu.AIR_HU)
 DEFAULT_MASK = ("default body mask of the reference CT: CT > -500 HU, largest connected component, "
@@ -61,14 +68,19 @@ def evaluate_case(files: CaseFiles, resample: bool = False, figure: Path | None 
         "ms_ssim": M.ms_ssim_masked(ct, sct, mask),
         "ncc": M.ncc(ct, sct, mask),
         "dice_bone": M.bone_dice(ct, sct, mask),
-        "spearman_std": float("nan"),
+        "spearman_error_std": float("nan"),
+        **dict.fromkeys(U.KEYS, float("nan")),
         "mask_voxels": int(mask.sum()),
     }
     std_image = None
+    report = None
     if files.std is not None:
         std_image = on_ct_grid(read_image(files.std, sitk.sitkFloat32), ct_image, case, "std map", resample,
                                sitk.sitkLinear, 0.0)
-        row["spearman_std"] = M.spearman_uncertainty(ct, sct, sitk.GetArrayViewFromImage(std_image), mask)
+        std = sitk.GetArrayViewFromImage(std_image)
+        row["spearman_error_std"] = M.spearman_uncertainty(ct, sct, std, mask)
+        report = U.uncertainty_report(ct, sct, std, mask)
+        row.update(report.values)
     log.info("case %s: %s", case, ", ".join(f"{k} {row[k]:.4g}" for k in METRICS if math.isfinite(row[k])))
     if figure is not None:
         if mask_image is None:
@@ -79,6 +91,9 @@ def evaluate_case(files: CaseFiles, resample: bool = False, figure: Path | None 
             mr_image = on_ct_grid(read_image(files.mr, sitk.sitkFloat32), ct_image, case, "MR", True,
                                   sitk.sitkLinear, 0.0)
         save_case_figure(figure, case, ct_image, sct_image, mask_image, mr_image, std_image, row, label)
+        if report is not None:
+            save_sparsification_figure(figure.parent / f"{case}_sparsification.png", case, report, label)
+            save_reliability_figure(figure.parent / f"{case}_reliability.png", case, report, label)
     return row
 
 
@@ -102,7 +117,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per metric: mean, std (population), median and n over the cases with a finite value.
 
     ``n_nan`` and ``n_inf`` count the others (e.g. PSNR inf for identical
-    images, NCC NaN for a constant sCT, Spearman NaN without a std map), so a
+    images, NCC NaN for a constant sCT, the uncertainty metrics NaN without a std map), so a
     mean over fewer cases than evaluated is never silent.
     """
     out = {}
@@ -146,7 +161,8 @@ def evaluate_folder(ct_dir: str | Path, sct_dir: str | Path, out_dir: str | Path
 
     Writes to ``out_dir`` (default ``<sct_dir>_evaluation`` beside the sCT
     folder): ``metrics.csv``, ``summary.json`` and, with ``figures``,
-    ``CASE.png`` per case. Errors of the whole run (missing pairs, grids that
+    ``CASE.png`` per case (and, with a std map, ``CASE_sparsification.png`` and
+    ``CASE_reliability.png``). Errors of the whole run (missing pairs, grids that
     differ without ``resample``, an output folder that is an input folder)
     are ValueErrors before anything is written. A case that fails (unreadable
     or truncated image, empty mask) is logged by name and the others are
@@ -179,6 +195,8 @@ def evaluate_folder(ct_dir: str | Path, sct_dir: str | Path, out_dir: str | Path
         "failed": failed,
         "mask": f"masks from {mask_dir}" if mask_dir is not None else DEFAULT_MASK,
         "metrics": summarise(rows),
+        "coverage_expected": dict(U.COVERAGE_EXPECTED),
+        "case_std_vs_mae": U.case_correlation([row["mean_std"] for row in rows], [row["mae"] for row in rows]),
         "definitions": dict(M.DEFINITIONS),
         "resampled_onto_ct_grid": resampled,
         "inputs": {"ct_dir": ct_dir, "sct_dir": sct_dir, "mask_dir": mask_dir, "mr_dir": mr_dir},

@@ -2,6 +2,7 @@
 
 Columns: MR (if given), CT and sCT in a wide window (-1000..1500 HU: bone), CT and sCT in a
 soft-tissue window (-160..240 HU: errors of tens of HU show), |sCT - CT| (0..500 HU), std (if given).
+With a std map, two small plots more: the sparsification curves (AUSE) and the reliability diagram (ECE).
 Images are shown in LPS orientation (radiological: patient right on the
 left; anterior and superior up) with the aspect ratio of the voxel spacing.
 """
@@ -14,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import ndimage
 
+from wldm_auto.evaluation.uncertainty import UncertaintyReport
 from wldm_auto.io.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -126,6 +129,56 @@ def save_case_figure(path: str | Path, case: str, ct: sitk.Image, sct: sitk.Imag
             if column.unit:
                 bar.set_label(column.unit, fontsize=7)
     figure.suptitle(_title(case, metrics, label), fontsize=10)
+    _save(figure, path)
+
+
+def _curve_figure() -> tuple[Figure, Axes]:
+    """A small single-axes figure for a curve plot."""
+    figure = Figure(figsize=(5.0, 4.0), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure, figure.subplots()
+
+
+def _save(figure: Figure, path: str | Path) -> None:
+    """Write ``figure`` as a PNG (100 dpi), atomically."""
     with atomic_path(path, suffix=".png") as tmp:
         figure.savefig(tmp, format="png", dpi=100)
     log.debug("%s: figure written", path)
+
+
+def save_sparsification_figure(path: str | Path, case: str, report: UncertaintyReport,
+                               label: str | None = None) -> None:
+    """MAE of the voxels left vs removed fraction, removing by std and by true |error| (oracle); AUSE in the title."""
+    figure, ax = _curve_figure()
+    ax.plot(report.fractions, report.mae_by_std, "o-", ms=3, color="tab:blue", label="removed by std")
+    ax.plot(report.fractions, report.mae_oracle, "o-", ms=3, color="tab:orange", label="removed by |error| (oracle)")
+    ax.fill_between(report.fractions, report.mae_oracle, report.mae_by_std, color="tab:blue", alpha=0.15)
+    ax.axhline(report.mae_by_std[0], color="gray", ls="--", lw=0.8, label="random removal (MAE)")
+    ax.set_xlabel("removed fraction of mask voxels")
+    ax.set_ylabel("MAE of the rest (HU)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    name = f"{label}: {case}" if label else case
+    ax.set_title(f"{name}   AUSE {report.values['ause']:.2f} HU (lower better)", fontsize=9)
+    _save(figure, path)
+
+
+def save_reliability_figure(path: str | Path, case: str, report: UncertaintyReport,
+                            label: str | None = None) -> None:
+    """Observed share of voxels within the Gaussian p interval of the std vs p; the diagonal is perfect; ECE in
+    the title."""
+    figure, ax = _curve_figure()
+    ax.plot([0, 1], [0, 1], "--", color="gray", lw=0.8, label="perfect calibration")
+    ax.plot(report.levels, report.observed, "o-", ms=3, color="tab:blue", label="observed")
+    ax.set_xlabel("expected share p (|error| <= norm.ppf((1+p)/2) std)")
+    ax.set_ylabel("observed share")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.text(0.98, 0.02, "above: std too large\nbelow: std too small", fontsize=7, ha="right", va="bottom",
+            transform=ax.transAxes, color="gray")
+    name = f"{label}: {case}" if label else case
+    ax.set_title(f"{name}   ECE {report.values['ece']:.3f} (lower better)", fontsize=9)
+    _save(figure, path)

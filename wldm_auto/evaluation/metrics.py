@@ -17,8 +17,9 @@ import numpy as np
 from scipy import ndimage, stats
 from skimage.metrics import structural_similarity
 
+from wldm_auto.evaluation import uncertainty
 from wldm_auto.io import metrics as shared
-from wldm_auto.io.body_mask import largest_component
+from wldm_auto.io.body_mask import ct_body_mask
 from wldm_auto.io.hu import BODY_THRESHOLD_HU, BONE_THRESHOLD_HU, SYNTHRAD_RANGE_HU
 from wldm_auto.io.metrics import inside as _mask
 
@@ -44,7 +45,8 @@ DEFINITIONS = {
                "(weights renormalised) when the volume or mask is too small for a 7-voxel window",
     "ncc": "Pearson correlation of CT and sCT inside the mask",
     "dice_bone": "Dice of CT > 250 HU and sCT > 250 HU inside the mask (1.0 when both are empty)",
-    "spearman_std": "Spearman rank correlation of |sCT - CT| and the std map inside the mask",
+    "spearman_error_std": "Spearman rank correlation of |sCT - CT| and the std map inside the mask",
+    **uncertainty.DEFINITIONS,
 }
 
 
@@ -96,10 +98,7 @@ def spearman_uncertainty(ct: np.ndarray, sct: np.ndarray, std: np.ndarray, mask:
 
 def default_body_mask(ct: np.ndarray, threshold: float = BODY_HU) -> np.ndarray:
     """Body of a CT: ct > -500 HU, largest connected component (faces), holes filled in 3D then per axial slice."""
-    body = ndimage.binary_fill_holes(largest_component(np.asarray(ct > threshold)))
-    for z in range(body.shape[0]):
-        body[z] = ndimage.binary_fill_holes(body[z])
-    return body
+    return ct_body_mask(ct, threshold)
 
 
 def ssim_inputs(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

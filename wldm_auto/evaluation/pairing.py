@@ -16,12 +16,14 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from wldm_auto.io.geometry import Geometry
-from wldm_auto.io.images import file_ending, is_dicom_folder, strip_ending
+from wldm_auto.io.image_folders import list_images, mismatch_message
+from wldm_auto.io.image_folders import short_list as _names
 
 log = logging.getLogger(__name__)
 
 STD_SUFFIX = "_std"
-DICOM_SUFFIX = "_dicom"
+# other outputs wldm_predict writes beside an sCT (--mumap, --confidence-hu): not cases when CASE is there too
+COMPANION_SUFFIXES = ("_mumap", "_confidence")
 
 
 @dataclass(frozen=True)
@@ -34,42 +36,6 @@ class CaseFiles:
     std: Path | None = None
     mask: Path | None = None
     mr: Path | None = None
-
-
-def _names(names: Iterable[str], limit: int = 10) -> str:
-    names = sorted(names)
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
-
-
-def list_images(folder: str | Path, what: str, exclude: Iterable[Path] = ()) -> dict[str, Path]:
-    """Images in ``folder`` by name without ending (files, DICOM sub-folders); ``what`` names the folder in errors.
-
-    Sub-folders in ``exclude`` (e.g. the evaluation's own output folder) are not looked into.
-    """
-    folder = Path(folder)
-    skip = {Path(p).resolve() for p in exclude}
-    if not folder.is_dir():
-        raise ValueError(f"{what} folder {folder} not found")
-    files: dict[str, Path] = {}
-    dicoms: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith("."):
-            continue
-        if path.is_file() and file_ending(path):
-            name = strip_ending(path)
-            if name in files:
-                raise ValueError(f"{what} folder {folder}: two files for {name} ({files[name].name}, {path.name})")
-            files[name] = path
-        elif path.is_dir() and path.resolve() not in skip and is_dicom_folder(path):
-            name = path.name.removesuffix(DICOM_SUFFIX)
-            dicoms.setdefault(name, path)
-    for name, path in dicoms.items():
-        if name in files:
-            log.debug("%s: DICOM folder ignored, %s is used", path, files[name].name)
-        else:
-            files[name] = path
-    return files
 
 
 def _missing_message(no_sct: list[str], no_ct: list[str], ct_dir: Path, sct_dir: Path) -> str:
@@ -97,6 +63,10 @@ def pair_cases(ct_dir: str | Path, sct_dir: str | Path, mask_dir: str | Path | N
     predictions = list_images(sct_dir, "sCT", exclude)
     stds = {n[: -len(STD_SUFFIX)]: p for n, p in predictions.items() if n.endswith(STD_SUFFIX)}
     scts = {n: p for n, p in predictions.items() if not n.endswith(STD_SUFFIX)}
+    companions = [n for n in scts if any(n.endswith(x) and n[: -len(x)] in scts for x in COMPANION_SUFFIXES)]
+    if companions:
+        log.info("not cases (mu-maps and confidence masks beside their sCT): %s", _names(companions))
+        scts = {n: p for n, p in scts.items() if n not in companions}
     common = sorted(set(cts) & set(scts))
     no_sct, no_ct = sorted(set(cts) - set(scts)), sorted(set(scts) - set(cts))
     if no_sct or no_ct:
@@ -131,14 +101,6 @@ def pair_cases(ct_dir: str | Path, sct_dir: str | Path, mask_dir: str | Path | N
     return cases
 
 
-def describe(geometry: Geometry) -> str:
-    """Readable one-line geometry: size, spacing, origin, direction."""
-    def fmt(values: Iterable[float]) -> str:
-        return "(" + ", ".join(f"{v + 0.0:.4g}" for v in values) + ")"  # + 0.0: no "-0"
-    return (f"size {fmt(geometry.size)} spacing {fmt(geometry.spacing)} origin {fmt(geometry.origin)} "
-            f"direction {fmt(geometry.direction)}")
-
-
 def header_geometry(path: Path) -> Geometry | None:
     """Geometry from a file's header alone (None for DICOM folders and images that are not 3D)."""
     if not path.is_file():
@@ -153,10 +115,6 @@ def header_geometry(path: Path) -> Geometry | None:
         return None
     return Geometry(tuple(reader.GetSize()), tuple(reader.GetSpacing()), tuple(reader.GetOrigin()),
                     tuple(reader.GetDirection()))
-
-
-def mismatch_message(case: str, what: str, geometry: Geometry, ct: Geometry) -> str:
-    return f"case {case}: {what} {describe(geometry)} vs CT {describe(ct)}"
 
 
 def check_geometries(cases: list[CaseFiles], resample: bool) -> list[str]:
@@ -181,15 +139,3 @@ def check_geometries(cases: list[CaseFiles], resample: bool) -> list[str]:
         for message in messages:
             log.info("resampling onto the CT grid: %s", message)
     return sorted(problems)
-
-
-def on_ct_grid(image: sitk.Image, ct: sitk.Image, case: str, what: str, resample: bool,
-               interpolator: int = sitk.sitkLinear, default: float = -1024.0) -> sitk.Image:
-    """``image`` on ``ct``'s grid: as is when the geometries match, else resampled (``resample``) or a ValueError."""
-    geometry, reference = Geometry.of(image), Geometry.of(ct)
-    if geometry.is_close(reference):
-        return image
-    if not resample:
-        raise ValueError(f"{mismatch_message(case, what, geometry, reference)} (--resample resamples it onto the CT grid)")
-    pixel = sitk.sitkUInt8 if interpolator == sitk.sitkNearestNeighbor else sitk.sitkFloat32
-    return sitk.Resample(image, ct, sitk.Transform(), interpolator, default, pixel)

@@ -34,10 +34,22 @@ def mr_body_mask(mr: sitk.Image, threshold_fraction: float, closing_mm: float, k
     if keep_largest_component:
         out = largest_component(out)
     if fill_holes:
-        out = ndimage.binary_fill_holes(out)
-        for z in range(out.shape[0]):
-            out[z] = ndimage.binary_fill_holes(out[z])
+        out = fill_holes_3d_then_slices(out)
     return _mask_like(out.astype(np.uint8), mr)
+
+
+def ct_body_mask(ct: np.ndarray, threshold: float) -> np.ndarray:
+    """Body of a CT array: ct > ``threshold`` HU, largest connected component (faces), holes filled in 3D
+    then per axial slice (the default mask of ``wldm_evaluate`` and ``wldm_calibrate_std``)."""
+    return fill_holes_3d_then_slices(largest_component(np.asarray(ct > threshold)))
+
+
+def fill_holes_3d_then_slices(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with enclosed holes filled in 3D, then in each axial (first-axis) slice."""
+    out = ndimage.binary_fill_holes(mask)
+    for z in range(out.shape[0]):
+        out[z] = ndimage.binary_fill_holes(out[z])
+    return out
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:

@@ -1,0 +1,80 @@
+"""Images of a folder by case name, and one image brought onto a reference CT's grid (or refused).
+
+Shared by evaluation (``wldm_evaluate``) and the std calibration (``wldm_calibrate_std``): names
+without endings, DICOM series sub-folders as ``CASE`` (``CASE_dicom`` too, unless a file for CASE
+exists), geometry mismatches as one readable line.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from wldm_auto.io.geometry import Geometry
+from wldm_auto.io.images import file_ending, is_dicom_folder, strip_ending
+
+log = logging.getLogger(__name__)
+
+DICOM_SUFFIX = "_dicom"
+
+
+def short_list(names: Iterable[str], limit: int = 10) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def list_images(folder: str | Path, what: str, exclude: Iterable[Path] = ()) -> dict[str, Path]:
+    """Images in ``folder`` by name without ending (files, DICOM sub-folders); ``what`` names the folder in errors.
+
+    Sub-folders in ``exclude`` (e.g. the evaluation's own output folder) are not looked into.
+    """
+    folder = Path(folder)
+    skip = {Path(p).resolve() for p in exclude}
+    if not folder.is_dir():
+        raise ValueError(f"{what} folder {folder} not found")
+    files: dict[str, Path] = {}
+    dicoms: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_file() and file_ending(path):
+            name = strip_ending(path)
+            if name in files:
+                raise ValueError(f"{what} folder {folder}: two files for {name} ({files[name].name}, {path.name})")
+            files[name] = path
+        elif path.is_dir() and path.resolve() not in skip and is_dicom_folder(path):
+            name = path.name.removesuffix(DICOM_SUFFIX)
+            dicoms.setdefault(name, path)
+    for name, path in dicoms.items():
+        if name in files:
+            log.debug("%s: DICOM folder ignored, %s is used", path, files[name].name)
+        else:
+            files[name] = path
+    return files
+
+
+def describe(geometry: Geometry) -> str:
+    """Readable one-line geometry: size, spacing, origin, direction."""
+    def fmt(values: Iterable[float]) -> str:
+        return "(" + ", ".join(f"{v + 0.0:.4g}" for v in values) + ")"  # + 0.0: no "-0"
+    return (f"size {fmt(geometry.size)} spacing {fmt(geometry.spacing)} origin {fmt(geometry.origin)} "
+            f"direction {fmt(geometry.direction)}")
+
+
+def mismatch_message(case: str, what: str, geometry: Geometry, ct: Geometry) -> str:
+    return f"case {case}: {what} {describe(geometry)} vs CT {describe(ct)}"
+
+
+def on_ct_grid(image: sitk.Image, ct: sitk.Image, case: str, what: str, resample: bool,
+               interpolator: int = sitk.sitkLinear, default: float = -1024.0) -> sitk.Image:
+    """``image`` on ``ct``'s grid: as is when the geometries match, else resampled (``resample``) or a ValueError."""
+    geometry, reference = Geometry.of(image), Geometry.of(ct)
+    if geometry.is_close(reference):
+        return image
+    if not resample:
+        raise ValueError(f"{mismatch_message(case, what, geometry, reference)} (--resample resamples it onto the CT grid)")
+    pixel = sitk.sitkUInt8 if interpolator == sitk.sitkNearestNeighbor else sitk.sitkFloat32
+    return sitk.Resample(image, ct, sitk.Transform(), interpolator, default, pixel)
