@@ -39,6 +39,7 @@ setup(
             "wldm_export_model=wldm_auto.cli.model_archive:main_export",
             "wldm_install_model=wldm_auto.cli.model_archive:main_install",
             "wldm_evaluate=wldm_auto.cli.evaluate:main",
+            "wldm_calibrate_std=wldm_auto.cli.calibrate:main",
         ]
     },
 )

@@ -206,3 +206,18 @@ def test_unusable_inputs_give_one_line_errors(trained, archive, tmp_path, capsys
     assert "a 'vae' checkpoint" in capsys.readouterr().err and not (tmp_path / "vae.zip").exists()
     assert main_export(["-m", str(trained["model"]), "-o", str(archive)]) == 1
     assert "use --overwrite" in capsys.readouterr().err
+
+
+def test_std_scale_travels_with_the_model(trained, tmp_path, monkeypatch):
+    """A fitted std scale (wldm_calibrate_std) is packed when present and installed beside the checkpoints."""
+    model = tmp_path / trained["model"].parent.name / trained["model"].name
+    shutil.copytree(trained["model"], model)
+    (model / "std_scale.json").write_text(json.dumps({"scale": 1.7, "method": "test"}))
+    path = tmp_path / "calibrated.zip"
+    assert main_export(["-m", str(model), "-o", str(path), "-f", "0"]) == 0
+    with zipfile.ZipFile(path) as zf:
+        assert "std_scale.json" in json.loads(zf.read("manifest.json"))["files"]
+    monkeypatch.setenv("wldm_results", str(tmp_path / "results"))
+    assert main_install([str(path)]) == 0
+    installed = tmp_path / "results" / model.parent.name / model.name / "std_scale.json"
+    assert json.loads(installed.read_text())["scale"] == 1.7

@@ -21,8 +21,14 @@ non-empty subset of them (e.g. only CASE_0001): the log says which were used and
 which were missing; a channel the model never saw fails that case, naming it. Output per case: CASE<ending> (int16 HU, exactly the
 input MR's size, spacing, origin and direction; outside the body -1024), with
 --save-std CASE_std<ending> (voxel-wise standard deviation over samples and folds,
-HU), with --mumap CASE_mumap<ending> (float32 attenuation map for PET/MR, cm^-1 at
-511 keV, from the sCT by the bilinear HU-to-mu conversion of Carney et al. 2006,
+HU; multiplied by the model's std scale when the model folder holds std_scale.json
+from wldm_calibrate_std, --no-std-scale ignores it), with --confidence-hu H
+CASE_confidence<ending> (uint8 on the sCT's grid: 1 inside the body where
+2 * std < H HU, i.e. voxels whose sCT is within about H HU at ~95 % when the std
+is calibrated; 0 where 2 * std >= H and everywhere outside the body, where the sCT
+is air by construction; needs a std map: several samples of a diffusion model or
+several folds, checked before any case is predicted), with --mumap
+CASE_mumap<ending> (float32 attenuation map for PET/MR, cm^-1 at 511 keV, from the sCT by the bilinear HU-to-mu conversion of Carney et al. 2006,
 Med Phys 33:976, with the kVp and coefficients of the plan's mu_map section:
 120 kVp unless the plan says otherwise; air 0, water 0.096), with --dicom-out a
 CT DICOM series CASE_dicom/ (ImageType DERIVED\\SECONDARY, a series description
@@ -96,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="the networks' autocast dtype (blending and DDIM steps stay float32; default: the "
                              "plan's inference.precision, float32; bfloat16 on a GPU without it: float16)")
     parser.add_argument("--save-std", action="store_true", help="write CASE_std: standard deviation over samples (HU)")
+    parser.add_argument("--no-std-scale", action="store_true",
+                        help="ignore the model folder's std_scale.json (wldm_calibrate_std): raw std over the draws")
+    parser.add_argument("--confidence-hu", type=float, metavar="H",
+                        help="also write CASE_confidence: uint8, 1 inside the body where 2 * std < H HU (H > 0; "
+                             "needs several samples or folds)")
     parser.add_argument("--dicom-out", action="store_true",
                         help="also write a CT DICOM series per case (CASE_dicom/; joins a DICOM MR's study)")
     parser.add_argument("--mumap", action="store_true",
@@ -115,11 +126,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def action() -> int:
         from wldm_auto.inference.inputs import check_input_folder
-        from wldm_auto.inference.predictor import load_model, predict_folder, prepare_prediction, resolve_device
+        from wldm_auto.inference.calibration import check_confidence_hu
+        from wldm_auto.inference.predictor import (check_confidence, load_model, plan_samples, predict_folder,
+                                                   prepare_prediction, resolve_device)
         from wldm_auto.inference.sharding import start_ranks
 
         if (args.samples is not None and args.samples < 1) or (args.steps is not None and args.steps < 1):
             raise ValueError("--samples and --steps must be at least 1")
+        check_confidence_hu(args.confidence_hu, "--confidence-hu")
         device = resolve_device(args.device, "--device")
         check_input_folder(args.input)
         ranks, device = start_ranks(device, args.split_case, args.num_parts, args.part_id)
@@ -130,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
 
             name = resolve_dataset_name(args.dataset, (RESULTS,))
             model = results_root() / name / model_folder_name(args.trainer, args.plans, args.configuration)
-        folds = load_model(model, args.folds, device, args.overlap, args.checkpoint, precision=args.precision)
+        folds = load_model(model, args.folds, device, args.overlap, args.checkpoint, precision=args.precision,
+                           std_scale=not args.no_std_scale)
+        check_confidence(folds, plan_samples(folds, args.samples), args.confidence_hu, "--confidence-hu")
         ranks.spread(folds)
         cases = prepare_prediction(args.input, args.output, args.resume, args.overwrite, args.file_ending,
                                    *ranks.share)
@@ -141,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             if ranks.writes:
                 outcomes = predict_folder(args.input, args.output, folds, args.steps, args.samples, args.seed,
                                           args.eta, args.save_std, args.resume, args.overwrite, args.file_ending,
-                                          args.dicom_out, cases=cases, mumap=args.mumap, announce=ranks.announce)
+                                          args.dicom_out, cases=cases, mumap=args.mumap, announce=ranks.announce,
+                                          confidence_hu=args.confidence_hu)
             else:  # --split-case, ranks > 0: compute with rank 0, which writes
                 outcomes = ranks.follow(folds, cases, args.output, args.steps, args.samples, args.seed, args.eta,
                                         args.file_ending)

@@ -8,6 +8,12 @@
     result = predictor.predict(sitk.ReadImage("mr.nii.gz"), steps=50, samples=5)
     result.sct   # SimpleITK int16 HU image, exactly the MR's size, spacing, origin and direction
     result.std   # float32 HU standard deviation over samples/folds, or None with one draw
+    result = predictor.predict(mr, steps=50, samples=5, confidence_hu=100)
+    result.confidence  # uint8: 1 inside the body where 2 * std < 100 HU
+
+When the model folder holds ``std_scale.json`` (``wldm_calibrate_std``) every
+std is multiplied by its scale (``result.std_scale`` says by what;
+``from_model_folder(..., std_scale=False)`` ignores the file).
 
 Each call runs :func:`wldm_auto.inference.predictor.synthesize`, the same
 per-case code ``wldm_predict`` runs, so with the same model, seed, steps and
@@ -25,8 +31,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from wldm_auto.inference.predictor import (CHECKPOINT, LoadedFold, channel_flags, load_model,
-                                           resolve_device, synthesize)
+from wldm_auto.inference.predictor import (CHECKPOINT, LoadedFold, channel_flags, check_std_scale_settings,
+                                           load_model, plan_samples, resolve_device, synthesize)
 from wldm_auto.io.images import check_image, read_image
 
 log = logging.getLogger(__name__)
@@ -40,7 +46,9 @@ class Prediction:
     """The sCT of one MR, in the MR's exact geometry."""
 
     sct: sitk.Image  # int16 HU, -1024 outside the body
-    std: sitk.Image | None  # float32 HU over samples x folds; None when there was one draw
+    std: sitk.Image | None  # float32 HU over samples x folds (times std_scale); None when there was one draw
+    confidence: sitk.Image | None = None  # uint8, 1 inside the body where 2 * std < confidence_hu (when asked)
+    std_scale: float = 1.0  # factor applied to std (the model folder's std_scale.json; 1.0 without one)
 
 
 class Predictor:
@@ -52,11 +60,13 @@ class Predictor:
         self.folds = folds
         self.device = device
         self.progress = progress
+        self._checked_samples: set[int] = set()  # sample counts already checked against the std scale's
 
     @classmethod
     def from_model_folder(cls, path: str | os.PathLike, folds: Sequence[int] | None = (0,), device: str = "cuda",
                           checkpoint: str = CHECKPOINT, overlap: float | None = None,
-                          progress: bool = True, precision: str | None = None) -> "Predictor":
+                          progress: bool = True, precision: str | None = None,
+                          std_scale: bool = True) -> "Predictor":
         """Load ``<Trainer>__<plans>__<config>/fold_F/checkpoint`` for each fold in ``folds``; ``path`` may
         also be a model zip (``wldm_export_model``: hashes checked, unpacked to a temporary folder).
 
@@ -65,11 +75,17 @@ class Predictor:
         ``progress``: show a progress bar while sampling. ``precision``: the networks' autocast dtype,
         "float32", "bfloat16" or "float16" (None: the plan's ``inference.precision``, float32 unless edited);
         tile blending and DDIM steps stay float32 (``wldm_predict --precision``; bfloat16 on a GPU
-        without it runs float16).
+        without it runs float16). ``std_scale``: multiply std maps by the scale in the model folder's
+        ``std_scale.json`` when it has one (False: ignore it, ``wldm_predict --no-std-scale``).
         """
         resolved = resolve_device(device)
         return cls(load_model(Path(path), list(folds) if folds is not None else None, resolved, overlap, checkpoint,
-                              precision=precision), resolved, progress)
+                              precision=precision, std_scale=std_scale), resolved, progress)
+
+    @property
+    def std_scale(self) -> float:
+        """The factor std maps are multiplied by (the model's ``std_scale.json``; 1.0 without one or ignored)."""
+        return self.folds[0].std_scale
 
     @property
     def mr_channels(self) -> int:
@@ -84,7 +100,8 @@ class Predictor:
 
     def predict(self, image: MRInput, steps: int | None = None, samples: int | None = None, seed: int = 0,
                 eta: float | None = None, *, spacing: Sequence[float] | None = None,
-                origin: Sequence[float] | None = None, direction: Sequence[float] | None = None) -> Prediction:
+                origin: Sequence[float] | None = None, direction: Sequence[float] | None = None,
+                confidence_hu: float | None = None) -> Prediction:
         """sCT (and std with more than one draw) for one MR; nothing is written to disk.
 
         ``image``: a ``SimpleITK.Image``, a path (image file or DICOM series
@@ -96,14 +113,21 @@ class Predictor:
         ``steps``/``samples``/``eta`` None: the plan's (``inference.ddim_steps``,
         ``inference.samples``, ``inference.ddim_eta``). Draws: ``samples`` per diffusion fold,
         one per regression fold; seeds ``seed + 1000 * fold position``.
+        ``confidence_hu`` (HU > 0): also the confidence mask, 1 inside the body where
+        2 * std < ``confidence_hu`` (needs several draws: a ValueError otherwise).
         One-line ValueError for input that cannot be used.
         """
         images, labels = self._channels(image, spacing, origin, direction)
         first = self.folds[0]
         present, available = channel_flags("image", labels, first, first.plans.configuration(first.configuration))
+        planned = plan_samples(self.folds, samples)
+        if planned >= 1 and planned not in self._checked_samples:  # warn once per sample count, not once per image
+            self._checked_samples.add(planned)
+            check_std_scale_settings(self.folds, planned)
         result = synthesize(self.folds, {c: images[c] for c in present}, available, steps, samples, seed, eta,
-                            want_std=True, names=[labels[c] for c in present], progress=self.progress)
-        return Prediction(result.sct, result.std)
+                            want_std=True, names=[labels[c] for c in present], progress=self.progress,
+                            confidence_hu=confidence_hu)
+        return Prediction(result.sct, result.std, result.confidence, result.std_scale)
 
     def _channels(self, image: MRInput, spacing: Sequence[float] | None, origin: Sequence[float] | None,
                   direction: Sequence[float] | None) -> tuple[dict[int, sitk.Image], dict[int, str]]:

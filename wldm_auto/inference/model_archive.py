@@ -46,6 +46,7 @@ FORMAT = "wldm_auto model archive"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json")
+OPTIONAL_FILES = ("std_scale.json",)  # packed when present (wldm_calibrate_std), silently absent otherwise
 CHECKPOINT = "checkpoint_final.pt"
 MAX_MANIFEST_BYTES = 4 << 20
 _SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
@@ -105,6 +106,7 @@ def _model_files(model_folder: Path, folds: Sequence[int] | None, checkpoint: st
             files.append(name)
         else:
             log.warning("%s: no %s; exported without it", model_folder, name)
+    files += [name for name in OPTIONAL_FILES if (model_folder / name).is_file()]
     for fold in chosen:
         path = model_folder / f"fold_{fold}" / checkpoint
         if not path.is_file():

@@ -5,7 +5,10 @@ in training, sample the CT latent for the whole volume (see
 ``models/latent.py``) once per fold and sample, average to HU, put the
 result back onto the input MR's exact grid, set everything outside the body
 to air (-1024) and write int16. With ``samples * folds > 1`` and
-``save_std`` the voxel-wise standard deviation (HU) is written beside it.
+``save_std`` the voxel-wise standard deviation (HU) is written beside it,
+multiplied by the model's std scale when its folder holds ``std_scale.json``
+(``wldm_calibrate_std``, ``inference/calibration.py``); with ``confidence_hu``
+``CASE_confidence`` marks the voxels inside the body whose 2 * std is below it.
 Regression-baseline folds (``RegressionTrainer``) are deterministic: one
 tiled U-Net pass each, so only several folds give a standard deviation.
 
@@ -21,13 +24,15 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
 from wldm_auto.inference.attenuation import mu_map
+from wldm_auto.inference.calibration import (STD_SCALE_FILE, check_confidence_hu, confidence_mask, describe_record,
+                                             read_std_scale_record, scale_std)
 from wldm_auto.inference.export import AIR_HU, hu_int16, to_input_grid, write_dicom_series
 from wldm_auto.inference.inputs import InputCase, check_output_folder, find_cases, input_files, select_part
 from wldm_auto.inference.model_archive import extracted_model, is_model_archive
@@ -58,6 +63,8 @@ class LoadedFold:
     checkpoint: Path
     trainer: str = ""  # the trainer that wrote the checkpoint
     sha256: str = ""  # of the checkpoint file (names the model in DICOM output)
+    std_scale: float = 1.0  # the model folder's std_scale.json (1.0: none, or ignored)
+    std_scale_record: dict[str, Any] | None = None  # that file's content
 
 
 @dataclass
@@ -135,18 +142,22 @@ def load_fold(folder: Path, device: torch.device, overlap: float | None = None, 
 
 def load_model(model_folder: Path, folds: Sequence[int] | None, device: torch.device,
                overlap: float | None = None, checkpoint: str = CHECKPOINT,
-               inference: InferencePlan | None = None, precision: str | None = None) -> list[LoadedFold]:
+               inference: InferencePlan | None = None, precision: str | None = None,
+               std_scale: bool = True) -> list[LoadedFold]:
     """The requested folds of a model folder or model zip (``inference``, ``precision``: see load_fold).
 
     Default: every ``fold_*`` folder holding ``checkpoint``; folders without one
     (training unfinished or failed) are skipped with a warning. Requested folds must have it.
-    A zip (``wldm_export_model``) is checked and unpacked into a temporary folder, removed once loaded."""
+    A zip (``wldm_export_model``) is checked and unpacked into a temporary folder, removed once loaded.
+    ``std_scale``: multiply std maps by the scale in the folder's ``std_scale.json`` when there is one
+    (False: ignore it, e.g. to measure the calibration); a malformed file is a ValueError naming it."""
     model_folder = Path(model_folder)
     if is_model_archive(model_folder):
         with extracted_model(model_folder) as folder:
-            return load_model(folder, folds, device, overlap, checkpoint, inference, precision)
+            return load_model(folder, folds, device, overlap, checkpoint, inference, precision, std_scale)
     if not model_folder.is_dir():
         raise ValueError(f"{model_folder}: model folder not found")
+    record = read_std_scale_record(model_folder) if std_scale else None  # before the slow part: fail fast
     names = [f"fold_{f}" for f in folds] if folds else sorted(p.name for p in model_folder.glob("fold_*") if p.is_dir())
     if not names:
         raise ValueError(f"{model_folder}: holds no fold_* folder")
@@ -163,7 +174,30 @@ def load_model(model_folder: Path, folds: Sequence[int] | None, device: torch.de
     for other in loaded[1:]:
         if other.plans.preprocessing != first.plans.preprocessing or other.mr_channels != first.mr_channels:
             raise ValueError(f"{other.checkpoint}: preprocessing differs from {first.checkpoint}; cannot ensemble")
+    if record is not None:
+        for fold in loaded:
+            fold.std_scale, fold.std_scale_record = float(record["scale"]), record
+        about = "; ".join(filter(None, (describe_record(record), "--no-std-scale / std_scale=False ignores it")))
+        log.info("%s: std maps multiplied by %.4g (%s)", model_folder / STD_SCALE_FILE, record["scale"], about)
+    elif not std_scale and (model_folder / STD_SCALE_FILE).is_file():
+        log.info("%s: ignored (std maps not rescaled)", model_folder / STD_SCALE_FILE)
     return loaded
+
+
+def check_std_scale_settings(folds: Sequence[LoadedFold], samples: int) -> None:
+    """Warn when the std scale was fitted with another number of samples or folds than this run uses."""
+    record = folds[0].std_scale_record
+    if record is None:
+        return
+    fitted, used = record.get("samples"), samples if any(f.synthesizer.is_stochastic for f in folds) else None
+    if isinstance(fitted, int) and used is not None and fitted != used:
+        log.warning("the std scale %.4g was fitted on predictions with %d sample(s); this run draws %d: the "
+                    "spread of another number of samples has other units, so the scaled std may be off",
+                    folds[0].std_scale, fitted, used)
+    fitted_folds = record.get("folds")
+    if isinstance(fitted_folds, list) and len(fitted_folds) != len(folds):
+        log.warning("the std scale %.4g was fitted with %d fold(s); this run ensembles %d",
+                    folds[0].std_scale, len(fitted_folds), len(folds))
 
 
 def output_paths(case: InputCase, output: Path, ending: str | None) -> tuple[Path, Path]:
@@ -177,6 +211,12 @@ def mumap_path(case: InputCase, output: Path, ending: str | None) -> Path:
     """``CASE_mumap<ending>``: the attenuation map written with ``mumap``."""
     sct = output_paths(case, output, ending)[0]
     return output / f"{case.name}_mumap{sct.name[len(case.name):]}"
+
+
+def confidence_path(case: InputCase, output: Path, ending: str | None) -> Path:
+    """``CASE_confidence<ending>``: the uint8 mask of trusted voxels written with ``confidence_hu``."""
+    sct = output_paths(case, output, ending)[0]
+    return output / f"{case.name}_confidence{sct.name[len(case.name):]}"
 
 
 def dicom_labels(folds: Sequence[LoadedFold], draws: int, seed: int) -> tuple[str, str, list[str]]:
@@ -239,7 +279,7 @@ def check_case(folds: list[LoadedFold], case: InputCase, output: Path, ending: s
     first = folds[0]
     present, available = usable_channels(case, first, first.plans.configuration(first.configuration))
     _refuse_inputs([*output_paths(case, output, ending), output / f"{case.name}_dicom",
-                    mumap_path(case, output, ending)], protected)
+                    mumap_path(case, output, ending), confidence_path(case, output, ending)], protected)
     return present, available
 
 
@@ -267,9 +307,32 @@ class Synthesis:
     """What :func:`synthesize` returns: images on the first given MR channel's grid, nothing written."""
 
     sct: sitk.Image  # int16 HU, -1024 outside the body
-    std: sitk.Image | None  # float32 HU over all draws; None with one draw or when not asked for
+    std: sitk.Image | None  # float32 HU over all draws (times std_scale); None with one draw or when not asked for
     draws: int  # samples x folds actually drawn (a deterministic fold counts once)
     phases: dict[str, float] = field(default_factory=dict)  # seconds: mask, preprocess, encode, sample, ...
+    body: sitk.Image | None = None  # uint8 body mask the sCT was cut with (1 inside; the sCT is air outside)
+    confidence: sitk.Image | None = None  # uint8: 1 inside the body where 2 * std < confidence_hu (if asked)
+    std_scale: float = 1.0  # the factor applied to ``std`` (the model's std_scale.json; 1.0 without one)
+
+
+def spread_possible(folds: Sequence[LoadedFold], samples: int) -> bool:
+    """Whether these folds with ``samples`` samples per fold make more than one distinct draw (a std map)."""
+    deterministic = not any(f.synthesizer.is_stochastic for f in folds)
+    return len(folds) > 1 or (samples > 1 and not deterministic)
+
+
+def check_confidence(folds: Sequence[LoadedFold], samples: int, confidence_hu: float | None,
+                     option: str = "confidence_hu") -> float | None:
+    """``confidence_hu`` checked (> 0) and usable with these settings: ValueError (naming ``option``)
+    when no std map would be made (one fold drawn once, or a deterministic model with one fold)."""
+    confidence_hu = check_confidence_hu(confidence_hu, option)
+    if confidence_hu is not None and not spread_possible(folds, samples):
+        deterministic = not any(f.synthesizer.is_stochastic for f in folds)
+        how = ("a deterministic regression model with one fold" if deterministic
+               else f"one fold and {samples} sample")
+        raise ValueError(f"{option} needs a std map, i.e. several draws, but {how} gives one "
+                         f"(use several folds{'' if deterministic else ' or more than one sample (--samples N)'})")
+    return confidence_hu
 
 
 def plan_samples(folds: Sequence[LoadedFold], samples: int | None = None) -> int:
@@ -283,7 +346,7 @@ def plan_samples(folds: Sequence[LoadedFold], samples: int | None = None) -> int
 def synthesize(
     folds: list[LoadedFold], images: Mapping[int, sitk.Image], available: torch.Tensor | None,
     steps: int | None = None, samples: int | None = None, seed: int = 0, eta: float | None = None, want_std: bool = True,
-    names: Sequence[str] | None = None, progress: bool = True,
+    names: Sequence[str] | None = None, progress: bool = True, confidence_hu: float | None = None,
 ) -> Synthesis:
     """sCT (and std) for one case's MR channels: the per-image code both ``wldm_predict`` and
     :class:`~wldm_auto.inference.api.Predictor` run, so the two give identical voxels.
@@ -291,10 +354,13 @@ def synthesize(
     ``images``: channel index -> float32 3D image of the channels present (sorted, one
     grid); ``available``: from :func:`channel_flags`; ``steps``/``samples``/``eta`` None: the plan's.
     The result has the first channel's exact geometry. CaseError/ValueError for unusable input.
+    The std is multiplied by the folds' ``std_scale``; ``confidence_hu`` (HU > 0): also the
+    confidence mask (:func:`~wldm_auto.inference.calibration.confidence_mask`), which needs several draws.
     """
     samples = plan_samples(folds, samples)
     if samples < 1 or (steps is not None and steps < 1):
         raise ValueError(f"samples ({samples}) and steps ({steps}) must be at least 1")
+    confidence_hu = check_confidence(folds, samples, confidence_hu)
     first = folds[0]
     plans, config = first.plans, first.plans.configuration(first.configuration)
     present = sorted(images)
@@ -311,7 +377,7 @@ def synthesize(
     window = tuple(plans.preprocessing.ct_window)
     steps = steps or config.inference.ddim_steps
     eta = config.inference.ddim_eta if eta is None else eta
-    draws = []
+    draws, centres = [], []
     for k, fold in enumerate(folds):
         generator = torch.Generator(device="cpu").manual_seed(seed + 1000 * k)
         count = samples if fold.synthesizer.is_stochastic else 1  # repeats add nothing
@@ -322,28 +388,44 @@ def synthesize(
             with phases("synthesizer") if not timed else nullcontext():
                 normalised = fold.synthesizer.sample(mr, steps, eta, count, generator, progress=progress,
                                                      available=available)
+                estimate = getattr(fold.synthesizer, "mean_estimate", None)  # plan sct_estimate posterior_mean
+                # its own generator: the same estimate whatever the number of samples drawn before it
+                centre = None if estimate is None else estimate(
+                    mr, torch.Generator(device="cpu").manual_seed(seed + 1000 * k), available)
         finally:
             if timed:
                 fold.synthesizer.phases = None
         with phases("denormalise"):
             draws.append(denormalise_ct(normalised.clamp(-1, 1).cpu().numpy(), window))
+            centres.append(None if centre is None else denormalise_ct(centre.clamp(-1, 1).cpu().numpy(), window))
     with phases("resample_back"):  # to the input grid, air outside the body
         stack = np.concatenate(draws)
-        sct = hu_int16(to_input_grid(stack.mean(0), pre.properties, chosen[0], body, AIR_HU,
+        if all(c is None for c in centres):  # the sCT is the mean of every draw
+            mean = stack.mean(0)
+        else:  # per fold its posterior-mean estimate (or its draws' mean), then the folds' mean
+            mean = np.mean([d.mean(0) if c is None else c for d, c in zip(draws, centres)], axis=0)
+        sct = hu_int16(to_input_grid(mean, pre.properties, chosen[0], body, AIR_HU,
                                      config.inference.export_interpolation), window)
         # the spread linearly: a cubic spline can undershoot below 0
-        std = to_input_grid(stack.std(0), pre.properties, chosen[0], body, 0.0) if want_std and len(stack) > 1 else None
-    return Synthesis(sct, std, len(stack), phases.seconds)
+        spread = (want_std or confidence_hu is not None) and len(stack) > 1
+        std = to_input_grid(stack.std(0), pre.properties, chosen[0], body, 0.0) if spread else None
+    scale = first.std_scale
+    if std is not None:
+        std = scale_std(std, scale)
+    confidence = confidence_mask(std, body, confidence_hu) if confidence_hu is not None and std is not None else None
+    return Synthesis(sct, std, len(stack), phases.seconds, body, confidence, scale if std is not None else 1.0)
 
 
 def predict_case(
     folds: list[LoadedFold], case: InputCase, output: Path, steps: int | None = None, samples: int | None = None,
     seed: int = 0, eta: float | None = None, save_std: bool = False, ending: str | None = None,
     dicom_out: bool = False, protected: set[Path] | None = None, mumap: bool = False,
+    confidence_hu: float | None = None,
 ) -> PredictionOutcome:
     """Predict one case (read, :func:`synthesize`, write); raises ImageReadError/CaseError/ValueError for
     inputs that cannot be used. ``mumap``: also write ``CASE_mumap`` (cm^-1 at 511 keV, plan ``mu_map``);
-    ``dicom_out`` from a DICOM MR: the series joins the MR's patient, study and frame of reference.
+    ``dicom_out`` from a DICOM MR: the series joins the MR's patient, study and frame of reference;
+    ``confidence_hu``: also write ``CASE_confidence`` (uint8, 1 inside the body where 2 * std < it).
 
     A failed write (full disk) raises an OSError naming the file; the outputs
     this call already wrote for the case are removed. ``protected``: resolved
@@ -355,18 +437,19 @@ def predict_case(
     sct_path, std_path = output_paths(case, output, ending)
     dicom_folder = output / f"{case.name}_dicom"
     mumap_file = mumap_path(case, output, ending)
+    confidence_file = confidence_path(case, output, ending)
     phases = Phases()
     with phases("read"):
         images = {c: read_image(p, sitk.sitkFloat32) for c, p in zip(present, paths)}
     result = synthesize(folds, images, available, steps, samples, seed, eta, want_std=save_std,
-                        names=[str(p) for p in paths])
+                        names=[str(p) for p in paths], confidence_hu=confidence_hu)
     phases.update(result.phases)
     outputs: list[Path] = []
     with phases("write"):
         try:
             write_image(result.sct, sct_path)
             outputs.append(sct_path)
-            if result.std is not None:
+            if result.std is not None and save_std:
                 write_image(result.std, std_path)
                 outputs.append(std_path)
             elif save_std:
@@ -374,6 +457,9 @@ def predict_case(
                 reason = "a deterministic regression model with one fold" if deterministic else "one fold and one sample"
                 log.info("%s: std map not written: %s gives no spread (use several folds%s)", case.name, reason,
                          "" if deterministic else " or --samples")
+            if result.confidence is not None:
+                write_image(result.confidence, confidence_file)
+                outputs.append(confidence_file)
             if mumap:
                 write_image(mu_map(result.sct, folds[0].plans.mu_map), mumap_file)
                 outputs.append(mumap_file)
@@ -391,14 +477,11 @@ def predict_case(
 
 def expects_std(folds: list[LoadedFold], samples: int, save_std: bool) -> bool:
     """Whether ``predict_case`` writes a std map with these settings (more than one draw)."""
-    if not save_std:
-        return False
-    deterministic = not any(f.synthesizer.is_stochastic for f in folds)
-    return len(folds) > 1 or (samples > 1 and not deterministic)
+    return save_std and spread_possible(folds, samples)
 
 
 def incomplete_outputs(case: InputCase, output: Path, ending: str | None, std: bool = False,
-                       dicom_out: bool = False, mumap: bool = False) -> str | None:
+                       dicom_out: bool = False, mumap: bool = False, confidence: bool = False) -> str | None:
     """Why the existing outputs of ``case`` cannot be trusted (missing, truncated, unreadable), or None.
 
     Each image is read back fully (``read_image`` checks the voxel payload
@@ -406,7 +489,8 @@ def incomplete_outputs(case: InputCase, output: Path, ending: str | None, std: b
     does not count as finished.
     """
     sct_path, std_path = output_paths(case, output, ending)
-    for path, needed in ((sct_path, True), (std_path, std), (mumap_path(case, output, ending), mumap)):
+    for path, needed in ((sct_path, True), (std_path, std), (mumap_path(case, output, ending), mumap),
+                         (confidence_path(case, output, ending), confidence)):
         if not needed:
             continue
         if not path.exists():
@@ -448,7 +532,7 @@ def predict_folder(
     seed: int = 0, eta: float | None = None, save_std: bool = False, resume: bool = False, overwrite: bool = False,
     ending: str | None = None, dicom_out: bool = False, cases: list[InputCase] | None = None,
     part_id: int = 0, num_parts: int = 1, announce: Callable[[InputCase, str], None] | None = None,
-    mumap: bool = False,
+    mumap: bool = False, confidence_hu: float | None = None,
 ) -> list[PredictionOutcome]:
     """Predict every case of ``input_dir`` (or its share ``part_id`` of ``num_parts``); failing cases are
     reported, the others still run.
@@ -456,23 +540,28 @@ def predict_folder(
     ``cases``: those :func:`prepare_prediction` returned (else it is called
     here). With ``resume`` a case is skipped only when its outputs read back
     completely. A full disk fails the case being written and every case
-    after it (they could not be written either). ``announce(case, decision)``
+    after it (they could not be written either). ``confidence_hu``: see :func:`predict_case`; a
+    ValueError before any case when no std map would be made. ``announce(case, decision)``
     hears, before each case, "predict", "skip" or "stop" (a ``--split-case``
     run tells its other ranks, see ``inference/sharding.py``).
     """
     output_dir = Path(output_dir)
+    samples = plan_samples(folds, samples)
+    confidence_hu = check_confidence(folds, samples, confidence_hu)
     if cases is None:
         cases = prepare_prediction(input_dir, output_dir, resume, overwrite, ending, part_id, num_parts)
     output_dir.mkdir(parents=True, exist_ok=True)
     protected = input_files(cases)
-    samples = plan_samples(folds, samples)
     want_std = expects_std(folds, samples, save_std)
+    if want_std or confidence_hu is not None:
+        check_std_scale_settings(folds, samples)
     outcomes = []
     disk_full: str | None = None
     for index, case in enumerate(cases, 1):
         decision, problem = ("stop" if disk_full is not None else "predict"), None
         if decision == "predict" and resume and output_paths(case, output_dir, ending)[0].exists():
-            problem = incomplete_outputs(case, output_dir, ending, want_std, dicom_out, mumap)
+            problem = incomplete_outputs(case, output_dir, ending, want_std, dicom_out, mumap,
+                                         confidence_hu is not None)
             decision = "skip" if problem is None else "predict"
         if announce is not None:
             announce(case, decision)
@@ -487,7 +576,7 @@ def predict_folder(
         log.info("case %d/%d: %s", index, len(cases), case.name)
         try:
             outcome = predict_case(folds, case, output_dir, steps, samples, seed, eta, save_std, ending, dicom_out,
-                                   protected, mumap)
+                                   protected, mumap, confidence_hu)
             log.info("%s: done in %.1f s -> %s", case.name, outcome.seconds, outcome.outputs[0])
         except (ImageReadError, CaseError, ValueError, OSError) as exc:
             outcome = PredictionOutcome(case.name, "failed", str(exc))
