@@ -155,6 +155,8 @@ def tiny_copy(preprocessed_small: "PreprocessedSmall", tmp_path: Path, monkeypat
     config["diffusion"].update(TINY_DIFFUSION, training=dict(config["diffusion"]["training"], **TINY_VAE["training"]))
     config["wavelet_diffusion"].update(TINY_WAVELET, training=dict(config["wavelet_diffusion"]["training"],
                                                                    **TINY_VAE["training"]))
+    config["residual_diffusion"].update(TINY_WAVELET, training=dict(config["residual_diffusion"]["training"],
+                                                                    **TINY_VAE["training"]))
     config["regression"].update(TINY_REGRESSION,
                                 training=dict(config["regression"]["training"], **TINY_VAE["training"]))
     config["inference"]["ddim_steps"] = 4

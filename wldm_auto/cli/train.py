@@ -17,6 +17,9 @@ Train a stage of the model for one cross-validation fold.
                                      WDM-style alternative: diffusion on fixed Haar sub-bands
                                      (plan section wavelet_diffusion; no VAE needed, no DSCA)
   wldm_train 001 regression -f 0     baseline: plain 3D U-Net, masked L1 (fast; no VAE needed)
+  wldm_train 001 residual_diffusion -f 0
+                                     beyond the paper: diffusion of the residual CT - regression sCT,
+                                     on the fold's trained regression U-Net (train that first)
   torchrun --nproc_per_node 4 -m wldm_auto.cli.train 001 vae -f 0
                                      the same on 4 GPUs (DistributedDataParallel)
 
@@ -83,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the networks")
     parser.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on GPU)")
     parser.add_argument("--vae-trainer", help="stage 2: take the VAE of this stage-1 trainer (default VAETrainer)")
+    parser.add_argument("--prior-trainer",
+                        help="residual_diffusion: the regression trainer whose U-Net is the prior (default "
+                             "RegressionTrainer)")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         options = TrainerOptions(device=args.device, seed=args.seed, num_steps=args.steps, num_epochs=args.epochs,
                                  steps_per_epoch=args.steps_per_epoch, num_workers=args.num_workers,
                                  compile=args.compile, deterministic=args.deterministic,
-                                 vae_trainer=args.vae_trainer)
+                                 vae_trainer=args.vae_trainer, prior_trainer=args.prior_trainer)
         path = run_training(args.dataset, args.stage, args.fold, args.trainer, args.configuration, args.resume, options)
         print(f"training stopped at {path}")
         return 0

@@ -16,6 +16,7 @@ from wldm_auto.diffusion.schedule import NoiseSchedule
 from wldm_auto.models.latent import LatentSynthesizer
 from wldm_auto.models.precision import autocast_dtype
 from wldm_auto.models.regression import RegressionSynthesizer
+from wldm_auto.models.residual import ResidualSynthesizer
 from wldm_auto.networks.diffusion_unet import DiffusionUNet
 from wldm_auto.networks.discriminator import PatchDiscriminator3D
 from wldm_auto.networks.haar import HaarFirstStage
@@ -75,6 +76,20 @@ def build_denoiser(plan: DiffusionPlan, first_stage: nn.Module) -> DiffusionUNet
     return DiffusionUNet(first_stage.latent_channels, channels, dsca=plan.dsca)
 
 
+def build_residual_denoiser(plan: DiffusionPlan, first_stage: nn.Module) -> DiffusionUNet:
+    """The residual model's denoiser: CT-space channels out, [MR, prior sCT] in ``first_stage``'s space as
+    condition; no DSCA (its condition is not an S/M-split MR latent)."""
+    channels = _widths(plan.unet_channels, "residual_diffusion.unet_channels")
+    if plan.dsca:
+        raise ValueError("residual_diffusion.dsca must be false: the condition [MR, prior] has no structure/"
+                         "modality halves")
+    if isinstance(first_stage, HaarFirstStage):
+        ct, mr = first_stage.channels("ct"), first_stage.channels("mr")
+    else:
+        ct = mr = int(first_stage.latent_channels)
+    return DiffusionUNet(ct, channels, cond_channels=mr + ct, dsca=False)
+
+
 def build_schedule(plan: DiffusionPlan) -> NoiseSchedule:
     """The noise schedule recorded in a plan's diffusion section."""
     return NoiseSchedule(timesteps=plan.timesteps, schedule=plan.beta_schedule, beta_start=plan.beta_start,
@@ -89,17 +104,29 @@ def build_regression_unet(mr_channels: int, plan: RegressionPlan) -> RegressionU
 
 def build_latent_synthesizer(first_stage: nn.Module, denoiser: nn.Module, schedule: NoiseSchedule, latent_scale: float,
                              config: ConfigurationPlan, overlap: float,
-                             device: torch.device | str) -> LatentSynthesizer:
+                             device: torch.device | str, sct_estimate: str = "sample_mean") -> LatentSynthesizer:
     """Latent (or wavelet-domain) sampling with ``config``'s patch and inference tiles.
 
     ``overlap``: of the first stage's encode/decode tiles; the networks run in ``inference.precision``
-    (autocast, ``models/precision.py``)."""
+    (autocast, ``models/precision.py``); ``sct_estimate``: the plan section's (what the sCT is)."""
     inference = config.inference
     return LatentSynthesizer(first_stage, denoiser, schedule, latent_scale, config.patch_size, overlap, device,
                              latent_tile_scale=inference.latent_tile_scale, latent_overlap=inference.latent_overlap,
                              latent_margin=inference.latent_margin, image_tile_scale=inference.image_tile_scale,
                              first_stage_margin=inference.first_stage_margin,
-                             autocast=autocast_dtype(inference.precision, device))
+                             autocast=autocast_dtype(inference.precision, device), sct_estimate=sct_estimate)
+
+
+def build_residual_synthesizer(first_stage: nn.Module, denoiser: nn.Module, schedule: NoiseSchedule,
+                               latent_scale: float, residual_scale: float, prior: nn.Module,
+                               config: ConfigurationPlan, overlap: float,
+                               device: torch.device | str) -> ResidualSynthesizer:
+    """Regression prior plus sampled residual, with ``config``'s tiles for the prior and the latent parts."""
+    return ResidualSynthesizer(
+        build_regression_synthesizer(prior, config, overlap, device),
+        build_latent_synthesizer(first_stage, denoiser, schedule, latent_scale, config, overlap, device,
+                                 config.residual_diffusion.sct_estimate),
+        residual_scale)
 
 
 def build_regression_synthesizer(net: nn.Module, config: ConfigurationPlan, overlap: float,

@@ -57,6 +57,8 @@ class LatentSynthesizer:
     # network forwards (tiled VAE encode/decode, denoiser) under autocast in this dtype, outputs cast to float32
     # before blending; None: float32 throughout. The fixed Haar transform always runs in float32.
     autocast: torch.dtype | None = None
+    # the sCT: "sample_mean" (the mean of the samples) or "posterior_mean" (``mean_estimate``; plan sct_estimate)
+    sct_estimate: str = "sample_mean"
 
     @property
     def is_stochastic(self) -> bool:
@@ -177,6 +179,25 @@ class LatentSynthesizer:
         """
         with phase(self.phases, "encode"):
             cond = self.encode_mr(mr, available).to(self.device)[None]
+        latent = self.sample_latents(cond, steps, eta, num_samples, generator, progress)
+        with phase(self.phases, "decode"):
+            return torch.stack([self.decode_ct(z.to(mr.device), mr.shape[-3:]) for z in latent])
+
+    @torch.no_grad()
+    def mean_estimate(self, mr: torch.Tensor, generator: torch.Generator | None = None,
+                      available: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(z, y, x) posterior-mean sCT, or None when the plan's sct is the mean of the samples.
+
+        One DDIM step from pure noise: with the x0 target the denoiser's clean estimate at t = T, its
+        estimate of the mean CT given the MR (the noise carries almost nothing at t = T)."""
+        if self.sct_estimate != "posterior_mean":
+            return None
+        return self.sample(mr, 1, 0.0, 1, generator, available=available)[0]
+
+    @torch.no_grad()
+    def sample_latents(self, cond: torch.Tensor, steps: int, eta: float = 0.0, num_samples: int = 1,
+                       generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+        """(1, Cc, d, h, w) condition -> (num_samples, L, d, h, w) scaled latents, DDIM over the whole latent."""
         sampler = DDIMSampler(self.schedule, steps, eta)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -187,11 +208,9 @@ class LatentSynthesizer:
 
         tile = self.latent_tile(cond.shape[-3:])
         with phase(self.phases, "sample"):
-            latent = sample_whole_latent(
+            return sample_whole_latent(
                 model_fn, cond, int(getattr(self.unet, "latent_channels", cond.shape[1])), sampler,
                 tile, overlap=self.latent_overlap, batch_size=self.latent_batch(tile), generator=generator,
                 num_samples=num_samples, progress=progress, divisor=self._unet_divisor, share=self.share,
                 margin=self.latent_margin or None,
             )
-        with phase(self.phases, "decode"):
-            return torch.stack([self.decode_ct(z.to(mr.device), mr.shape[-3:]) for z in latent])

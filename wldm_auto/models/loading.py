@@ -12,7 +12,7 @@ import torch
 from wldm_auto.models.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from wldm_auto.models.factory import (
     build_denoiser, build_first_stage, build_latent_synthesizer, build_regression_synthesizer, build_regression_unet,
-    build_schedule, build_vae,
+    build_residual_denoiser, build_residual_synthesizer, build_schedule, build_vae,
 )
 from wldm_auto.models.synthesizer import Synthesizer
 from wldm_auto.networks.vae import WaveletVAE
@@ -29,7 +29,8 @@ def _diffusion(checkpoint: Checkpoint, config: ConfigurationPlan, overlap: float
     unet = build_denoiser(plan, first_stage)
     unet.load_state_dict(checkpoint.networks["ema"])
     return build_latent_synthesizer(first_stage.to(device).eval(), unet.to(device).eval(), build_schedule(plan),
-                                    float(checkpoint.extra["latent_scale"]), config, overlap, device)
+                                    float(checkpoint.extra["latent_scale"]), config, overlap, device,
+                                    plan.sct_estimate)
 
 
 def _regression(checkpoint: Checkpoint, config: ConfigurationPlan, overlap: float,
@@ -40,7 +41,25 @@ def _regression(checkpoint: Checkpoint, config: ConfigurationPlan, overlap: floa
     return build_regression_synthesizer(net.to(device).eval(), config, overlap, device)
 
 
-_BUILDERS = {"diffusion": _diffusion, "wavelet_diffusion": _diffusion, "regression": _regression}
+def _residual(checkpoint: Checkpoint, config: ConfigurationPlan, overlap: float,
+              device: torch.device) -> Synthesizer:
+    """The embedded regression prior, first stage and EMA residual U-Net of a residual-diffusion checkpoint."""
+    plan = config.residual_diffusion
+    mr_channels = int(checkpoint.mr_channels)
+    first_stage = build_first_stage(plan, mr_channels, config.vae)
+    if plan.first_stage != "haar":
+        first_stage.load_state_dict(checkpoint.networks["vae"])
+    unet = build_residual_denoiser(plan, first_stage)
+    unet.load_state_dict(checkpoint.networks["ema"])
+    prior = build_regression_unet(mr_channels, config.regression)
+    prior.load_state_dict(checkpoint.networks["prior"])
+    return build_residual_synthesizer(first_stage.to(device).eval(), unet.to(device).eval(), build_schedule(plan),
+                                      float(checkpoint.extra["latent_scale"]), float(checkpoint.extra["residual_scale"]),
+                                      prior.to(device).eval(), config, overlap, device)
+
+
+_BUILDERS = {"diffusion": _diffusion, "wavelet_diffusion": _diffusion, "regression": _regression,
+             "residual_diffusion": _residual}
 SYNTHESIS_STAGES = tuple(_BUILDERS)
 
 

@@ -19,7 +19,7 @@ from wldm_auto.planners.presets import PRESETS, apply_preset
 from wldm_auto.planners.recipe import RECIPE_NOTES, REGISTRATION_NOTES
 from wldm_auto.planners.schema import (
     WDM_UNET_CHANNELS, ConfigurationPlan, DiffusionPlan, InferencePlan, Plans, PreprocessingPlan, RegistrationPlan,
-    VAEPlan, wavelet_diffusion_plan,
+    VAEPlan, residual_diffusion_plan, wavelet_diffusion_plan,
 )
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,8 @@ def plan_dataset(
     patch, batch, estimate, patch_reason = plan_patch_and_batch(median, memory, vae, diffusion, total_voxels)
     wavelet = wavelet_diffusion_plan()
     wavelet.unet_channels = list(WDM_UNET_CHANNELS[:wavelet_unet_levels(patch)])
+    residual = residual_diffusion_plan()
+    residual.unet_channels = list(wavelet.unet_channels)
     several = len(channel_names) > 1
     config = ConfigurationPlan(
         data_identifier=f"{PLANS_NAME}_{CONFIGURATION}",
@@ -171,7 +173,7 @@ def plan_dataset(
         patch_size=patch,
         batch_size=batch,
         estimated_memory_gb=estimate,
-        vae=vae, diffusion=diffusion, wavelet_diffusion=wavelet, inference=inference,
+        vae=vae, diffusion=diffusion, wavelet_diffusion=wavelet, residual_diffusion=residual, inference=inference,
         mr_channel_dropout=CHANNEL_DROPOUT if several else 0.0,
         notes={
             "memory_target": f"{memory:g} GB: {memory_reason}",
@@ -186,6 +188,10 @@ def plan_dataset(
                                   f"sub-bands instead of a VAE, x0-prediction, no DSCA; U-Net widths "
                                   f"{wavelet.unet_channels}: WDM's 64 x (1, 2, 2, 4, 4), as many levels as half "
                                   f"the patch {patch} divides into"),
+            "residual_diffusion": ("beyond the paper (wldm_train DATASET residual_diffusion, after the regression "
+                                   "stage): diffusion of CT minus the trained regression U-Net's sCT, conditioned on "
+                                   "the MR and that sCT, in the Haar sub-bands (exact: the prior's detail is kept); "
+                                   "the mean of the samples is the sCT, their spread the uncertainty"),
             "mr_channel_dropout": (f"{len(channel_names)} MR sequences: a training sample sees a random non-empty "
                                    f"proper subset of them with probability {CHANNEL_DROPOUT} (flagged missing), so "
                                    "prediction works with any subset" if several

@@ -15,6 +15,11 @@ from wldm_auto.io.files import read_json, write_json
 from wldm_auto.planners.recipe import CPU_NOTES
 
 CPU_VALIDATION_VOXELS = 4194304  # 4 M voxels per validation case and epoch (a whole-body MR at 2 mm has ~25 M)
+# the Haar-space diffusion sections (wavelet-domain and residual): narrow U-Net, short schedule
+HAAR_DIFFUSION: dict[str, Any] = {
+    "unet_channels": [32, 64], "validation_ddim_steps": 10, "ema_decay": 0.995,
+    "training": {"learning_rate": 1e-3, "warmup_steps": 50, "num_epochs": 4, "steps_per_epoch": 300,
+                 "checkpoint_every_steps": 300, "validation_max_voxels": CPU_VALIDATION_VOXELS}}
 CPU_PRESET: dict[str, Any] = {
     "patch_size": [16, 32, 32], "batch_size": 2,
     "vae": {"channels": [16, 32], "downsampling_factor": 2, "discriminator_channels": 16, "discriminator_layers": 2,
@@ -24,9 +29,8 @@ CPU_PRESET: dict[str, Any] = {
     "diffusion": {"unet_channels": [32, 64], "validation_ddim_steps": 10, "ema_decay": 0.995,
                   "training": {"learning_rate": 1e-3, "warmup_steps": 50, "num_epochs": 4, "steps_per_epoch": 300,
                                "checkpoint_every_steps": 300, "validation_max_voxels": CPU_VALIDATION_VOXELS}},
-    "wavelet_diffusion": {"unet_channels": [32, 64], "validation_ddim_steps": 10, "ema_decay": 0.995,
-                          "training": {"learning_rate": 1e-3, "warmup_steps": 50, "num_epochs": 4,
-                                       "steps_per_epoch": 300, "checkpoint_every_steps": 300, "validation_max_voxels": CPU_VALIDATION_VOXELS}},
+    "wavelet_diffusion": HAAR_DIFFUSION,
+    "residual_diffusion": HAAR_DIFFUSION,
     "regression": {"unet_channels": [16, 32, 64],
                    "training": {"learning_rate": 2e-3, "warmup_steps": 20, "num_epochs": 4, "steps_per_epoch": 300,
                                 "checkpoint_every_steps": 300, "validation_max_voxels": CPU_VALIDATION_VOXELS}},

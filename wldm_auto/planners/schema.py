@@ -31,6 +31,7 @@ BETA_SCHEDULES = ("linear", "cosine")  # diffusion.schedule.SCHEDULES
 PREDICTIONS = ("epsilon", "v", "x0")  # diffusion.schedule.PREDICTIONS
 VAE_NORMALIZATIONS = ("voxel", "group")  # networks.blocks.NORMALIZATIONS
 EXPORT_INTERPOLATIONS = ("bspline", "linear")  # inference.export.EXPORT_INTERPOLATORS
+SCT_ESTIMATES = ("sample_mean", "posterior_mean")  # models.latent.LatentSynthesizer.mean_estimate
 RECONSTRUCTION_LOSSES = ("l1", "l2")  # trainers.vae_trainer.RECONSTRUCTION_LOSSES, diffusion_trainer.LATENT_LOSSES
 PRECISIONS = ("float32", "bfloat16", "float16")  # models.precision.DTYPES: prediction's network autocast
 REGISTRATION_STAGES = ("rigid", "affine", "bspline")  # elastix default parameter maps (preprocessing.registration)
@@ -166,7 +167,10 @@ class DiffusionPlan:
     the low-pass band divided by sqrt(8); no training, no S/M split, so no DSCA).
     ``prediction``: ``"epsilon"`` (the paper's), ``"v"`` or ``"x0"``; ``min_snr_gamma``
     > 0 weights the loss over timesteps by min-SNR-gamma (0: unweighted). ``latent_loss``: the
-    distance between prediction and target, ``"l2"`` (the paper's) or ``"l1"``. ``image_loss_weight``
+    distance between prediction and target, ``"l2"`` (the paper's) or ``"l1"``. ``sct_estimate``: the sCT
+    prediction writes, ``"sample_mean"`` (the paper's: the mean of the drawn samples) or
+    ``"posterior_mean"`` (meant for the x0 target: the denoiser's clean estimate from pure noise, one step, i.e.
+    its estimate of the mean CT given the condition; the samples then only give the std map). ``image_loss_weight``
     > 0 adds the masked L1 between the CT patch and the frozen first stage's decoding of the
     predicted clean latent (in [-1, 1] CT units), so the U-Net is trained on the error a
     reader sees in HU, not only on latent distances.
@@ -185,6 +189,7 @@ class DiffusionPlan:
     dsca: bool = True
     ema_decay: float = 0.999
     validation_ddim_steps: int = 10
+    sct_estimate: str = "sample_mean"
     training: TrainingPlan = field(default_factory=TrainingPlan)
 
 
@@ -195,6 +200,15 @@ WDM_UNET_CHANNELS = [64, 128, 128, 256, 256]
 def wavelet_diffusion_plan() -> DiffusionPlan:
     """Defaults of the wavelet-domain (WDM-style) configuration: Haar first stage, x0 target, no DSCA."""
     return DiffusionPlan(first_stage="haar", prediction="x0", dsca=False, unet_channels=list(WDM_UNET_CHANNELS))
+
+
+def residual_diffusion_plan() -> DiffusionPlan:
+    """Defaults of the residual configuration (``residual_diffusion``): diffusion of CT minus a trained
+    regression U-Net's prediction, conditioned on MR and that prior; Haar first stage (exact, so the prior's
+    detail is kept), x0 target, no DSCA (its condition is not an S/M-split MR latent); the sCT is the
+    posterior-mean estimate, the samples give the std (see the ``residual_sct_estimate`` note)."""
+    return DiffusionPlan(first_stage="haar", prediction="x0", dsca=False, unet_channels=list(WDM_UNET_CHANNELS),
+                         sct_estimate="posterior_mean")
 
 
 @dataclass
@@ -293,6 +307,7 @@ class ConfigurationPlan:
     vae: VAEPlan = field(default_factory=VAEPlan)
     diffusion: DiffusionPlan = field(default_factory=DiffusionPlan)
     wavelet_diffusion: DiffusionPlan = field(default_factory=wavelet_diffusion_plan)
+    residual_diffusion: DiffusionPlan = field(default_factory=residual_diffusion_plan)  # absent in older plans
     regression: RegressionPlan = field(default_factory=RegressionPlan)
     inference: InferencePlan = field(default_factory=InferencePlan)
     augmentation: AugmentationPlan = field(default_factory=AugmentationPlan)
@@ -375,7 +390,7 @@ CHOICES: dict[type, dict[str, tuple[str, ...]]] = {
                        "initial_orientations": INITIAL_ORIENTATIONS, "pyramid": REGISTRATION_PYRAMIDS},
     VAEPlan: {"normalization": VAE_NORMALIZATIONS, "reconstruction_loss": RECONSTRUCTION_LOSSES},
     DiffusionPlan: {"first_stage": FIRST_STAGES, "beta_schedule": BETA_SCHEDULES, "prediction": PREDICTIONS,
-                   "latent_loss": RECONSTRUCTION_LOSSES},
+                   "latent_loss": RECONSTRUCTION_LOSSES, "sct_estimate": SCT_ESTIMATES},
     InferencePlan: {"precision": PRECISIONS, "export_interpolation": EXPORT_INTERPOLATIONS},
 }
 

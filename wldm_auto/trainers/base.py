@@ -52,6 +52,7 @@ class TrainerOptions:
     deterministic: bool = False
     stop_at_step: int | None = None  # stop (after checkpointing) at this step, as if killed: for tests
     vae_trainer: str | None = None  # stage 2: which stage-1 trainer's VAE to use (default VAETrainer)
+    prior_trainer: str | None = None  # residual_diffusion: which regression trainer's U-Net is the prior
 
     def check(self) -> None:
         """ValueError (one line) for counts that are not positive integers or worker counts below 0."""

@@ -65,12 +65,16 @@ class DiffusionTrainer(BaseTrainer):
         return self.diffusion_plan.first_stage == "haar"
 
     def vae_checkpoint(self) -> Path:
-        name = self.options.vae_trainer or self.vae_trainer
-        folder = self.output.parent.parent / model_folder_name(name, self.plans.plans_name, self.configuration_name)
+        return self.finished_checkpoint(self.options.vae_trainer or self.vae_trainer, "vae", "train stage 1 first")
+
+    def finished_checkpoint(self, trainer: str, stage: str, advice: str) -> Path:
+        """The final checkpoint of fold ``self.fold`` of ``trainer`` (same dataset, plans and configuration);
+        FileNotFoundError with ``advice`` and the command that trains it otherwise."""
+        folder = self.output.parent.parent / model_folder_name(trainer, self.plans.plans_name, self.configuration_name)
         path = folder / f"fold_{self.fold}" / "checkpoint_final.pt"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: train stage 1 first "
-                                    f"(wldm_train {self.plans.dataset_name} vae -f {self.fold} -tr {name})")
+            raise FileNotFoundError(f"{path} not found: {advice} "
+                                    f"(wldm_train {self.plans.dataset_name} {stage} -f {self.fold} -tr {trainer})")
         return path
 
     def build(self) -> None:
@@ -84,7 +88,7 @@ class DiffusionTrainer(BaseTrainer):
             self.vae, vae_state = load_frozen_vae(path, self.device)
             self.vae_source = str(path)
             self.config.vae = Plans.from_dict(vae_state.plans).configuration(vae_state.configuration).vae
-        self.unet = build_denoiser(self.diffusion_plan, self.vae)
+        self.unet = self.build_unet()
         divisor = int(self.vae.required_divisor) * self.unet.required_divisor
         if any(p % divisor for p in self.config.patch_size):
             raise ValueError(f"patch size {self.config.patch_size} is not divisible by {divisor} (first stage "
@@ -97,6 +101,10 @@ class DiffusionTrainer(BaseTrainer):
         self.opt = self.make_optimizer(self.unet.parameters(), self.training_plan.learning_rate)
         # 0 = not measured yet; Haar coefficients are used as they are (low band already in [-1, 1])
         self.latent_scale = torch.tensor(1.0 if self.haar else 0.0, dtype=torch.float32)
+
+    def build_unet(self) -> nn.Module:
+        """The denoiser to train, for the first stage ``self.vae``."""
+        return build_denoiser(self.diffusion_plan, self.vae)
 
     def networks(self) -> dict[str, nn.Module]:
         networks = {"unet": self.unet, "ema": self.ema}
@@ -123,32 +131,50 @@ class DiffusionTrainer(BaseTrainer):
         self.latent_scale = torch.tensor(1.0 / max(std, 1e-6))
         log.info("latent scale 1/std(z_ct) = %.4f", float(self.latent_scale))
 
-    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+    def needs_scales(self) -> bool:
+        """Whether the scales the latents are diffused at are still to be measured (first step)."""
+        return float(self.latent_scale) == 0.0
+
+    def measure_scales(self) -> None:
         if float(self.latent_scale) == 0.0:
             self._measure_latent_scale()
+
+    def training_latents(self, mr: torch.Tensor, ct: torch.Tensor, available: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """(clean latent to diffuse, denoiser condition, context for :meth:`decode_clean`) of a batch."""
         scale = float(self.latent_scale)
+        z_mr = self.vae.encode(mr, "mr", available).mode() * scale
+        z_ct = self.vae.encode(ct, "ct").mode() * scale
+        return z_ct, z_mr, None
+
+    def decode_clean(self, x0: torch.Tensor, context: Any) -> torch.Tensor:
+        """A predicted clean latent as a normalised CT patch (for the image loss)."""
+        return self.vae.decode(x0 / float(self.latent_scale), "ct")
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        if self.needs_scales():
+            self.measure_scales()
         mr = batch["mr"].to(self.device, non_blocking=True)
         ct = batch["ct"].to(self.device, non_blocking=True)
         valid = batch["valid"].to(self.device, non_blocking=True)
         available = batch["available"].to(self.device, non_blocking=True)
         with torch.no_grad():
-            z_mr = self.vae.encode(mr, "mr", available).mode() * scale
-            z_ct = self.vae.encode(ct, "ct").mode() * scale
+            clean, cond, context = self.training_latents(mr, ct, available)
             factor = self.vae.required_divisor
             valid_latent = (torch.nn.functional.avg_pool3d(valid, factor) > 0.5).float()
         t = torch.randint(0, self.schedule.timesteps, (len(ct),), device=self.device)
-        noise = torch.randn_like(z_ct)
-        x_t = self.schedule.add_noise(z_ct, noise, t)
+        noise = torch.randn_like(clean)
+        x_t = self.schedule.add_noise(clean, noise, t)
         weight = self.schedule.min_snr_weight(t, self.diffusion_plan.min_snr_gamma)
         out = {}
         with self.autocast():
-            prediction = self.model(x_t, t, z_mr)
+            prediction = self.model(x_t, t, cond)
             per_sample = LATENT_LOSSES[self.diffusion_plan.latent_loss](
-                prediction.float(), self.schedule.training_target(z_ct, noise, t), valid_latent)
+                prediction.float(), self.schedule.training_target(clean, noise, t), valid_latent)
             loss = (weight * per_sample).mean()
             if self.diffusion_plan.image_loss_weight > 0:
                 x0, _ = self.schedule.split(x_t, t, prediction.float())
-                image = masked_l1(self.vae.decode(x0 / scale, "ct").float(), ct, valid)
+                image = masked_l1(self.decode_clean(x0, context).float(), ct, valid)
                 out["latent"] = loss.item()
                 out["image_l1"] = image.item()
                 loss = loss + self.diffusion_plan.image_loss_weight * image
@@ -158,14 +184,19 @@ class DiffusionTrainer(BaseTrainer):
 
     def synthesizer(self) -> LatentSynthesizer:
         return build_latent_synthesizer(self.vae, self.ema, self.schedule, float(self.latent_scale), self.config,
-                                        self.config.inference.tile_overlap, self.device)
+                                        self.config.inference.tile_overlap, self.device,
+                                        self.diffusion_plan.sct_estimate)
 
     def validate(self) -> dict[str, float]:
-        """Whole validation volumes sampled with DDIM (EMA weights, fixed seed): CT MAE and PSNR in HU."""
+        """Whole validation volumes sampled with DDIM (EMA weights, fixed seed), or their posterior-mean
+        estimate when that is the plan's sCT: CT MAE and PSNR in HU."""
         synthesizer = self.synthesizer()
 
         def predict(mr: torch.Tensor) -> torch.Tensor:
             generator = torch.Generator(device="cpu").manual_seed(self.options.seed)
+            estimate = synthesizer.mean_estimate(mr, generator)  # None: the sCT is a sample (mean of samples)
+            if estimate is not None:
+                return estimate
             return synthesizer.sample(mr, self.diffusion_plan.validation_ddim_steps, generator=generator)[0]
 
         return self.validate_synthesis(predict)

@@ -7,6 +7,7 @@ from wldm_auto.trainers.diffusion_trainer import (
     WaveletDiffusionTrainer,
 )
 from wldm_auto.trainers.regression_trainer import RegressionTrainer
+from wldm_auto.trainers.residual_trainer import ResidualDiffusionTrainer
 from wldm_auto.trainers.vae_trainer import VAETrainer, VAETrainer_noSMD, VAETrainer_noWRM, VAETrainer_noWRM_noSMD
 
 TRAINERS: dict[str, type[BaseTrainer]] = {
@@ -20,10 +21,12 @@ TRAINERS: dict[str, type[BaseTrainer]] = {
     "DiffusionTrainer_noDSCA_noSMD_noWRM": DiffusionTrainer_noDSCA_noSMD_noWRM,
     "WaveletDiffusionTrainer": WaveletDiffusionTrainer,
     "RegressionTrainer": RegressionTrainer,
+    "ResidualDiffusionTrainer": ResidualDiffusionTrainer,
 }
 
 DEFAULT_TRAINER = {"vae": "VAETrainer", "diffusion": "DiffusionTrainer",
-                   "wavelet_diffusion": "WaveletDiffusionTrainer", "regression": "RegressionTrainer"}
+                   "wavelet_diffusion": "WaveletDiffusionTrainer", "regression": "RegressionTrainer",
+                   "residual_diffusion": "ResidualDiffusionTrainer"}
 
 
 def trainer_class(name: str) -> type[BaseTrainer]:

@@ -1,0 +1,114 @@
+"""Residual diffusion on a regression prior: trainer, checkpoint, exact geometry, prior kept for r = 0 (CPU)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import PHANTOM_DIR, tiny_copy, tiny_models
+from wldm_auto.cli.predict import main as predict_main
+from wldm_auto.io.geometry import Geometry
+from wldm_auto.models.checkpoint import load_checkpoint
+from wldm_auto.models.loading import build_synthesizer, load_synthesis_checkpoint
+from wldm_auto.models.residual import ResidualSynthesizer
+from wldm_auto.planners.schema import Plans
+from wldm_auto.trainers.base import TrainerOptions
+from wldm_auto.trainers.run import run_training
+
+
+@pytest.fixture(scope="module")
+def trained(preprocessed_small, tmp_path_factory):
+    """Regression prior (4 steps) then residual diffusion (8 steps) on the small phantom dataset."""
+    root = tmp_path_factory.mktemp("residual")
+    with tiny_models(preprocessed_small, root, ("regression", "residual_diffusion")) as folders:
+        yield {"root": root, "regression": folders["regression"], "model": folders["residual_diffusion"]}
+
+
+def test_missing_prior_is_a_clear_error(preprocessed_small, tmp_path, monkeypatch):
+    dataset = tiny_copy(preprocessed_small, tmp_path, monkeypatch)
+    with pytest.raises(FileNotFoundError, match="train the regression prior first"):
+        run_training(dataset, "residual_diffusion", 0,
+                     options=TrainerOptions(device="cpu", num_workers=0, num_steps=2, steps_per_epoch=1))
+
+
+def test_checkpoint_embeds_prior_and_scales(trained):
+    folder = trained["model"] / "fold_0"
+    assert trained["model"].name == "ResidualDiffusionTrainer__wldmPlans__3d_wldm"
+    state = load_checkpoint(folder / "checkpoint_final.pt")
+    assert state["stage"] == "residual_diffusion" and state["step"] == 8
+    assert set(state["networks"]) == {"unet", "ema", "prior"}  # Haar first stage: nothing to store
+    prior = load_checkpoint(trained["regression"] / "fold_0" / "checkpoint_final.pt")
+    for key, value in prior["networks"]["net"].items():
+        assert torch.equal(value, state["networks"]["prior"][key]), key  # frozen: unchanged by training
+    assert state["latent_scale"] == 1.0 and 0.1 < state["residual_scale"] < 1000.0
+    history = json.loads((folder / "history.json").read_text())
+    assert [h["step"] for h in history] == [4, 8]
+    assert all(np.isfinite(h["val_mae_ct_hu"]) for h in history)
+    # the denoiser sees [Haar(MR): 8 bands, Haar(prior): 8 bands] and predicts 8 CT bands
+    assert state["networks"]["unet"]["stem.weight"].shape[1] == 8 + 8 + 8
+
+
+def test_zero_residual_returns_the_prior_and_samples_differ(trained):
+    stored = load_synthesis_checkpoint(trained["model"] / "fold_0" / "checkpoint_final.pt")
+    config = Plans.from_dict(stored.plans).configuration("3d_wldm")
+    synthesizer = build_synthesizer(stored, config, 0.5, torch.device("cpu"))
+    assert isinstance(synthesizer, ResidualSynthesizer) and synthesizer.is_stochastic
+    torch.manual_seed(0)
+    mr = torch.rand(1, 14, 30, 26) * 2 - 1  # odd sizes: padded for the Haar transform and the U-Nets
+    prior = synthesizer.prior.predict(mr)
+    _, z_prior = synthesizer.condition(mr, prior)
+    base = synthesizer.latent.decode_ct(z_prior, mr.shape[-3:])
+    assert torch.allclose(base, prior, atol=1e-5)  # Haar: exact, so r = 0 gives the prior back
+    generator = torch.Generator().manual_seed(1)
+    samples = synthesizer.sample(mr, 3, num_samples=2, generator=generator)
+    assert samples.shape == (2, 14, 30, 26) and torch.isfinite(samples).all()
+    assert not torch.equal(samples[0], samples[1])
+
+
+def test_predict_exact_geometry_with_std(trained, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    mr = sitk.ReadImage(str(PHANTOM_DIR / "mr_t2.nii.gz"))
+    sitk.WriteImage(sitk.RegionOfInterest(mr, [97, 91, 41], [80, 80, 26]), str(inputs / "phantom_0000.nii.gz"))
+    out = tmp_path / "sct"
+    assert predict_main(["-i", str(inputs), "-o", str(out), "-m", str(trained["model"]), "--samples", "2",
+                         "--steps", "2", "--save-std", "--device", "cpu"]) == 0
+    reference = sitk.ReadImage(str(inputs / "phantom_0000.nii.gz"))
+    sct, std = sitk.ReadImage(str(out / "phantom.nii.gz")), sitk.ReadImage(str(out / "phantom_std.nii.gz"))
+    for image in (sct, std):
+        assert Geometry.of(image).size == Geometry.of(reference).size
+        assert Geometry.of(image).is_close(Geometry.of(reference), 1e-6)
+    array = sitk.GetArrayViewFromImage(sct)
+    assert array.min() >= -1024 and array.max() <= 3071 and (array > -1024).any()
+    assert sitk.GetArrayViewFromImage(std).max() > 0
+
+
+def test_posterior_mean_sct_does_not_depend_on_the_samples(trained, tmp_path):
+    """The residual plan's sCT is prior + the denoiser's one-step clean estimate; the samples give only the std."""
+    stored = load_synthesis_checkpoint(trained["model"] / "fold_0" / "checkpoint_final.pt")
+    config = Plans.from_dict(stored.plans).configuration("3d_wldm")
+    assert config.residual_diffusion.sct_estimate == "posterior_mean"  # the planner's default for this section
+    synthesizer = build_synthesizer(stored, config, 0.5, torch.device("cpu"))
+    torch.manual_seed(0)
+    mr = torch.rand(1, 14, 30, 26) * 2 - 1
+    estimate = synthesizer.mean_estimate(mr, torch.Generator().manual_seed(5))
+    one_step = synthesizer.sample(mr, 1, num_samples=1, generator=torch.Generator().manual_seed(5))[0]
+    assert torch.equal(estimate, one_step)
+    synthesizer.latent.sct_estimate = "sample_mean"
+    assert synthesizer.mean_estimate(mr) is None
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    mr_image = sitk.ReadImage(str(PHANTOM_DIR / "mr_t2.nii.gz"))
+    sitk.WriteImage(sitk.RegionOfInterest(mr_image, [97, 91, 41], [64, 64, 20]), str(inputs / "p.nii.gz"))
+    arrays = {}
+    for samples in ("2", "3"):
+        out = tmp_path / f"s{samples}"
+        assert predict_main(["-i", str(inputs), "-o", str(out), "-m", str(trained["model"]), "--samples", samples,
+                             "--steps", "2", "--save-std", "--device", "cpu"]) == 0
+        arrays[samples] = [sitk.GetArrayFromImage(sitk.ReadImage(str(out / n))) for n in ("p.nii.gz", "p_std.nii.gz")]
+    assert np.array_equal(arrays["2"][0], arrays["3"][0])  # the same sCT whatever the number of samples
+    assert not np.array_equal(arrays["2"][1], arrays["3"][1]) and arrays["3"][1].max() > 0  # the std from them
