@@ -8,11 +8,15 @@ volumes simulated from real CTs (``mr_simulator.py``; whole cases held out). The
 are a PROXY for learnability, not a claim about patients; every output says so.
 
 Rows: 3D-WLDM (WRM + SMD + DSCA), its ablations (vanilla LDM without WRM/SMD/DSCA, +WRM, +WRM+SMD),
-wavelet-domain diffusion (fixed Haar first stage), the regression U-Net and a bulk-density sCT
-(body = 0 HU). Every learned model gets the same budget, steps x batch x patch voxels summed over
-its stages: a latent model splits it between its VAE and its diffusion U-Net, the one-stage
-models (regression, wavelet-domain) train for the sum. (The VAE of "+WRM+SMD" and 3D-WLDM is the
-same network, trained once.) All networks use the ``cpu`` plan preset.
+wavelet-domain diffusion (fixed Haar first stage), the regression U-Net, residual diffusion on that
+regression U-Net (beyond the paper) and a bulk-density sCT (body = 0 HU). Every model of the paper
+and the baselines gets the same budget, steps x batch x patch voxels summed over its stages: a
+latent model splits it between its VAE and its diffusion U-Net, the one-stage models (regression,
+wavelet-domain) train for the sum. (The VAE of "+WRM+SMD" and 3D-WLDM is the same network, trained
+once.) The residual model reuses the regression row's trained U-Net as its prior and trains the
+diffusion share on top, so its budget is the regression's plus that share (printed). All networks
+use the ``cpu`` plan preset. ``--samples N`` (N > 1): the stochastic models' sCT is the mean of N
+samples and their std maps are graded too (AUSE, coverage, calibration: ``wldm_evaluate``).
 
 Columns: MAE (HU), PSNR (dB), SSIM, MS-SSIM, bone Dice (> 250 HU), all computed by
 ``wldm_evaluate``'s code inside the test masks and averaged over the test cases; for latent models
@@ -50,6 +54,7 @@ from mr_simulator import PROXY_NOTE  # noqa: E402
 from wldm_auto.evaluation import metrics as M  # noqa: E402
 from wldm_auto.evaluation.evaluate import evaluate_folder  # noqa: E402
 from wldm_auto.inference.baselines import bulk_density_sct  # noqa: E402
+from wldm_auto.inference.calibration import fit_from_folders  # noqa: E402
 from wldm_auto.inference.first_stage import first_stage_reconstruction  # noqa: E402
 from wldm_auto.inference.predictor import load_model, predict_folder  # noqa: E402
 from wldm_auto.io.files import hash_data, hash_file, read_json, write_json  # noqa: E402
@@ -74,6 +79,7 @@ class Row:
     vae: str | None  # stage-1 trainer (latent models)
     stage: str | None  # the (second) stage's name and trainer
     trainer: str | None
+    prior: str | None = None  # a trained regression U-Net the row's model builds on (residual diffusion)
 
 
 ROWS: dict[str, Row] = {
@@ -84,6 +90,8 @@ ROWS: dict[str, Row] = {
     "ldm_wrm_smd": Row("LDM + WRM + SMD", "VAETrainer", "diffusion", "DiffusionTrainer_noDSCA"),
     "wavelet_diffusion": Row("wavelet-domain diffusion (Haar)", None, "wavelet_diffusion", "WaveletDiffusionTrainer"),
     "regression": Row("regression U-Net", None, "regression", "RegressionTrainer"),
+    "residual_diffusion": Row("residual diffusion on regression", None, "residual_diffusion",
+                              "ResidualDiffusionTrainer", prior="RegressionTrainer"),
     "bulk_density": Row("bulk density (body = 0 HU)", None, None, None),
 }
 LATENT_ROWS = ("3d_wldm", "ldm_vanilla", "ldm_wrm", "ldm_wrm_smd")
@@ -104,6 +112,10 @@ class Setup:
     def one_stage_steps(self) -> int:
         return self.vae_steps + self.diffusion_steps
 
+    def steps(self, row: Row) -> int:
+        """Training steps of ``row``'s own stage: a model on a VAE or a prior gets the diffusion share."""
+        return self.diffusion_steps if (row.vae or row.prior) else self.one_stage_steps
+
 
 FULL = Setup(spacing=3.0, vae_steps=700, diffusion_steps=1200, curve_points=4, ddim_steps=10, plan={})
 QUICK = Setup(spacing=6.0, vae_steps=4, diffusion_steps=4, curve_points=2, ddim_steps=2, plan={
@@ -111,6 +123,7 @@ QUICK = Setup(spacing=6.0, vae_steps=4, diffusion_steps=4, curve_points=2, ddim_
     "vae": {"channels": [8, 16], "discriminator_channels": 8, "adv_start_step": 2},
     "diffusion": {"unet_channels": [16, 16], "validation_ddim_steps": 2},
     "wavelet_diffusion": {"unet_channels": [16, 16], "validation_ddim_steps": 2},
+    "residual_diffusion": {"unet_channels": [16, 16], "validation_ddim_steps": 2},
     "regression": {"unet_channels": [8, 16, 16], "blocks_per_level": 1},
 })
 
@@ -138,7 +151,8 @@ def prepare(work: Path, setup: Setup, overrides: dict) -> tuple[fidelity_data.Be
     # prediction settings: the package defaults (a plan written by an older planner keeps what it had)
     config["inference"] = {**asdict(InferencePlan()), "ddim_steps": setup.ddim_steps}
     for section, steps in (("vae", setup.vae_steps), ("diffusion", setup.diffusion_steps),
-                           ("wavelet_diffusion", setup.one_stage_steps), ("regression", setup.one_stage_steps)):
+                           ("wavelet_diffusion", setup.one_stage_steps), ("regression", setup.one_stage_steps),
+                           ("residual_diffusion", setup.diffusion_steps)):
         per_epoch = max(1, steps // setup.curve_points)  # the benchmark's budget, written where a reader looks
         config[section]["training"].update(num_epochs=setup.curve_points, steps_per_epoch=per_epoch,
                                            checkpoint_every_steps=per_epoch)
@@ -183,38 +197,66 @@ def budget(row: str, setup: Setup, plans: Plans) -> dict[str, Any]:
     stages = []
     if spec.vae:
         stages.append({"stage": "vae", "trainer": spec.vae, "steps": setup.vae_steps})
+    if spec.prior:
+        stages.append({"stage": "regression", "trainer": spec.prior, "steps": setup.one_stage_steps})
     if spec.stage:
-        steps = setup.diffusion_steps if spec.vae else setup.one_stage_steps
-        stages.append({"stage": spec.stage, "trainer": spec.trainer, "steps": steps})
+        stages.append({"stage": spec.stage, "trainer": spec.trainer, "steps": setup.steps(spec)})
     for s in stages:
         s.update(batch=batch, patch=patch, voxels=s["steps"] * batch * int(np.prod(patch)))
     return {"stages": stages, "voxels": sum(s["voxels"] for s in stages)}
 
 
 # -- prediction, first-stage ceiling, bulk density -------------------------------------------------
-def predict(work: Path, row: str, test_mr: Path, plans: Plans) -> tuple[Path, float]:
-    """Predict every test MR with the row's model (1 sample, seed 0); returns (folder, mean seconds per case).
+def predict(work: Path, row: str, test_mr: Path, plans: Plans, samples: int = 1, name: str | None = None
+            ) -> tuple[Path, float]:
+    """Predict every MR of ``test_mr`` with the row's model (seed 0; ``samples`` > 1: their mean, and their
+    std map ``CASE_std`` for a stochastic model) into ``predictions/<name or row>``; returns (folder, mean
+    seconds per case).
 
     Reused when the model's checkpoint and the prediction settings are unchanged (stored with the timings)."""
     trainer = ROWS[row].trainer
     checkpoint = model_folder(trainer) / "fold_0" / "checkpoint_final.pt"
-    out = work / "predictions" / row
+    out = work / "predictions" / (name or row)
     inference = plans.configuration(CONFIGURATION).inference  # the benchmark's, not the one stored at training
-    stamp = {"checkpoint": hash_file(checkpoint), "inference": asdict(inference)}
-    timing_path = work / "predictions" / f"{row}.json"
+    stamp = {"checkpoint": hash_file(checkpoint), "inference": asdict(inference), "samples": samples}
+    timing_path = work / "predictions" / f"{name or row}.json"
     if timing_path.is_file() and read_json(timing_path).get("stamp") == stamp and out.is_dir():
         return out, float(read_json(timing_path)["seconds_per_case"])
     shutil.rmtree(out, ignore_errors=True)
     folds = load_model(model_folder(trainer), [0], torch.device("cuda" if torch.cuda.is_available() else "cpu"),
                        inference=inference)
-    outcomes = predict_folder(test_mr, out, folds, steps=inference.ddim_steps, samples=1, seed=0)
+    outcomes = predict_folder(test_mr, out, folds, steps=inference.ddim_steps, samples=samples, seed=0,
+                              save_std=samples > 1 and folds[0].synthesizer.is_stochastic)
     failed = [o for o in outcomes if o.status != "done"]
     if failed:
-        raise SystemExit(f"{row}: prediction failed for {failed[0].case}: {failed[0].message}")
+        raise SystemExit(f"{name or row}: prediction failed for {failed[0].case}: {failed[0].message}")
     seconds = float(np.mean([o.seconds for o in outcomes]))
     write_json({"stamp": stamp, "seconds_per_case": seconds, "cases": {o.case: o.seconds for o in outcomes}},
                timing_path)
     return out, seconds
+
+
+def calibrated_std(work: Path, data: fidelity_data.BenchData, row: str, plans: Plans, samples: int,
+                   test_predictions: Path) -> tuple[Path, float]:
+    """The std scale fitted on the validation cases (``wldm_calibrate_std``'s fit: 2 x std covers 95.45 %
+    of their voxels) and a copy of the test predictions with their std maps multiplied by it."""
+    val_mr = work / "data" / "val_mr"
+    val_mr.mkdir(parents=True, exist_ok=True)
+    for case in data.cases("val"):
+        target = val_mr / f"{case}_0000.nii.gz"
+        if not target.is_file():
+            shutil.copy2(data.raw / "imagesTr" / target.name, target)
+    val_predictions, _ = predict(work, row, val_mr, plans, samples, name=f"{row}_val")
+    scale = fit_from_folders(data.raw / "targetsTr", val_predictions).scale
+    out = work / "predictions" / f"{row}_calibrated"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for path in test_predictions.glob("*.nii.gz"):
+        if path.name.endswith("_std.nii.gz"):
+            write_image(read_image(path, sitk.sitkFloat32) * scale, out / path.name)
+        else:
+            shutil.copy2(path, out / path.name)
+    return out, scale
 
 
 def first_stage_ceilings(data: fidelity_data.BenchData, plans: Plans, trainer: str | None) -> dict[str, float]:
@@ -246,6 +288,8 @@ def bulk_density(data: fidelity_data.BenchData, plans: Plans, out: Path) -> Path
 
 # -- evaluation and report ---------------------------------------------------------------------------
 METRIC_KEYS = {"mae_hu": "mae", "psnr": "psnr", "ssim": "ssim", "ms_ssim": "ms_ssim", "bone_dice": "dice_bone"}
+# the std map's quality (wldm_evaluate, with --samples > 1 for the stochastic models)
+UNCERTAINTY_KEYS = ("spearman_error_std", "ause", "coverage_1", "coverage_2", "coverage_3", "ece", "mean_std")
 
 
 def evaluate(work: Path, data: fidelity_data.BenchData, row: str, predictions: Path, figures: bool
@@ -258,9 +302,24 @@ def evaluate(work: Path, data: fidelity_data.BenchData, row: str, predictions: P
     per_case = {}
     with open(out / "metrics.csv", newline="") as handle:
         for record in csv.DictReader(handle):
+            columns = {**METRIC_KEYS, **{key: key for key in UNCERTAINTY_KEYS}}
             per_case[record["case"]] = {key: float(record[column]) if record[column] else math.nan
-                                        for key, column in METRIC_KEYS.items()}
+                                        for key, column in columns.items()}
+    if not any(math.isfinite(v["ause"]) for v in per_case.values()):  # no std maps
+        for case in per_case.values():
+            for key in UNCERTAINTY_KEYS:
+                del case[key]
     return per_case
+
+
+def uncertainty(work: Path, row: str, per_case: dict[str, dict[str, float]]) -> dict[str, Any] | None:
+    """The std maps' quality averaged over the test cases, and the case-level correlation of mean std and
+    MAE (from the row's evaluation summary); None without std maps."""
+    if "ause" not in next(iter(per_case.values())):
+        return None
+    out: dict[str, Any] = {key: float(np.mean([v[key] for v in per_case.values()])) for key in UNCERTAINTY_KEYS}
+    out["case_std_vs_mae"] = read_json(work / "evaluation" / row / "summary.json")["case_std_vs_mae"]
+    return out
 
 
 def learning_curves(work: Path, rows: list[str], path: Path) -> None:
@@ -315,6 +374,17 @@ def print_table(results: dict[str, dict], cases: list[str]) -> None:
     print(f"{'model':34s}" + "".join(f"{c:>18s}" for c in cases))
     for row, r in results.items():
         print(f"{ROWS[row].label:34s}" + "".join(f"{_f(r['per_case'][c]['mae_hu']):>18s}" for c in cases))
+    graded = {ROWS[row].label: r["uncertainty"] for row, r in results.items() if r.get("uncertainty")}
+    graded.update({f"{ROWS[row].label[:22]}, calibrated": r["uncertainty_calibrated"]
+                   for row, r in results.items() if r.get("uncertainty_calibrated")})
+    if graded:
+        print("\nstd map quality (mean over the test cases; Gaussian coverage 0.683 / 0.954 / 0.997):")
+        print(f"{'model':34s} {'Spearman ^':>10s} {'AUSE HU v':>9s} {'cov 1':>6s} {'cov 2':>6s} {'cov 3':>6s} "
+              f"{'ECE v':>6s} {'case r ^':>8s}")
+        for label, u in graded.items():
+            print(f"{label:34s} {_f(u['spearman_error_std'], 3):>10s} {_f(u['ause']):>9s} "
+                  f"{_f(u['coverage_1'], 3):>6s} {_f(u['coverage_2'], 3):>6s} {_f(u['coverage_3'], 3):>6s} "
+                  f"{_f(u['ece'], 3):>6s} {_f(u['case_std_vs_mae']['spearman'], 2):>8s}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     parser.add_argument("--set", dest="overrides", default="{}",
                         help="JSON merged into the benchmark's configuration (e.g. '{\"vae\": {\"kl_weight\": 0}}')")
+    parser.add_argument("--samples", type=int, default=1,
+                        help="samples per case of the stochastic models (> 1: sCT = their mean, and the std map's "
+                             "uncertainty metrics; default 1)")
     parser.add_argument("--fresh", action="store_true", help="retrain and repredict everything (keeps the data)")
     parser.add_argument("--no-figures", action="store_true", help="skip the per-case evaluation figures (--quick: "
                         "always skipped)")
@@ -350,11 +423,12 @@ def main(argv: list[str] | None = None) -> int:
     vaes = sorted({ROWS[r].vae for r in rows if ROWS[r].vae})
     for trainer in vaes:
         seconds[trainer] = train(work, "vae", trainer, setup.vae_steps, setup, args.workers)
+    for trainer in sorted({ROWS[r].prior for r in rows if ROWS[r].prior}):
+        seconds[trainer] = train(work, "regression", trainer, setup.one_stage_steps, setup, args.workers)
     for row in rows:
         spec = ROWS[row]
         if spec.trainer:
-            steps = setup.diffusion_steps if spec.vae else setup.one_stage_steps
-            seconds[spec.trainer] = train(work, spec.stage, spec.trainer, steps, setup, args.workers)
+            seconds[spec.trainer] = train(work, spec.stage, spec.trainer, setup.steps(spec), setup, args.workers)
 
     results: dict[str, dict] = {}
     floor = first_stage_ceilings(data, plans, None)
@@ -363,15 +437,21 @@ def main(argv: list[str] | None = None) -> int:
         if spec.trainer is None:
             folder, predict_seconds = bulk_density(data, plans, work / "predictions" / row), 0.0
         else:
-            folder, predict_seconds = predict(work, row, data.test / "mr", plans)
+            folder, predict_seconds = predict(work, row, data.test / "mr", plans, args.samples)
         per_case = evaluate(work, data, row, folder, figures=not (args.no_figures or args.quick))
         result: dict[str, Any] = {key: float(np.nanmean([per_case[c][key] for c in test_cases])) for key in METRIC_KEYS}
+        result["uncertainty"] = uncertainty(work, row, per_case)
+        if result["uncertainty"] is not None:  # again with the std scale fitted on the validation case(s)
+            scaled, scale = calibrated_std(work, data, row, plans, args.samples, folder)
+            calibrated = evaluate(work, data, f"{row}_calibrated", scaled, figures=False)
+            result["uncertainty_calibrated"] = {**uncertainty(work, f"{row}_calibrated", calibrated),
+                                                "std_scale": scale}
         if spec.vae:
             ceilings = first_stage_ceilings(data, plans, spec.trainer)
             result["first_stage_mae_hu"] = float(np.mean(list(ceilings.values())))
             for case in test_cases:
                 per_case[case]["first_stage_mae_hu"] = ceilings[case]
-        result["train_seconds"] = float(sum(seconds.get(t, 0.0) for t in (spec.vae, spec.trainer) if t))
+        result["train_seconds"] = float(sum(seconds.get(t, 0.0) for t in (spec.vae, spec.prior, spec.trainer) if t))
         result["predict_seconds"] = predict_seconds
         result["budget"] = budget(row, setup, plans) if spec.trainer else None
         result["per_case"] = per_case
@@ -410,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "spacing_mm": setup.spacing,
         "ddim_steps": setup.ddim_steps,
+        "samples": args.samples,
         "seconds": round(_timer() - start, 1),
         "note": PROXY_NOTE,
     }

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-ROWS = ("3d_wldm", "ldm_vanilla", "ldm_wrm", "ldm_wrm_smd", "wavelet_diffusion", "regression", "bulk_density")
+ROWS = ("3d_wldm", "ldm_vanilla", "ldm_wrm", "ldm_wrm_smd", "wavelet_diffusion", "regression", "residual_diffusion",
+        "bulk_density")
 COLUMNS = ("mae_hu", "psnr", "ssim", "ms_ssim", "bone_dice", "train_seconds", "predict_seconds")
 LATENT = ("3d_wldm", "ldm_vanilla", "ldm_wrm", "ldm_wrm_smd")
 
@@ -20,7 +21,8 @@ LATENT = ("3d_wldm", "ldm_vanilla", "ldm_wrm", "ldm_wrm_smd")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     work = tmp_path_factory.mktemp("fidelity")
     env = {k: v for k, v in os.environ.items() if not k.startswith("wldm_")}
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "fidelity.py"), "--quick", "--work", str(work)],
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "fidelity.py"), "--quick", "--work", str(work),
+                             "--samples", "2"],
                             capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return work, json.loads(result.stdout.strip().splitlines()[-1])
@@ -37,11 +39,27 @@ def test_quick_json_has_every_row_and_column(quick_run: tuple[Path, dict]) -> No
             assert isinstance(values[column], float), (row, column)
         assert values["mae_hu"] > 0 and 0 <= values["bone_dice"] <= 1
         assert ("first_stage_mae_hu" in values) == (row in LATENT)
+        # 2 samples: every stochastic model's std map is graded, the deterministic ones have none
+        stochastic = row not in ("regression", "bulk_density")
+        assert (values["uncertainty"] is not None) == stochastic, row
+        if stochastic:
+            u = values["uncertainty"]
+            assert u["ause"] >= 0 and u["mean_std"] > 0 and -1 <= u["spearman_error_std"] <= 1, (row, u)
+            assert 0 <= u["coverage_1"] <= u["coverage_2"] <= u["coverage_3"] <= 1 and 0 <= u["ece"] <= 1, (row, u)
+            assert set(u["case_std_vs_mae"]) == {"pearson", "spearman", "n"}
+            calibrated = values["uncertainty_calibrated"]  # std scale fitted on the validation case
+            assert calibrated["std_scale"] > 0 and calibrated["mean_std"] == pytest.approx(
+                u["mean_std"] * calibrated["std_scale"], rel=1e-3), (row, calibrated)
         if row in LATENT:
             assert values["first_stage_mae_hu"] > 0
             voxels = values["budget"]["voxels"]
             # the same budget for every learned model: the one-stage models train for the sum of both stages
             assert voxels == summary["models"]["regression"]["budget"]["voxels"]
+    # the residual model trains the diffusion share on top of the regression row's trained U-Net (its prior)
+    residual = summary["models"]["residual_diffusion"]["budget"]
+    assert [s["trainer"] for s in residual["stages"]] == ["RegressionTrainer", "ResidualDiffusionTrainer"]
+    assert residual["stages"][0]["voxels"] == summary["models"]["regression"]["budget"]["voxels"]
+    assert residual["stages"][1]["voxels"] == summary["models"]["3d_wldm"]["budget"]["stages"][1]["voxels"]
     assert (work / "report" / "learning_curves.png").stat().st_size > 0
     assert summary["models"]["bulk_density"]["train_seconds"] == 0.0
 
