@@ -374,9 +374,11 @@ def print_table(results: dict[str, dict], cases: list[str]) -> None:
     print(f"{'model':34s}" + "".join(f"{c:>18s}" for c in cases))
     for row, r in results.items():
         print(f"{ROWS[row].label:34s}" + "".join(f"{_f(r['per_case'][c]['mae_hu']):>18s}" for c in cases))
-    graded = {ROWS[row].label: r["uncertainty"] for row, r in results.items() if r.get("uncertainty")}
-    graded.update({f"{ROWS[row].label[:22]}, calibrated": r["uncertainty_calibrated"]
-                   for row, r in results.items() if r.get("uncertainty_calibrated")})
+    graded = {}
+    for row, r in results.items():  # raw, then times the scale fitted on the validation case(s)
+        for suffix, key in (("", "uncertainty"), (" (calibrated)", "uncertainty_calibrated")):
+            if r.get(key):
+                graded[f"{row}{suffix}"] = r[key]
     if graded:
         print("\nstd map quality (mean over the test cases; Gaussian coverage 0.683 / 0.954 / 0.997):")
         print(f"{'model':34s} {'Spearman ^':>10s} {'AUSE HU v':>9s} {'cov 1':>6s} {'cov 2':>6s} {'cov 3':>6s} "
