@@ -15,8 +15,9 @@ latent model splits it between its VAE and its diffusion U-Net, the one-stage mo
 wavelet-domain) train for the sum. (The VAE of "+WRM+SMD" and 3D-WLDM is the same network, trained
 once.) The residual model reuses the regression row's trained U-Net as its prior and trains the
 diffusion share on top, so its budget is the regression's plus that share (printed). All networks
-use the ``cpu`` plan preset. ``--samples N`` (N > 1): the stochastic models' sCT is the mean of N
-samples and their std maps are graded too (AUSE, coverage, calibration: ``wldm_evaluate``).
+use the ``cpu`` plan preset. ``--samples N`` (N > 1): the stochastic models draw N samples (their sCT
+as their plan makes it: the samples' mean, or residual diffusion's posterior-mean estimate) and their
+std maps are graded too (AUSE, coverage, calibration: ``wldm_evaluate``).
 
 Columns: MAE (HU), PSNR (dB), SSIM, MS-SSIM, bone Dice (> 250 HU), all computed by
 ``wldm_evaluate``'s code inside the test masks and averaged over the test cases; for latent models
@@ -52,9 +53,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fidelity_data  # noqa: E402
 from mr_simulator import PROXY_NOTE  # noqa: E402
 from wldm_auto.evaluation import metrics as M  # noqa: E402
+from wldm_auto.evaluation.uncertainty import KEYS as STD_MAP_KEYS  # noqa: E402
 from wldm_auto.evaluation.evaluate import evaluate_folder  # noqa: E402
 from wldm_auto.inference.baselines import bulk_density_sct  # noqa: E402
-from wldm_auto.inference.calibration import fit_from_folders  # noqa: E402
+from wldm_auto.inference.calibration import fit_from_folders, scale_std  # noqa: E402
 from wldm_auto.inference.first_stage import first_stage_reconstruction  # noqa: E402
 from wldm_auto.inference.predictor import load_model, predict_folder  # noqa: E402
 from wldm_auto.io.files import hash_data, hash_file, read_json, write_json  # noqa: E402
@@ -253,7 +255,7 @@ def calibrated_std(work: Path, data: fidelity_data.BenchData, row: str, plans: P
     out.mkdir(parents=True)
     for path in test_predictions.glob("*.nii.gz"):
         if path.name.endswith("_std.nii.gz"):
-            write_image(read_image(path, sitk.sitkFloat32) * scale, out / path.name)
+            write_image(scale_std(read_image(path, sitk.sitkFloat32), scale), out / path.name)
         else:
             shutil.copy2(path, out / path.name)
     return out, scale
@@ -289,7 +291,7 @@ def bulk_density(data: fidelity_data.BenchData, plans: Plans, out: Path) -> Path
 # -- evaluation and report ---------------------------------------------------------------------------
 METRIC_KEYS = {"mae_hu": "mae", "psnr": "psnr", "ssim": "ssim", "ms_ssim": "ms_ssim", "bone_dice": "dice_bone"}
 # the std map's quality (wldm_evaluate, with --samples > 1 for the stochastic models)
-UNCERTAINTY_KEYS = ("spearman_error_std", "ause", "coverage_1", "coverage_2", "coverage_3", "ece", "mean_std")
+UNCERTAINTY_KEYS = ("spearman_error_std", *STD_MAP_KEYS)
 
 
 def evaluate(work: Path, data: fidelity_data.BenchData, row: str, predictions: Path, figures: bool
@@ -399,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", default="{}",
                         help="JSON merged into the benchmark's configuration (e.g. '{\"vae\": {\"kl_weight\": 0}}')")
     parser.add_argument("--samples", type=int, default=1,
-                        help="samples per case of the stochastic models (> 1: sCT = their mean, and the std map's "
-                             "uncertainty metrics; default 1)")
+                        help="samples per case of the stochastic models (> 1: their std maps are graded; the sCT "
+                             "is the samples' mean, or the posterior-mean estimate where the plan says so; default 1)")
     parser.add_argument("--fresh", action="store_true", help="retrain and repredict everything (keeps the data)")
     parser.add_argument("--no-figures", action="store_true", help="skip the per-case evaluation figures (--quick: "
                         "always skipped)")

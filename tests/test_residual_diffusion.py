@@ -111,4 +111,8 @@ def test_posterior_mean_sct_does_not_depend_on_the_samples(trained, tmp_path):
                              "--steps", "2", "--save-std", "--device", "cpu"]) == 0
         arrays[samples] = [sitk.GetArrayFromImage(sitk.ReadImage(str(out / n))) for n in ("p.nii.gz", "p_std.nii.gz")]
     assert np.array_equal(arrays["2"][0], arrays["3"][0])  # the same sCT whatever the number of samples
+    out = tmp_path / "estimate_only"  # one sample, no std: the estimate alone, nothing sampled
+    assert predict_main(["-i", str(inputs), "-o", str(out), "-m", str(trained["model"]), "--samples", "1",
+                         "--steps", "2", "--device", "cpu"]) == 0
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "p.nii.gz"))), arrays["2"][0])
     assert not np.array_equal(arrays["2"][1], arrays["3"][1]) and arrays["3"][1].max() > 0  # the std from them

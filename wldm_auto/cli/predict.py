@@ -28,7 +28,8 @@ CASE_confidence<ending> (uint8 on the sCT's grid: 1 inside the body where
 is calibrated; 0 where 2 * std >= H and everywhere outside the body, where the sCT
 is air by construction; needs a std map: several samples of a diffusion model or
 several folds, checked before any case is predicted), with --mumap
-CASE_mumap<ending> (float32 attenuation map for PET/MR, cm^-1 at 511 keV, from the sCT by the bilinear HU-to-mu conversion of Carney et al. 2006,
+CASE_mumap<ending> (float32 attenuation map for PET/MR, cm^-1 at 511 keV, from
+the sCT by the bilinear HU-to-mu conversion of Carney et al. 2006,
 Med Phys 33:976, with the kVp and coefficients of the plan's mu_map section:
 120 kVp unless the plan says otherwise; air 0, water 0.096), with --dicom-out a
 CT DICOM series CASE_dicom/ (ImageType DERIVED\\SECONDARY, a series description

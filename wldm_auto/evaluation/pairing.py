@@ -16,14 +16,11 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from wldm_auto.io.geometry import Geometry
-from wldm_auto.io.image_folders import list_images, mismatch_message
+from wldm_auto.io.image_folders import list_images, mismatch_message, split_predictions
 from wldm_auto.io.image_folders import short_list as _names
 
 log = logging.getLogger(__name__)
 
-STD_SUFFIX = "_std"
-# other outputs wldm_predict writes beside an sCT (--mumap, --confidence-hu): not cases when CASE is there too
-COMPANION_SUFFIXES = ("_mumap", "_confidence")
 
 
 @dataclass(frozen=True)
@@ -61,12 +58,7 @@ def pair_cases(ct_dir: str | Path, sct_dir: str | Path, mask_dir: str | Path | N
     exclude = tuple(exclude)
     cts = list_images(ct_dir, "CT", exclude)
     predictions = list_images(sct_dir, "sCT", exclude)
-    stds = {n[: -len(STD_SUFFIX)]: p for n, p in predictions.items() if n.endswith(STD_SUFFIX)}
-    scts = {n: p for n, p in predictions.items() if not n.endswith(STD_SUFFIX)}
-    companions = [n for n in scts if any(n.endswith(x) and n[: -len(x)] in scts for x in COMPANION_SUFFIXES)]
-    if companions:
-        log.info("not cases (mu-maps and confidence masks beside their sCT): %s", _names(companions))
-        scts = {n: p for n, p in scts.items() if n not in companions}
+    scts, stds, orphans = split_predictions(predictions)
     common = sorted(set(cts) & set(scts))
     no_sct, no_ct = sorted(set(cts) - set(scts)), sorted(set(scts) - set(cts))
     if no_sct or no_ct:
@@ -76,9 +68,8 @@ def pair_cases(ct_dir: str | Path, sct_dir: str | Path, mask_dir: str | Path | N
         log.warning("%s; evaluating the %d case(s) in both", message, len(common))
     if not common:
         raise ValueError(f"no case has both a CT in {ct_dir} and an sCT in {sct_dir}")
-    orphans = sorted(set(stds) - set(scts))
     if orphans:
-        log.warning("std map(s) without an sCT ignored: %s", _names(f"{n}{STD_SUFFIX}" for n in orphans))
+        log.warning("std map(s) without an sCT ignored: %s", _names(orphans))
     masks: dict[str, Path] = {}
     if mask_dir is not None:
         masks = list_images(mask_dir, "mask", exclude)

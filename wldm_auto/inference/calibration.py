@@ -44,16 +44,13 @@ from wldm_auto.io.body_mask import ct_body_mask
 from wldm_auto.io.files import read_json, write_json
 from wldm_auto.io.geometry import Geometry
 from wldm_auto.io.hu import AIR_HU, BODY_THRESHOLD_HU
-from wldm_auto.io.image_folders import list_images, on_ct_grid, short_list
+from wldm_auto.io.image_folders import list_images, on_ct_grid, short_list, split_predictions
 from wldm_auto.io.images import read_image
 
 log = logging.getLogger(__name__)
 
 STD_SCALE_FILE = "std_scale.json"
 GAUSSIAN_COVERAGE_2 = math.erf(2.0 / math.sqrt(2.0))  # 0.9545: share of a Gaussian within 2 standard deviations
-STD_SUFFIX = "_std"
-# outputs wldm_predict writes beside CASE<ending> that are not cases of their own
-DERIVED_SUFFIXES = (STD_SUFFIX, "_confidence", "_mumap")
 METHOD = ("quantile: s = q_0.9545(|sCT - CT| / std) / 2 over the mask voxels with std > 0 of all cases pooled, "
           "so that the share of voxels with |error| <= 2 * s * std is the Gaussian 95.45 % on these cases")
 DEFAULT_MASK = "CT > -500 HU, largest connected component, holes filled (3D, then per axial slice)"
@@ -170,14 +167,14 @@ def calibration_cases(ct_dir: str | os.PathLike, sct_dir: str | os.PathLike, std
     warning; no case with a std map at all is a ValueError.
     """
     cts = list_images(ct_dir, "CT")
-    predictions = list_images(sct_dir, "sCT")
-    derived = {n for n in predictions for s in DERIVED_SUFFIXES if n.endswith(s) and n[: -len(s)] in predictions}
-    scts = {n: p for n, p in predictions.items() if n not in derived}
-    std_source = predictions if std_dir is None else list_images(std_dir, "std")
-    stds = {n[: -len(STD_SUFFIX)]: p for n, p in std_source.items() if n.endswith(STD_SUFFIX)}
+    scts, stds, orphans = split_predictions(list_images(sct_dir, "sCT"))
+    if std_dir is not None:
+        stds = split_predictions(list_images(std_dir, "std"))[1]
     if not scts:
         raise ValueError(f"sCT folder {sct_dir}: holds no sCT image")
     problems = []
+    if orphans:
+        problems.append(f"{len(orphans)} std map(s) in {sct_dir} without their sCT: {short_list(orphans)}")
     no_ct = sorted(set(scts) - set(cts))
     if no_ct:
         problems.append(f"no CT in {ct_dir} for {len(no_ct)} sCT(s): {short_list(no_ct)}")

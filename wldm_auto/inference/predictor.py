@@ -11,6 +11,9 @@ multiplied by the model's std scale when its folder holds ``std_scale.json``
 ``CASE_confidence`` marks the voxels inside the body whose 2 * std is below it.
 Regression-baseline folds (``RegressionTrainer``) are deterministic: one
 tiled U-Net pass each, so only several folds give a standard deviation.
+A model whose plan asks for the posterior-mean sCT (``sct_estimate``,
+residual diffusion's default) gives its one-step estimate as the fold's sCT;
+its samples are drawn only for the std map.
 
 :func:`synthesize` is the in-memory per-case core; :func:`predict_case` (files)
 and the Python API (``inference/api.py``) both call it.
@@ -37,6 +40,7 @@ from wldm_auto.inference.export import AIR_HU, hu_int16, to_input_grid, write_di
 from wldm_auto.inference.inputs import InputCase, check_output_folder, find_cases, input_files, select_part
 from wldm_auto.inference.model_archive import extracted_model, is_model_archive
 from wldm_auto.io.files import is_disk_full, sha256_file
+from wldm_auto.io.image_folders import CONFIDENCE_SUFFIX, MUMAP_SUFFIX, STD_SUFFIX
 from wldm_auto.io.images import FILE_ENDINGS, ImageReadError, file_ending, read_image, write_image
 from wldm_auto.models.checkpoint import CheckpointError
 from wldm_auto.models.loading import build_synthesizer, load_synthesis_checkpoint
@@ -204,19 +208,19 @@ def output_paths(case: InputCase, output: Path, ending: str | None) -> tuple[Pat
     """(sCT path, std path) for ``case``."""
     source = case.channels[min(case.channels)]
     ending = ending or file_ending(source) or ".nii.gz"
-    return output / f"{case.name}{ending}", output / f"{case.name}_std{ending}"
+    return output / f"{case.name}{ending}", output / f"{case.name}{STD_SUFFIX}{ending}"
 
 
 def mumap_path(case: InputCase, output: Path, ending: str | None) -> Path:
     """``CASE_mumap<ending>``: the attenuation map written with ``mumap``."""
     sct = output_paths(case, output, ending)[0]
-    return output / f"{case.name}_mumap{sct.name[len(case.name):]}"
+    return output / f"{case.name}{MUMAP_SUFFIX}{sct.name[len(case.name):]}"
 
 
 def confidence_path(case: InputCase, output: Path, ending: str | None) -> Path:
     """``CASE_confidence<ending>``: the uint8 mask of trusted voxels written with ``confidence_hu``."""
     sct = output_paths(case, output, ending)[0]
-    return output / f"{case.name}_confidence{sct.name[len(case.name):]}"
+    return output / f"{case.name}{CONFIDENCE_SUFFIX}{sct.name[len(case.name):]}"
 
 
 def dicom_labels(folds: Sequence[LoadedFold], draws: int, seed: int) -> tuple[str, str, list[str]]:
@@ -315,10 +319,20 @@ class Synthesis:
     std_scale: float = 1.0  # the factor applied to ``std`` (the model's std_scale.json; 1.0 without one)
 
 
+def no_spread(folds: Sequence[LoadedFold], samples: int) -> tuple[str, str] | None:
+    """(why, what to do) when these folds with ``samples`` samples per fold make only one distinct draw (no
+    std map); None when they make several."""
+    deterministic = not any(f.synthesizer.is_stochastic for f in folds)
+    if len(folds) > 1 or (samples > 1 and not deterministic):
+        return None
+    if deterministic:
+        return "a deterministic regression model with one fold", "use several folds"
+    return f"one fold and {samples} sample", "use several folds or more than one sample (--samples N)"
+
+
 def spread_possible(folds: Sequence[LoadedFold], samples: int) -> bool:
     """Whether these folds with ``samples`` samples per fold make more than one distinct draw (a std map)."""
-    deterministic = not any(f.synthesizer.is_stochastic for f in folds)
-    return len(folds) > 1 or (samples > 1 and not deterministic)
+    return no_spread(folds, samples) is None
 
 
 def check_confidence(folds: Sequence[LoadedFold], samples: int, confidence_hu: float | None,
@@ -326,12 +340,9 @@ def check_confidence(folds: Sequence[LoadedFold], samples: int, confidence_hu: f
     """``confidence_hu`` checked (> 0) and usable with these settings: ValueError (naming ``option``)
     when no std map would be made (one fold drawn once, or a deterministic model with one fold)."""
     confidence_hu = check_confidence_hu(confidence_hu, option)
-    if confidence_hu is not None and not spread_possible(folds, samples):
-        deterministic = not any(f.synthesizer.is_stochastic for f in folds)
-        how = ("a deterministic regression model with one fold" if deterministic
-               else f"one fold and {samples} sample")
-        raise ValueError(f"{option} needs a std map, i.e. several draws, but {how} gives one "
-                         f"(use several folds{'' if deterministic else ' or more than one sample (--samples N)'})")
+    missing = no_spread(folds, samples) if confidence_hu is not None else None
+    if missing is not None:
+        raise ValueError(f"{option} needs a std map, i.e. several draws, but {missing[0]} gives one ({missing[1]})")
     return confidence_hu
 
 
@@ -377,6 +388,7 @@ def synthesize(
     window = tuple(plans.preprocessing.ct_window)
     steps = steps or config.inference.ddim_steps
     eta = config.inference.ddim_eta if eta is None else eta
+    want_spread = want_std or confidence_hu is not None
     draws, centres = [], []
     for k, fold in enumerate(folds):
         generator = torch.Generator(device="cpu").manual_seed(seed + 1000 * k)
@@ -386,18 +398,22 @@ def synthesize(
             fold.synthesizer.phases = phases
         try:
             with phases("synthesizer") if not timed else nullcontext():
-                normalised = fold.synthesizer.sample(mr, steps, eta, count, generator, progress=progress,
-                                                     available=available)
                 estimate = getattr(fold.synthesizer, "mean_estimate", None)  # plan sct_estimate posterior_mean
-                # its own generator: the same estimate whatever the number of samples drawn before it
+                # its own generator: the same estimate whatever the number of samples drawn
                 centre = None if estimate is None else estimate(
                     mr, torch.Generator(device="cpu").manual_seed(seed + 1000 * k), available)
+                if centre is None or want_spread:  # the samples are the sCT, or they give the std
+                    normalised = fold.synthesizer.sample(mr, steps, eta, count, generator, progress=progress,
+                                                         available=available)
+                else:  # the estimate is the sCT and no std is asked for: no sampling
+                    normalised = None
         finally:
             if timed:
                 fold.synthesizer.phases = None
         with phases("denormalise"):
-            draws.append(denormalise_ct(normalised.clamp(-1, 1).cpu().numpy(), window))
             centres.append(None if centre is None else denormalise_ct(centre.clamp(-1, 1).cpu().numpy(), window))
+            draws.append(centres[-1][None] if normalised is None
+                         else denormalise_ct(normalised.clamp(-1, 1).cpu().numpy(), window))
     with phases("resample_back"):  # to the input grid, air outside the body
         stack = np.concatenate(draws)
         if all(c is None for c in centres):  # the sCT is the mean of every draw
@@ -407,7 +423,7 @@ def synthesize(
         sct = hu_int16(to_input_grid(mean, pre.properties, chosen[0], body, AIR_HU,
                                      config.inference.export_interpolation), window)
         # the spread linearly: a cubic spline can undershoot below 0
-        spread = (want_std or confidence_hu is not None) and len(stack) > 1
+        spread = want_spread and len(stack) > 1
         std = to_input_grid(stack.std(0), pre.properties, chosen[0], body, 0.0) if spread else None
     scale = first.std_scale
     if std is not None:
@@ -453,10 +469,8 @@ def predict_case(
                 write_image(result.std, std_path)
                 outputs.append(std_path)
             elif save_std:
-                deterministic = not any(f.synthesizer.is_stochastic for f in folds)
-                reason = "a deterministic regression model with one fold" if deterministic else "one fold and one sample"
-                log.info("%s: std map not written: %s gives no spread (use several folds%s)", case.name, reason,
-                         "" if deterministic else " or --samples")
+                why, remedy = no_spread(folds, plan_samples(folds, samples)) or ("one draw", "use several folds")
+                log.info("%s: std map not written: %s gives no spread (%s)", case.name, why, remedy)
             if result.confidence is not None:
                 write_image(result.confidence, confidence_file)
                 outputs.append(confidence_file)

@@ -18,6 +18,11 @@ from wldm_auto.io.images import file_ending, is_dicom_folder, strip_ending
 log = logging.getLogger(__name__)
 
 DICOM_SUFFIX = "_dicom"
+# what wldm_predict writes beside CASE<ending>: the std map, and companions that are never cases of their own
+STD_SUFFIX = "_std"
+MUMAP_SUFFIX = "_mumap"
+CONFIDENCE_SUFFIX = "_confidence"
+COMPANION_SUFFIXES = (MUMAP_SUFFIX, CONFIDENCE_SUFFIX)
 
 
 def short_list(names: Iterable[str], limit: int = 10) -> str:
@@ -54,6 +59,20 @@ def list_images(folder: str | Path, what: str, exclude: Iterable[Path] = ()) -> 
         else:
             files[name] = path
     return files
+
+
+def split_predictions(predictions: dict[str, Path]) -> tuple[dict[str, Path], dict[str, Path], list[str]]:
+    """(sCTs, std maps by case, orphan std names) of a prediction folder's images (:func:`list_images`).
+
+    ``CASE_std`` is the std map of ``CASE`` (an orphan when there is no ``CASE``); ``CASE_mumap`` and
+    ``CASE_confidence`` beside ``CASE`` are not cases."""
+    stds = {n[: -len(STD_SUFFIX)]: p for n, p in predictions.items() if n.endswith(STD_SUFFIX)}
+    scts = {n: p for n, p in predictions.items() if not n.endswith(STD_SUFFIX)}
+    companions = [n for n in scts if any(n.endswith(x) and n[: -len(x)] in scts for x in COMPANION_SUFFIXES)]
+    if companions:
+        log.info("not cases (mu-maps and confidence masks beside their sCT): %s", short_list(companions))
+    scts = {n: p for n, p in scts.items() if n not in companions}
+    return scts, stds, sorted(f"{n}{STD_SUFFIX}" for n in set(stds) - set(scts))
 
 
 def describe(geometry: Geometry) -> str:
