@@ -1,7 +1,8 @@
 """Every stage trains on two CPU processes (torchrun, Gloo, DistributedDataParallel) through ``wldm_train``.
 
 The VAE is covered by ``test_trainer.py::test_ddp_two_gloo_processes``; these
-are the second stage, the wavelet-domain model and the regression baseline.
+are the second stage, the wavelet-domain model, the regression baseline and the
+residual diffusion on a regression prior.
 """
 from __future__ import annotations
 
@@ -19,12 +20,15 @@ from wldm_auto.trainers.run import run_training
 
 
 @pytest.mark.parametrize(("stage", "port"), [("diffusion", 29521), ("wavelet_diffusion", 29523),
-                                             ("regression", 29525)])
+                                             ("regression", 29525), ("residual_diffusion", 29527)])
 def test_two_gloo_processes_train_every_stage(stage, port, preprocessed_small, tmp_path, monkeypatch):
     dataset = tiny_copy(preprocessed_small, tmp_path, monkeypatch)
     if stage == "diffusion":  # needs the fold's VAE
         run_training(dataset, "vae", 0, options=TrainerOptions(device="cpu", num_workers=0, num_steps=2,
                                                                steps_per_epoch=2))
+    if stage == "residual_diffusion":  # needs the fold's regression prior
+        run_training(dataset, "regression", 0, options=TrainerOptions(device="cpu", num_workers=0, num_steps=2,
+                                                                      steps_per_epoch=2))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                "-m", "wldm_auto.cli.train", dataset, stage, "--device", "cpu", "--steps", "2",
