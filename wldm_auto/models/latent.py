@@ -47,7 +47,7 @@ class LatentSynthesizer:
     overlap: float = 0.5  # VAE encode/decode tiles
     device: torch.device | str = "cpu"
     batch_size: int = 4
-    latent_tile_scale: int = 2  # sampling tiles are at most this many patch-latents wide per axis
+    latent_tile_scale: int = 1  # sampling tiles are at most this many patch-latents wide per axis
     latent_overlap: float = 0.25  # of the sampling tiles, when latent_margin is 0
     latent_margin: int = 0  # > 0: the fewest sampling tiles whose neighbours overlap by this many latent voxels
     image_tile_scale: int = 1  # VAE tiles are this many patches wide per axis (local VAEs only)
