@@ -43,15 +43,19 @@ synchronisation per call).
 What to expect: naive patches are sampled independently, so they need a
 large overlap (0.5: each voxel is encoded, denoised at every step and decoded
 ~8 times in 3D) to hide their seams. Ours re-blends the whole latent at every
-step with one shared noise field, so its tiles can be large with a small
-overlap: each voxel is encoded and decoded ~1.3 times, and denoised ~3 times per
-step with the default latent tiles (2x at 0.25) or ~1.1 times with
-``--latent-tile-scale 8 --latent-margin 8``. The U-Net share, paid at every step,
-drops most, and the gap grows with the number of steps; ours also holds the
-whole latent and its blending buffers (about latent_channels / f^3 of the
-float32 MR), a small RAM cost. Quality is not measured here (random weights):
-large latent tiles change the GroupNorm statistics of the trained U-Nets (see
-``InferencePlan``'s docstring), so they are not the plan's default. Conv
+step with one shared noise field, so its tiles barely need to overlap: each
+voxel is encoded and decoded ~1.3 times, and denoised ~2.5 times per step with
+the default patch-sized latent tiles at overlap 0.25 or ~1.2 times with
+``--latent-overlap 0`` (the same tile size, so a U-Net call costs the same as a
+naive one). The U-Net share, paid at every step, drops most, and the gap grows
+with the number of steps (README: 4.9x at 50 steps with overlap 0, 2.7x with
+0.25); ours also holds the whole latent and its blending buffers (about
+latent_channels / f^3 of the float32 MR), a small RAM cost. Quality is not
+measured here (random weights): the README's table measures each tiling on the
+fidelity benchmark's trained models. Larger latent tiles
+(``--latent-tile-scale 8 --latent-margin 8``: one tile per whole-body latent)
+are faster still, but they change the GroupNorm statistics of the trained
+U-Nets (see ``InferencePlan``'s docstring). Conv
 efficiency on CPU is well below 1 with tiny widths: group-wise and 1x1x1
 convs on few channels are memory-bound, and GroupNorm, attention, wavelet
 transforms and tile copies take a large share of the wall time.
@@ -63,6 +67,7 @@ forward+backward took 5.3 s with 2 threads and 0.015 s with 1 on two
 loaded cores). If the figures look absurd, compare with ``--threads 1``.
 
     python bench/sampler.py                      # default size, 2 DDIM steps, tiny widths (long on CPU)
+    python bench/sampler.py --steps 50 --latent-overlap 0   # the README's 4.9x row (about 20 minutes here)
     python bench/sampler.py --quick              # 48^3, 32^3 patches: checks the script runs
     python bench/sampler.py --size 160 160 160 --steps 4 --device cuda
 

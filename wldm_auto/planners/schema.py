@@ -232,20 +232,22 @@ class InferencePlan:
     size whose neighbours overlap by that many latent voxels, as small as that allows. Tiles shrink
     until a first-level U-Net activation fits the VAE tiles' element budget.
     The default is patch-sized latent tiles (scale 1) at overlap 0.25: the diffusion U-Nets use
-    GroupNorm, whose statistics change with the tile, so tiles of the size they were trained on are
-    the safe choice. On the fidelity benchmark's test cases (trained models, 10 DDIM steps, 1 sample,
-    MAE in HU, mean of seeds 0/1/2 where given) against the former default of 2x tiles at 0.25:
-    3D-WLDM 88.8 against 89.0 (seeds 1/2: SSIM 0.823 / 0.825, bone Dice 0.04 / 0.05), the wavelet-domain model
-    109.1 against 145.5, the residual model's posterior-mean sCT 66.36 either way (one residual
-    sample: 77.0 against 75.8). Larger tiles are faster but shift the statistics: one tile per
-    volume (8x tiles) gave 3D-WLDM 88.2 HU but bone Dice 0.00, the wavelet-domain model 181.0 HU.
+    GroupNorm, whose statistics change with the tile, so tiles of the size they were trained on are the
+    safe choice. On the fidelity benchmark's test cases (trained models, 10 DDIM steps, 1 sample, MAE in
+    HU, mean of seeds 0/1/2 where given) against the former default of 2x tiles at 0.25: 3D-WLDM 88.8
+    against 89.0 (seeds 1/2: SSIM 0.823 / 0.825, bone Dice 0.04 / 0.05), the wavelet-domain model 109.1
+    against 145.5, the residual model's posterior-mean sCT 66.36 either way (one residual sample: 77.0
+    against 75.8). Larger tiles are faster but shift the statistics: one tile per volume (8x tiles) gave
+    3D-WLDM 88.2 HU but bone Dice 0.00, the wavelet-domain model 181.0 HU (an earlier run, linear export:
+    146.7 with 2x tiles).
     ``latent_overlap`` 0 is the fast setting: patch-sized tiles that only share the voxels the even
-    spacing leaves, so a 250 x 180 x 450 MR at 2 mm (64^3 patches) needs 96 U-Net tiles per step
-    against 200 at 0.25 and 490 for independent patches at 0.5 (bench/sampler.py); it cost 3D-WLDM
-    0.8 HU (89.9; SSIM 0.821, bone Dice 0.06), the wavelet-domain model nothing (109.2) and the residual model's
-    posterior mean 0.1 HU (66.46). Independent patches (each encoded, sampled with its own noise and
-    decoded, overlap 0.5; seed 0) gave 3D-WLDM 88.8 HU, SSIM 0.819, bone Dice 0.04: their overlaps
-    average about 8 independent samples per voxel, which lowers soft-tissue MAE and blurs bone.
+    spacing leaves, so a 250 x 180 x 450 MR at 2 mm (64^3 patches) needs 96 U-Net tiles per step against
+    200 at 0.25 and 490 for independent patches at 0.5 (bench/sampler.py, 50 steps: 4.9x faster than
+    independent patches, against 2.7x at 0.25); it cost 3D-WLDM 0.8 HU (89.9; SSIM 0.821, bone Dice
+    0.06), the wavelet-domain model nothing (109.2) and the residual model's posterior mean 0.1 HU
+    (66.46). Independent patches (each encoded, sampled with its own noise and decoded, overlap 0.5;
+    seed 0) gave 3D-WLDM 88.8 HU, SSIM 0.819, bone Dice 0.04: their overlaps average about 8 independent
+    samples per voxel, which lowers soft-tissue MAE and blurs bone.
     A local VAE's tiles (at most ``image_tile_scale`` patches) overlap by ``first_stage_margin``
     image voxels instead of ``tile_overlap``: as few and as small tiles as that allows
     (bench/predict.py; the VAE's receptive field: with a 16-voxel overlap a tiny-width VAE's tiled
