@@ -365,3 +365,27 @@ def test_latent_tiles_respect_the_element_budget() -> None:
     tile = wide.latent_tile([113, 45, 63])
     assert math.prod(tile) * 2048 <= latent.TILE_ELEMENTS and all(t % 4 == 0 for t in tile)
     assert wide.latent_batch(tile) == 1
+
+
+def test_default_latent_tiles_are_the_training_patch_latent() -> None:
+    """The plan's default sampling tiles are the patch's latent (the size the GroupNorm U-Nets were trained on),
+    and overlap 0 tiles a whole-body latent with the fewest such tiles."""
+    from types import SimpleNamespace
+
+    from wldm_auto.diffusion.tiled import TiledDenoiser
+    from wldm_auto.models import latent
+    from wldm_auto.planners.schema import InferencePlan
+
+    plan = InferencePlan()
+    assert (plan.latent_tile_scale, plan.latent_overlap, plan.latent_margin) == (1, 0.25, 0)
+    vae = SimpleNamespace(required_divisor=4)
+    synthesizer = latent.LatentSynthesizer(vae, SimpleNamespace(channels=[16], required_divisor=4), None, 1.0,
+                                           [64, 64, 64])  # the dataclass defaults must be the plan's
+    assert (synthesizer.latent_tile_scale, synthesizer.latent_overlap) == (plan.latent_tile_scale,
+                                                                           plan.latent_overlap)
+    tile = synthesizer.latent_tile([113, 45, 63])  # a 250 x 180 x 450 MR at 2 mm, VAE factor 4
+    assert tile == [16, 16, 16]
+    fast = TiledDenoiser(lambda x, t, c: x, None, tile, overlap=0.0, divisor=4)
+    default = TiledDenoiser(lambda x, t, c: x, None, tile, overlap=plan.latent_overlap, divisor=4)
+    assert len(fast.layout([113, 45, 63], torch.device("cpu")).slices) == 8 * 3 * 4
+    assert len(default.layout([113, 45, 63], torch.device("cpu")).slices) == 10 * 4 * 5
