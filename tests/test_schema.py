@@ -17,6 +17,8 @@ from wldm_auto.planners.schema import (
     PreprocessingPlan,
     RegistrationPlan,
     VAEPlan,
+    residual_diffusion_plan,
+    wavelet_diffusion_plan,
 )
 
 
@@ -350,3 +352,24 @@ def test_old_plans_with_an_edited_target_spacing_say_where_to_set_it(tmp_path, p
     plans_dict["preprocessing"]["target_spacing"] = "2 mm"
     with pytest.raises(PlanError, match=r"^p\.preprocessing\.target_spacing: expected a list"):
         Plans.from_dict(plans_dict, "p")
+
+
+def test_a_partial_section_takes_its_own_defaults(plans_dict):
+    """Keys a section lacks come from that section's defaults, not from a bare DiffusionPlan: the residual and
+    wavelet-domain sections differ from the latent one (Haar first stage, x0, no DSCA; the residual sCT is the
+    posterior mean). A plan written before a key existed, or edited down by hand, must not change model."""
+    config = plans_dict["configurations"]["3d_wldm"]
+    for section in ("wavelet_diffusion", "residual_diffusion"):
+        for key in ("first_stage", "prediction", "dsca", "sct_estimate", "unet_channels"):
+            config[section].pop(key, None)
+        config[section]["training"].pop("learning_rate", None)
+    config["diffusion"].pop("sct_estimate", None)
+    loaded = Plans.from_dict(plans_dict).configuration("3d_wldm")
+    for section, expected in (("wavelet_diffusion", wavelet_diffusion_plan()),
+                              ("residual_diffusion", residual_diffusion_plan())):
+        got = getattr(loaded, section)
+        assert (got.first_stage, got.prediction, got.dsca, got.unet_channels, got.sct_estimate) == (
+            expected.first_stage, expected.prediction, expected.dsca, expected.unet_channels, expected.sct_estimate)
+        assert got.training.learning_rate == expected.training.learning_rate
+    assert loaded.residual_diffusion.sct_estimate == "posterior_mean" and loaded.residual_diffusion.first_stage == "haar"
+    assert loaded.diffusion.sct_estimate == "sample_mean" and loaded.diffusion.first_stage == "vae"

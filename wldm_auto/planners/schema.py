@@ -9,6 +9,7 @@ fails loudly instead of being ignored.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -506,11 +507,12 @@ def _check_choice(value: Any, allowed: tuple[str, ...], where: str) -> None:
             raise PlanError(f"{at}: {item!r} is not allowed (allowed: {', '.join(allowed)})")
 
 
-def _check_type(value: Any, annotation: Any, where: str) -> Any:
-    """Validate (and lightly coerce int->float) ``value`` against ``annotation``."""
+def _check_type(value: Any, annotation: Any, where: str, default: Any = None) -> Any:
+    """Validate (and lightly coerce int->float) ``value`` against ``annotation``; a section (dataclass) takes
+    the keys it lacks from ``default``, the section's own defaults."""
     origin = typing.get_origin(annotation)
     if dataclasses.is_dataclass(annotation):
-        return _build(annotation, value, where)
+        return _build(annotation, value, where, default if dataclasses.is_dataclass(default) else None)
     if annotation is Any:
         return value
     if origin is list:
@@ -538,7 +540,19 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
+def _field_default(f: dataclasses.Field) -> Any:
+    """A field's default value (its factory called), or None when it has none."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _build(cls: type, data: Any, where: str, default: Any = None) -> Any:
+    """``cls`` from ``data``, checked. Keys ``data`` lacks come from ``default`` (an instance: the defaults of
+    the section this is, e.g. ``residual_diffusion_plan()`` for ``residual_diffusion``, whose values differ
+    from a bare ``DiffusionPlan()``'s), else from ``cls``'s own defaults."""
     if not isinstance(data, dict):
         raise PlanError(f"{where}: expected an object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -550,9 +564,12 @@ def _build(cls: type, data: Any, where: str) -> Any:
     choices = CHOICES.get(cls, {})
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _check_type(data[name], hints[name], f"{where}.{name}")
+            fallback = getattr(default, name) if default is not None else _field_default(f)
+            kwargs[name] = _check_type(data[name], hints[name], f"{where}.{name}", fallback)
             if name in choices:
                 _check_choice(kwargs[name], choices[name], f"{where}.{name}")
+        elif default is not None:
+            kwargs[name] = copy.deepcopy(getattr(default, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise PlanError(f"{where}: missing key {name!r}")
     section = cls(**kwargs)
