@@ -512,7 +512,7 @@ def _check_type(value: Any, annotation: Any, where: str, default: Any = None) ->
     the keys it lacks from ``default``, the section's own defaults."""
     origin = typing.get_origin(annotation)
     if dataclasses.is_dataclass(annotation):
-        return _build(annotation, value, where, default if dataclasses.is_dataclass(default) else None)
+        return _build(annotation, value, where, default)
     if annotation is Any:
         return value
     if origin is list:
@@ -564,8 +564,10 @@ def _build(cls: type, data: Any, where: str, default: Any = None) -> Any:
     choices = CHOICES.get(cls, {})
     for name, f in fields.items():
         if name in data:
-            fallback = getattr(default, name) if default is not None else _field_default(f)
-            kwargs[name] = _check_type(data[name], hints[name], f"{where}.{name}", fallback)
+            section_default = None  # only a nested section needs one: it fills the keys that section lacks
+            if dataclasses.is_dataclass(hints[name]):
+                section_default = getattr(default, name) if default is not None else _field_default(f)
+            kwargs[name] = _check_type(data[name], hints[name], f"{where}.{name}", section_default)
             if name in choices:
                 _check_choice(kwargs[name], choices[name], f"{where}.{name}")
         elif default is not None:
