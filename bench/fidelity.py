@@ -17,7 +17,9 @@ once.) The residual model reuses the regression row's trained U-Net as its prior
 diffusion share on top, so its budget is the regression's plus that share (printed). All networks
 use the ``cpu`` plan preset. ``--samples N`` (N > 1): the stochastic models draw N samples (their sCT
 as their plan makes it: the samples' mean, or residual diffusion's posterior-mean estimate) and their
-std maps are graded too (AUSE, coverage, calibration: ``wldm_evaluate``).
+std maps are graded too (AUSE, coverage, calibration: ``wldm_evaluate``). ``--mirror-axes 0 1 2``:
+test-time mirroring (plan ``inference.mirror_axes``), each sample drawn on the 8 flipped MRs; the
+regression U-Net then has a std map too. Both are prediction settings: trained models are reused.
 
 Columns: MAE (HU), PSNR (dB), SSIM, MS-SSIM, bone Dice (> 250 HU), all computed by
 ``wldm_evaluate``'s code inside the test masks and averaged over the test cases; for latent models
@@ -40,7 +42,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +60,10 @@ from wldm_auto.evaluation.evaluate import evaluate_folder  # noqa: E402
 from wldm_auto.inference.baselines import bulk_density_sct  # noqa: E402
 from wldm_auto.inference.calibration import fit_from_folders, scale_std  # noqa: E402
 from wldm_auto.inference.first_stage import first_stage_reconstruction  # noqa: E402
-from wldm_auto.inference.predictor import load_model, predict_folder  # noqa: E402
+from wldm_auto.inference.predictor import load_model, predict_folder, spread_possible  # noqa: E402
 from wldm_auto.io.files import hash_data, hash_file, read_json, write_json  # noqa: E402
 from wldm_auto.io.images import read_image, write_image  # noqa: E402
+from wldm_auto.models.checkpoint import load_checkpoint  # noqa: E402
 from wldm_auto.paths import PREPROCESSED, RAW, RESULTS, model_folder_name  # noqa: E402
 from wldm_auto.planners.presets import CPU_PRESET, apply_preset, merge  # noqa: E402
 from wldm_auto.planners.schema import InferencePlan, Plans  # noqa: E402
@@ -215,12 +218,16 @@ def predict(work: Path, row: str, test_mr: Path, plans: Plans, samples: int = 1,
     std map ``CASE_std`` for a stochastic model) into ``predictions/<name or row>``; returns (folder, mean
     seconds per case).
 
-    Reused when the model's checkpoint and the prediction settings are unchanged (stored with the timings)."""
+    Reused when the model's checkpoint, its configuration as this code reads it (a new plan key's default
+    changes what a stored plan means) and the prediction settings are unchanged (stored with the timings)."""
     trainer = ROWS[row].trainer
     checkpoint = model_folder(trainer) / "fold_0" / "checkpoint_final.pt"
     out = work / "predictions" / (name or row)
     inference = plans.configuration(CONFIGURATION).inference  # the benchmark's, not the one stored at training
-    stamp = {"checkpoint": hash_file(checkpoint), "inference": asdict(inference), "samples": samples}
+    stored = load_checkpoint(checkpoint, map_location="cpu")
+    as_read = Plans.from_dict(stored.plans, str(checkpoint)).configuration(stored.configuration)
+    stamp = {"checkpoint": hash_file(checkpoint), "configuration": asdict(replace(as_read, inference=inference)),
+             "samples": samples}
     timing_path = work / "predictions" / f"{name or row}.json"
     if timing_path.is_file() and read_json(timing_path).get("stamp") == stamp and out.is_dir():
         return out, float(read_json(timing_path)["seconds_per_case"])
@@ -228,7 +235,7 @@ def predict(work: Path, row: str, test_mr: Path, plans: Plans, samples: int = 1,
     folds = load_model(model_folder(trainer), [0], torch.device("cuda" if torch.cuda.is_available() else "cpu"),
                        inference=inference)
     outcomes = predict_folder(test_mr, out, folds, steps=inference.ddim_steps, samples=samples, seed=0,
-                              save_std=samples > 1 and folds[0].synthesizer.is_stochastic)
+                              save_std=spread_possible(folds, samples))
     failed = [o for o in outcomes if o.status != "done"]
     if failed:
         raise SystemExit(f"{name or row}: prediction failed for {failed[0].case}: {failed[0].message}")
@@ -403,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=1,
                         help="samples per case of the stochastic models (> 1: their std maps are graded; the sCT "
                              "is the samples' mean, or the posterior-mean estimate where the plan says so; default 1)")
+    parser.add_argument("--mirror-axes", type=int, nargs="*", choices=[0, 1, 2], metavar="AXIS",
+                        help="test-time mirroring of every model along these axes (0 z, 1 y, 2 x; plan "
+                             "inference.mirror_axes): 2**len(axes) draws per sample, the regression U-Net gets a "
+                             "std map; default: none")
     parser.add_argument("--fresh", action="store_true", help="retrain and repredict everything (keeps the data)")
     parser.add_argument("--no-figures", action="store_true", help="skip the per-case evaluation figures (--quick: "
                         "always skipped)")
@@ -421,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work / sub, ignore_errors=True)
     start = _timer()
     data, preprocessed, plans = prepare(work, setup, json.loads(args.overrides))
+    if args.mirror_axes:  # a prediction setting: trained models are reused, predictions redone
+        plans.configuration(CONFIGURATION).inference.mirror_axes = sorted(args.mirror_axes)
     test_cases = data.cases("test")
 
     seconds: dict[str, float] = {}
@@ -495,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         "spacing_mm": setup.spacing,
         "ddim_steps": setup.ddim_steps,
         "samples": args.samples,
+        "mirror_axes": sorted(args.mirror_axes or []),
         "seconds": round(_timer() - start, 1),
         "note": PROXY_NOTE,
     }

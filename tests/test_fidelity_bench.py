@@ -100,3 +100,26 @@ def test_quick_phantom_holdout_shares_no_voxel_with_training(quick_run: tuple[Pa
     # and no test case name among the training cases
     raw_cases = {p.name.split("_0000")[0] for p in (work / "data" / "raw").glob("Dataset*/imagesTr/*")}
     assert not raw_cases & {p.name.split(".")[0] for p in (work / "data" / "test" / "mr").iterdir()}
+
+
+def test_quick_mirroring_reuses_the_models_and_gives_regression_a_std_map(quick_run: tuple[Path, dict],
+                                                                          tmp_path: Path) -> None:
+    """--mirror-axes is a prediction setting: nothing retrains, the predictions are redone, and the deterministic
+    regression U-Net gets a std map from its mirrorings."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(quick_run[0], work, symlinks=True)
+    checkpoint = next(work.glob("results/*/*/RegressionTrainer__*/fold_0/checkpoint_final.pt"))
+    before = checkpoint.stat().st_mtime_ns
+    env = {k: v for k, v in os.environ.items() if not k.startswith("wldm_")}
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "fidelity.py"), "--quick", "--work", str(work),
+                             "--rows", "regression", "--mirror-axes", "2"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["mirror_axes"] == [2] and summary["samples"] == 1
+    assert checkpoint.stat().st_mtime_ns == before  # reused, not retrained
+    values = summary["models"]["regression"]
+    assert values["uncertainty"] is not None and values["uncertainty"]["mean_std"] > 0
+    assert values["mae_hu"] != pytest.approx(quick_run[1]["models"]["regression"]["mae_hu"], rel=1e-6)

@@ -162,13 +162,14 @@ def test_calibrate_cli(tmp_path, capsys):
     dirs = synthetic_folders(tmp_path, 1.6)
     model = fake_model(tmp_path)
     argv = ["-m", str(model), "-ct", str(dirs["ct"]), "-s", str(dirs["sct"]), "--mask", str(dirs["mask"]),
-            "--samples", "5", "--steps", "20"]
+            "--samples", "5", "--steps", "20", "--mirror-axes", "2", "0"]
     assert calibrate_main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     record = json.loads((model / STD_SCALE_FILE).read_text())
     assert record["scale"] == pytest.approx(1.6, rel=0.02)
     assert f"{record['scale']:.4g}" in out and "95.4 %" in out and "before" in out
     assert record["cases"] == ["a", "b", "c"] and record["samples"] == 5 and record["steps"] == 20
+    assert record["mirror_axes"] == [0, 2] and record["folds"] is None
     assert record["coverage_2_after"] == pytest.approx(0.9545, abs=0.005)
     assert record["coverage_2_before"] < 0.9 and record["ml_scale"] > 0 and record["n_voxels"] > 10_000
     assert record["created"] and "quantile" in record["method"]
@@ -311,3 +312,16 @@ def test_confidence_hu_needs_a_std_map(model, inputs, tmp_path, capsys):
     predictor = Predictor.from_model_folder(model, device="cpu")
     with pytest.raises(ValueError, match="confidence_hu needs a std map"):
         predictor.predict(inputs / "phantom.mha", steps=2, samples=1, confidence_hu=100)
+
+
+def test_one_sample_mirrored_gives_a_std_map_and_a_scale_fitted_otherwise_is_warned_about(model, inputs, tmp_path,
+                                                                                            caplog):
+    scaled_model = tmp_path / model.name
+    shutil.copytree(model, scaled_model)
+    write_std_scale(scaled_model, 2.0, {"samples": 1, "mirror_axes": []})
+    out = tmp_path / "sct"
+    with caplog.at_level(logging.WARNING, logger="wldm_auto.inference.predictor"):
+        assert predict(inputs, out, scaled_model, "--samples", "1", "--mirror-axes", "2", "--save-std",
+                       "--confidence-hu", "100") == 0
+    assert "mirrored along axes none; this run mirrors along [2]" in caplog.text
+    assert array(out / "phantom_std.mha").max() > 0 and array(out / "phantom_confidence.mha").max() == 1

@@ -29,12 +29,13 @@ The fit: r = |sCT - CT| / std, pooled over all cases; s = quantile(r, 0.9545) / 
 that after scaling exactly 95.45 % of those voxels (a Gaussian's share) have
 |error| <= 2 * s * std, the coverage at k = 2 the project checks. The maximum-likelihood
 scale sqrt(mean(r^2)) is stored too, for information: heavy-tailed errors (registration,
-edges) inflate it. The scale holds for the number of samples and folds it was fitted
-with: pass --samples/--steps/--folds as used in step 2 so std_scale.json records them and
-a prediction with other settings is warned about.
+edges) inflate it. The scale holds for the number of samples, folds and mirrorings it
+was fitted with: pass --samples/--steps/--folds/--mirror-axes as used in step 2 so
+std_scale.json records them and a prediction with other settings is warned about.
 
 std_scale.json (written atomically): scale, method, ml_scale, coverage_2_before,
-coverage_2_after, cases, n_voxels, created, samples, steps, folds, per-case figures.
+coverage_2_after, cases, n_voxels, created, samples, steps, folds, mirror_axes, per-case
+figures.
 An existing one is kept unless --overwrite. Log: MODEL_FOLDER/logs/.
 
   wldm_calibrate_std -m $wldm_results/Dataset001_X/DiffusionTrainer__wldmPlans__3d_wldm \\
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, help="samples per fold the predictions were made with (recorded)")
     parser.add_argument("--steps", type=int, help="DDIM steps the predictions were made with (recorded)")
     parser.add_argument("--folds", type=int, nargs="+", help="folds the predictions ensembled (recorded)")
+    parser.add_argument("--mirror-axes", type=int, nargs="*", choices=[0, 1, 2], metavar="AXIS",
+                        help="wldm_predict --mirror-axes the predictions were made with (recorded; without axes: "
+                             "none)")
     parser.add_argument("--resample", action="store_true",
                         help="resample sCT/std/mask that lie on another grid onto the CT's (else an error)")
     parser.add_argument("--allow-missing", action="store_true",
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         calibration = fit_from_folders(args.ct_dir, args.sct_dir, args.std_dir, args.mask_dir, args.resample,
                                        args.allow_missing)
         path = write_std_scale(args.model, calibration.scale,
-                               calibration.record(args.samples, args.steps, args.folds), args.overwrite)
+                               calibration.record(args.samples, args.steps, args.folds, args.mirror_axes), args.overwrite)
         print(f"std scale {calibration.scale:.4g} (maximum likelihood {calibration.ml_scale:.4g}) from "
               f"{len(calibration.cases)} case(s), {calibration.n_voxels} voxels -> {path}")
         print(f"coverage of |error| <= 2 std: {100 * calibration.coverage_2_before:.1f} % before, "

@@ -58,6 +58,7 @@ each process logs to its own file):
                               every DDIM step, decoding); same voxels as one process
 
   wldm_predict -i mr/ -o sct/ -d 001 -f 0 --steps 50 --samples 5 --save-std
+  wldm_predict -i mr/ -o sct/ -d 001 -tr RegressionTrainer --mirror-axes 0 1 2 --save-std
   wldm_predict -i mr/ -o sct/ -m $wldm_results/Dataset001_X/DiffusionTrainer__wldmPlans__3d_wldm
   wldm_predict -i mr_dicom/ -o sct/ -m model.zip --dicom-out --mumap
 
@@ -102,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"],
                         help="the networks' autocast dtype (blending and DDIM steps stay float32; default: the "
                              "plan's inference.precision, float32; bfloat16 on a GPU without it: float16)")
+    parser.add_argument("--mirror-axes", type=int, nargs="*", choices=[0, 1, 2], metavar="AXIS",
+                        help="test-time mirroring: also predict on the MR flipped along every subset of these "
+                             "axes (0 z, 1 y, 2 x) and average; 2**len(axes) times the time, and the flips' "
+                             "spread enters --save-std (a regression model's only std map). Given without axes: "
+                             "off. Default: the plan's inference.mirror_axes (none)")
     parser.add_argument("--save-std", action="store_true", help="write CASE_std: standard deviation over samples (HU)")
     parser.add_argument("--no-std-scale", action="store_true",
                         help="ignore the model folder's std_scale.json (wldm_calibrate_std): raw std over the draws")
@@ -146,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             name = resolve_dataset_name(args.dataset, (RESULTS,))
             model = results_root() / name / model_folder_name(args.trainer, args.plans, args.configuration)
         folds = load_model(model, args.folds, device, args.overlap, args.checkpoint, precision=args.precision,
-                           std_scale=not args.no_std_scale)
+                           std_scale=not args.no_std_scale, mirror_axes=args.mirror_axes)
         check_confidence(folds, plan_samples(folds, args.samples), args.confidence_hu, "--confidence-hu")
         ranks.spread(folds)
         cases = prepare_prediction(args.input, args.output, args.resume, args.overwrite, args.file_ending,

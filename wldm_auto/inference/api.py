@@ -46,9 +46,10 @@ class Prediction:
     """The sCT of one MR, in the MR's exact geometry."""
 
     sct: sitk.Image  # int16 HU, -1024 outside the body
-    std: sitk.Image | None  # float32 HU over samples x folds (times std_scale); None when there was one draw
+    std: sitk.Image | None  # float32 HU over samples x mirrorings x folds (times std_scale); None with one draw
     confidence: sitk.Image | None = None  # uint8, 1 inside the body where 2 * std < confidence_hu (when asked)
     std_scale: float = 1.0  # factor applied to std (the model folder's std_scale.json; 1.0 without one)
+    draws: int = 1  # predictions made: samples x mirrorings per diffusion fold, mirrorings per regression fold
 
 
 class Predictor:
@@ -66,7 +67,7 @@ class Predictor:
     def from_model_folder(cls, path: str | os.PathLike, folds: Sequence[int] | None = (0,), device: str = "cuda",
                           checkpoint: str = CHECKPOINT, overlap: float | None = None,
                           progress: bool = True, precision: str | None = None,
-                          std_scale: bool = True) -> "Predictor":
+                          std_scale: bool = True, mirror_axes: Sequence[int] | None = None) -> "Predictor":
         """Load ``<Trainer>__<plans>__<config>/fold_F/checkpoint`` for each fold in ``folds``; ``path`` may
         also be a model zip (``wldm_export_model``: hashes checked, unpacked to a temporary folder).
 
@@ -77,10 +78,12 @@ class Predictor:
         tile blending and DDIM steps stay float32 (``wldm_predict --precision``; bfloat16 on a GPU
         without it runs float16). ``std_scale``: multiply std maps by the scale in the model folder's
         ``std_scale.json`` when it has one (False: ignore it, ``wldm_predict --no-std-scale``).
+        ``mirror_axes``: test-time mirroring along these axes (0 z, 1 y, 2 x; [] off; None: the plan's
+        ``inference.mirror_axes``): every sample is also drawn on the flipped MRs, 2 ** len(axes) draws.
         """
         resolved = resolve_device(device)
         return cls(load_model(Path(path), list(folds) if folds is not None else None, resolved, overlap, checkpoint,
-                              precision=precision, std_scale=std_scale), resolved, progress)
+                              precision=precision, std_scale=std_scale, mirror_axes=mirror_axes), resolved, progress)
 
     @property
     def std_scale(self) -> float:
@@ -112,7 +115,8 @@ class Predictor:
         or a dict {channel index or name: image} of any non-empty subset.
         ``steps``/``samples``/``eta`` None: the plan's (``inference.ddim_steps``,
         ``inference.samples``, ``inference.ddim_eta``). Draws: ``samples`` per diffusion fold,
-        one per regression fold; seeds ``seed + 1000 * fold position``.
+        one per regression fold, each times 2 ** len(mirror axes) with test-time mirroring; seeds
+        ``seed + 1000 * fold position``.
         ``confidence_hu`` (HU > 0): also the confidence mask, 1 inside the body where
         2 * std < ``confidence_hu`` (needs several draws: a ValueError otherwise).
         One-line ValueError for input that cannot be used.
@@ -127,7 +131,7 @@ class Predictor:
         result = synthesize(self.folds, {c: images[c] for c in present}, available, steps, samples, seed, eta,
                             want_std=True, names=[labels[c] for c in present], progress=self.progress,
                             confidence_hu=confidence_hu)
-        return Prediction(result.sct, result.std, result.confidence, result.std_scale)
+        return Prediction(result.sct, result.std, result.confidence, result.std_scale, result.draws)
 
     def _channels(self, image: MRInput, spacing: Sequence[float] | None, origin: Sequence[float] | None,
                   direction: Sequence[float] | None) -> tuple[dict[int, sitk.Image], dict[int, str]]:

@@ -21,8 +21,8 @@ the ML scale inflates every std map to cover the worst voxels and the 95 %
 band becomes far too wide for the typical one.
 
 The scale holds for the settings it was fitted with (number of samples and
-folds, DDIM steps): record them (``--samples``/``--steps``/``--folds``) so a
-prediction with other settings can be warned about.
+folds, DDIM steps, test-time mirroring): record them (``--samples``/``--steps``/
+``--folds``/``--mirror-axes``) so a prediction with other settings can be warned about.
 
 Also here: the voxel mask of trusted voxels (``wldm_predict --confidence-hu``),
 see :func:`confidence_mask`.
@@ -125,9 +125,9 @@ class StdCalibration:
     method: str = METHOD
 
     def record(self, samples: int | None = None, steps: int | None = None,
-               folds: Sequence[int] | None = None) -> dict[str, Any]:
-        """The fields of ``std_scale.json`` besides ``scale`` (``samples``/``steps``/``folds``: the
-        prediction settings of the calibration run, None when unknown)."""
+               folds: Sequence[int] | None = None, mirror_axes: Sequence[int] | None = None) -> dict[str, Any]:
+        """The fields of ``std_scale.json`` besides ``scale`` (``samples``/``steps``/``folds``/``mirror_axes``:
+        the prediction settings of the calibration run, None when unknown)."""
         return {
             "method": self.method,
             "ml_scale": self.ml_scale,
@@ -141,6 +141,7 @@ class StdCalibration:
             "samples": samples,
             "steps": steps,
             "folds": list(folds) if folds is not None else None,
+            "mirror_axes": sorted(mirror_axes) if mirror_axes is not None else None,
             "per_case": [asdict(c) for c in self.cases],
         }
 
@@ -334,7 +335,7 @@ def describe_record(record: Mapping[str, Any]) -> str:
     cases = record.get("cases")
     if isinstance(cases, list):
         parts.append(f"fitted on {len(cases)} case(s)")
-    for key in ("samples", "steps", "folds"):
+    for key in ("samples", "steps", "folds", "mirror_axes"):
         if record.get(key) is not None:
             parts.append(f"{key} {record[key]}")
     before, after = record.get("coverage_2_before"), record.get("coverage_2_after")

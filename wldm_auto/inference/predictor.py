@@ -44,6 +44,7 @@ from wldm_auto.io.image_folders import CONFIDENCE_SUFFIX, MUMAP_SUFFIX, STD_SUFF
 from wldm_auto.io.images import FILE_ENDINGS, ImageReadError, file_ending, read_image, write_image
 from wldm_auto.models.checkpoint import CheckpointError
 from wldm_auto.models.loading import build_synthesizer, load_synthesis_checkpoint
+from wldm_auto.models.mirroring import MirroredSynthesizer
 from wldm_auto.models.phases import Phases
 from wldm_auto.models.precision import autocast_dtype
 from wldm_auto.models.synthesizer import Synthesizer
@@ -103,14 +104,47 @@ def check_precision(precision: str | None, option: str = "precision") -> None:
         raise ValueError(f"{option} {precision!r}: use one of {', '.join(PRECISIONS)}")
 
 
+def check_mirror_axes(axes: Sequence[int] | None, option: str = "mirror_axes") -> list[int] | None:
+    """``axes`` as a sorted list (None: the plan's); one-line ValueError unless distinct axes among 0, 1, 2."""
+    if axes is None:
+        return None
+    if len(set(axes)) != len(list(axes)) or not set(axes) <= {0, 1, 2}:
+        raise ValueError(f"{option} {list(axes)}: give distinct axes among 0, 1, 2 (z, y, x), or none to switch "
+                         "test-time mirroring off")
+    return sorted(int(a) for a in axes)
+
+
+def mirrored(synthesizer: Synthesizer, config: ConfigurationPlan, where: Path) -> Synthesizer:
+    """``synthesizer`` behind test-time mirroring along the plan's ``inference.mirror_axes`` (none: as is);
+    warns about axes the model never saw flipped in training."""
+    axes = config.inference.mirror_axes
+    if not axes:
+        return synthesizer
+    trained = set(config.augmentation.mirror_axes) if config.augmentation.p_mirror > 0 else set()
+    if not set(axes) <= trained:
+        log.warning("%s: test-time mirroring along axes %s, but training flipped only %s: flipped inputs the "
+                    "model never saw may make its sCT worse", where, sorted(set(axes) - trained),
+                    sorted(trained) or "none")
+    log.info("%s: test-time mirroring along axes %s (%d draws per sample)", where.parent.name, axes, 2 ** len(axes))
+    return MirroredSynthesizer(synthesizer, tuple(axes))
+
+
+def draws_per_sample(fold: LoadedFold) -> int:
+    """How many draws one sample of this fold becomes (2 ** mirror axes; 1 without mirroring)."""
+    return int(getattr(fold.synthesizer, "draws_per_sample", 1))
+
+
 def load_fold(folder: Path, device: torch.device, overlap: float | None = None, checkpoint: str = CHECKPOINT,
-              inference: InferencePlan | None = None, precision: str | None = None) -> LoadedFold:
+              inference: InferencePlan | None = None, precision: str | None = None,
+              mirror_axes: Sequence[int] | None = None) -> LoadedFold:
     """The synthesizer of one ``fold_F`` folder (diffusion or regression); ValueError naming the file on problems.
 
     ``inference``: prediction settings to use instead of those stored with the checkpoint (tiles, steps).
     ``precision``: "float32", "bfloat16" or "float16" instead of the plan's ``inference.precision``
-    (the networks' autocast dtype, see ``models/precision.py``)."""
+    (the networks' autocast dtype, see ``models/precision.py``). ``mirror_axes``: test-time mirroring
+    along these axes instead of the plan's ``inference.mirror_axes`` ([]: off; ``models/mirroring.py``)."""
     check_precision(precision)
+    mirror_axes = check_mirror_axes(mirror_axes)
     path = folder / checkpoint
     if not path.is_file():
         raise ValueError(f"{path}: not found (is training of {folder.name} finished? "
@@ -125,6 +159,8 @@ def load_fold(folder: Path, device: torch.device, overlap: float | None = None, 
         config = replace(config, inference=inference)
     if precision is not None:
         config = replace(config, inference=replace(config.inference, precision=precision))
+    if mirror_axes is not None:
+        config = replace(config, inference=replace(config.inference, mirror_axes=mirror_axes))
     # the fold carries the settings it runs with, so synthesize() reads the same ones as the synthesizer
     plans = replace(plans, configurations={**plans.configurations, stored.configuration: config})
     overlap = config.inference.tile_overlap if overlap is None else overlap
@@ -137,6 +173,7 @@ def load_fold(folder: Path, device: torch.device, overlap: float | None = None, 
     except (RuntimeError, KeyError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise ValueError(f"{path}: weights do not match the plan stored in it ({first[:200]})") from None
+    synthesizer = mirrored(synthesizer, config, path)
     if config.inference.precision != "float32":
         log.info("%s: networks under %s autocast (blending and DDIM steps in float32)", folder.name,
                  config.inference.precision)
@@ -147,8 +184,9 @@ def load_fold(folder: Path, device: torch.device, overlap: float | None = None, 
 def load_model(model_folder: Path, folds: Sequence[int] | None, device: torch.device,
                overlap: float | None = None, checkpoint: str = CHECKPOINT,
                inference: InferencePlan | None = None, precision: str | None = None,
-               std_scale: bool = True) -> list[LoadedFold]:
-    """The requested folds of a model folder or model zip (``inference``, ``precision``: see load_fold).
+               std_scale: bool = True, mirror_axes: Sequence[int] | None = None) -> list[LoadedFold]:
+    """The requested folds of a model folder or model zip (``inference``, ``precision``, ``mirror_axes``:
+    see load_fold).
 
     Default: every ``fold_*`` folder holding ``checkpoint``; folders without one
     (training unfinished or failed) are skipped with a warning. Requested folds must have it.
@@ -158,7 +196,8 @@ def load_model(model_folder: Path, folds: Sequence[int] | None, device: torch.de
     model_folder = Path(model_folder)
     if is_model_archive(model_folder):
         with extracted_model(model_folder) as folder:
-            return load_model(folder, folds, device, overlap, checkpoint, inference, precision, std_scale)
+            return load_model(folder, folds, device, overlap, checkpoint, inference, precision, std_scale,
+                              mirror_axes)
     if not model_folder.is_dir():
         raise ValueError(f"{model_folder}: model folder not found")
     record = read_std_scale_record(model_folder) if std_scale else None  # before the slow part: fail fast
@@ -173,7 +212,9 @@ def load_model(model_folder: Path, folds: Sequence[int] | None, device: torch.de
                         ", ".join(skipped), checkpoint, ", ".join(finished))
         names = finished or names  # none finished: load_fold names the missing file
     check_precision(precision)
-    loaded = [load_fold(model_folder / name, device, overlap, checkpoint, inference, precision) for name in names]
+    mirror_axes = check_mirror_axes(mirror_axes)
+    loaded = [load_fold(model_folder / name, device, overlap, checkpoint, inference, precision, mirror_axes)
+              for name in names]
     first = loaded[0]
     for other in loaded[1:]:
         if other.plans.preprocessing != first.plans.preprocessing or other.mr_channels != first.mr_channels:
@@ -198,6 +239,12 @@ def check_std_scale_settings(folds: Sequence[LoadedFold], samples: int) -> None:
         log.warning("the std scale %.4g was fitted on predictions with %d sample(s); this run draws %d: the "
                     "spread of another number of samples has other units, so the scaled std may be off",
                     folds[0].std_scale, fitted, used)
+    fitted_axes, used_axes = record.get("mirror_axes"), folds[0].plans.configuration(
+        folds[0].configuration).inference.mirror_axes
+    if isinstance(fitted_axes, list) and sorted(fitted_axes) != sorted(used_axes):
+        log.warning("the std scale %.4g was fitted on predictions mirrored along axes %s; this run mirrors along "
+                    "%s: the spread of other mirrorings has other units, so the scaled std may be off",
+                    folds[0].std_scale, fitted_axes or "none", used_axes or "none")
     fitted_folds = record.get("folds")
     if isinstance(fitted_folds, list) and len(fitted_folds) != len(folds):
         log.warning("the std scale %.4g was fitted with %d fold(s); this run ensembles %d",
@@ -230,8 +277,10 @@ def dicom_labels(folds: Sequence[LoadedFold], draws: int, seed: int) -> tuple[st
     numbers = ",".join(str(f.fold) for f in folds)
     model_hash = hashlib.sha256(" ".join(f.sha256 for f in folds).encode()).hexdigest()
     description = f"SYNTHETIC CT {first.trainer} f{numbers} {model_hash[:8]}"
+    axes = first.plans.configuration(first.configuration).inference.mirror_axes
+    mirroring = f", test-time mirroring along axes {axes}" if axes else ""
     derivation = (f"Synthetic CT computed from MR (not acquired) by wldm_auto: model {name}, fold(s) {numbers}, "
-                  f"checkpoint sha256 {', '.join(f.sha256 for f in folds)}; {draws} draw(s), seed {seed}")
+                  f"checkpoint sha256 {', '.join(f.sha256 for f in folds)}; {draws} draw(s), seed {seed}{mirroring}")
     return description, derivation, [name, *(f.sha256 for f in folds)]
 
 
@@ -312,7 +361,7 @@ class Synthesis:
 
     sct: sitk.Image  # int16 HU, -1024 outside the body
     std: sitk.Image | None  # float32 HU over all draws (times std_scale); None with one draw or when not asked for
-    draws: int  # samples x folds actually drawn (a deterministic fold counts once)
+    draws: int  # samples x mirrorings x folds actually drawn (a deterministic fold: one sample)
     phases: dict[str, float] = field(default_factory=dict)  # seconds: mask, preprocess, encode, sample, ...
     body: sitk.Image | None = None  # uint8 body mask the sCT was cut with (1 inside; the sCT is air outside)
     confidence: sitk.Image | None = None  # uint8: 1 inside the body where 2 * std < confidence_hu (if asked)
@@ -323,10 +372,11 @@ def no_spread(folds: Sequence[LoadedFold], samples: int) -> tuple[str, str] | No
     """(why, what to do) when these folds with ``samples`` samples per fold make only one distinct draw (no
     std map); None when they make several."""
     deterministic = not any(f.synthesizer.is_stochastic for f in folds)
-    if len(folds) > 1 or (samples > 1 and not deterministic):
+    if len(folds) > 1 or (samples > 1 and not deterministic) or draws_per_sample(folds[0]) > 1:
         return None
     if deterministic:
-        return "a deterministic regression model with one fold", "use several folds"
+        return ("a deterministic regression model with one fold",
+                "use several folds or test-time mirroring (--mirror-axes)")
     return f"one fold and {samples} sample", "use several folds or more than one sample (--samples N)"
 
 
