@@ -60,7 +60,7 @@ from wldm_auto.evaluation.evaluate import evaluate_folder  # noqa: E402
 from wldm_auto.inference.baselines import bulk_density_sct  # noqa: E402
 from wldm_auto.inference.calibration import fit_from_folders, scale_std  # noqa: E402
 from wldm_auto.inference.first_stage import first_stage_reconstruction  # noqa: E402
-from wldm_auto.inference.predictor import load_model, predict_folder, spread_possible  # noqa: E402
+from wldm_auto.inference.predictor import check_mirror_axes, load_model, predict_folder, spread_possible  # noqa: E402
 from wldm_auto.io.files import hash_data, hash_file, read_json, write_json  # noqa: E402
 from wldm_auto.io.images import read_image, write_image  # noqa: E402
 from wldm_auto.models.checkpoint import load_checkpoint  # noqa: E402
@@ -423,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         parser.error(f"unknown row(s) {', '.join(unknown)} (known: {', '.join(ROWS)})")
+    try:
+        mirror_axes = check_mirror_axes(args.mirror_axes, "--mirror-axes") or []
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.threads:
         torch.set_num_threads(args.threads)
     setup = QUICK if args.quick else FULL
@@ -432,8 +436,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work / sub, ignore_errors=True)
     start = _timer()
     data, preprocessed, plans = prepare(work, setup, json.loads(args.overrides))
-    if args.mirror_axes:  # a prediction setting: trained models are reused, predictions redone
-        plans.configuration(CONFIGURATION).inference.mirror_axes = sorted(args.mirror_axes)
+    if mirror_axes:  # a prediction setting: trained models are reused, predictions redone
+        plans.configuration(CONFIGURATION).inference.mirror_axes = mirror_axes
     test_cases = data.cases("test")
 
     seconds: dict[str, float] = {}
@@ -508,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         "spacing_mm": setup.spacing,
         "ddim_steps": setup.ddim_steps,
         "samples": args.samples,
-        "mirror_axes": sorted(args.mirror_axes or []),
+        "mirror_axes": mirror_axes,
         "seconds": round(_timer() - start, 1),
         "note": PROXY_NOTE,
     }

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from wldm_auto.diffusion.ranks import RankShare
 from wldm_auto.inference.predictor import check_mirror_axes, mirrored
 from wldm_auto.models.factory import build_regression_unet
 from wldm_auto.models.mirroring import MirroredSynthesizer, mirrorings
@@ -41,6 +42,11 @@ def test_deterministic_model_gives_one_draw_per_mirroring() -> None:
     # a U-Net is not flip-equivariant: the mirrorings disagree, which is the std map they give
     assert (draws.std(0) > 0).float().mean() > 0.5
     assert synth.mean_estimate(mr) is None  # the regression model's sCT is the mean of the draws
+    share = RankShare(0, 2)
+    synth.share = share  # --split-case reaches the wrapped model
+    assert base.share is share and synth.share is share
+    with pytest.raises(TypeError, match="cannot spread its work"):
+        MirroredSynthesizer(PointwiseModel(), (0,)).share = share
 
 
 @dataclass

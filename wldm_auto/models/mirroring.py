@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from wldm_auto.diffusion.ranks import RankShare
+from wldm_auto.models.distributed import share_tiles
 from wldm_auto.models.phases import Phases
 from wldm_auto.models.synthesizer import Synthesizer
 
@@ -83,9 +84,7 @@ class MirroredSynthesizer:
 
     @share.setter
     def share(self, value: RankShare | None) -> None:
-        if not hasattr(self.base, "share"):
-            raise TypeError(f"{type(self.base).__name__} cannot spread its work over ranks")
-        self.base.share = value
+        share_tiles([self.base], value)  # its check: a base that cannot spread its work is a TypeError
 
     @torch.no_grad()
     def sample(self, mr: torch.Tensor, steps: int | None, eta: float = 0.0, num_samples: int = 1,
@@ -112,4 +111,4 @@ class MirroredSynthesizer:
             if one is None:
                 return None
             total = _flip(one, flips) if total is None else total + _flip(one, flips)
-        return total / len(mirrorings(self.axes))
+        return total / self.draws_per_sample
