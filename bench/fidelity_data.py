@@ -101,11 +101,16 @@ def registration_plan(quick: bool) -> RegistrationPlan:
     return plan
 
 
+def registration_key(quick: bool) -> str:
+    """What the phantom's registration depends on: its plan (the planner's defaults), window and version."""
+    return hash_data(dataclasses.asdict(registration_plan(quick)), CT_WINDOW, REGISTRATION_VERSION)
+
+
 def register_phantom(folder: Path, quick: bool) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
     """(MR, CT on the MR grid, valid mask) of the phantom, registered once and cached in ``folder``."""
     mr = read_image(PHANTOM_DIR / "mr_t2.nii.gz", sitk.sitkFloat32)
     plan = registration_plan(quick)
-    key = hash_data(dataclasses.asdict(plan), CT_WINDOW, REGISTRATION_VERSION)
+    key = registration_key(quick)
     report_path = folder / "report.json"
     if report_path.is_file() and read_json(report_path).get("key") == key:
         return mr, read_image(folder / "ct_registered.nii.gz", sitk.sitkFloat32), read_image(folder / "valid.nii.gz")
@@ -138,8 +143,9 @@ def build(work: Path, quick: bool, patch_mm_along_split: float, settings: Simula
     settings = settings or (SimulationSettings(spacing=(4.0, 4.0, 4.0)) if quick else SimulationSettings())
     specs = QUICK_CASES if quick else FULL_CASES
     folder = work / "data"
+    # the phantom cases are cut from its registration: new registration defaults rebuild them too
     key = hash_data(BUILD_VERSION, quick, patch_mm_along_split, dataclasses.asdict(settings),
-                    [dataclasses.asdict(s) for s in specs])
+                    [dataclasses.asdict(s) for s in specs], registration_key(quick))
     manifest_path = folder / "manifest.json"
     raw = folder / "raw" / f"Dataset{DATASET_ID:03d}_{DATASET_NAME}"
     if manifest_path.is_file() and read_json(manifest_path).get("key") == key:

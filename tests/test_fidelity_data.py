@@ -1,6 +1,7 @@
 """The fidelity benchmark's data: the seeded MR simulator and the phantom's spatial hold-out."""
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -86,3 +87,22 @@ def test_slab_split_refuses_a_body_too_short() -> None:
         plan_slabs(_box((10, 12, 20), 2, 18), 2, 0.25, 40.0)
     with pytest.raises(ValueError, match="test_fraction"):
         plan_slabs(_box((10, 12, 20), 2, 18), 2, 1.5, 4.0)
+
+
+def test_new_registration_defaults_rebuild_the_phantom_cases(tmp_path, monkeypatch) -> None:
+    """The cases cut from the phantom's registration are rebuilt when the registration's key changes (new
+    planner defaults), not reused from a work folder built with the old registration."""
+    import fidelity_data
+
+    coarse = SimulationSettings(spacing=(8.0, 8.0, 8.0))
+    monkeypatch.setattr(fidelity_data, "registration_key", lambda quick: "defaults-a")
+    first = fidelity_data.build(tmp_path, True, 48.0, coarse)
+    manifest = tmp_path / "data" / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    assert fidelity_data.build(tmp_path, True, 48.0, coarse).manifest["key"] == first.manifest["key"]
+    assert manifest.stat().st_mtime_ns == stamp  # same registration: reused
+    monkeypatch.setattr(fidelity_data, "registration_key", lambda quick: "defaults-b")
+    second = fidelity_data.build(tmp_path, True, 48.0, coarse)
+    assert second.manifest["key"] != first.manifest["key"] and manifest.stat().st_mtime_ns != stamp
+    report = tmp_path / "data" / "phantom_registration" / "report.json"
+    assert json.loads(report.read_text())["key"] == "defaults-b"  # registered again, then cut again
