@@ -14,7 +14,10 @@ and the baselines gets the same budget, steps x batch x patch voxels summed over
 latent model splits it between its VAE and its diffusion U-Net, the one-stage models (regression,
 wavelet-domain) train for the sum. (The VAE of "+WRM+SMD" and 3D-WLDM is the same network, trained
 once.) The residual model reuses the regression row's trained U-Net as its prior and trains the
-diffusion share on top, so its budget is the regression's plus that share (printed). All networks
+diffusion share on top, so its budget is the regression's plus that share (printed); with out-of-fold
+priors (``--set '{"residual_diffusion": {"prior_folds": "out_of_fold"}}'``) the regression is also trained
+on 3 cross-fitting folds of the training cases (folds 1-3 of ``splits_final.json``), each training case's
+prior coming from the fold that held it out, and those count in its budget too. All networks
 use the ``cpu`` plan preset. ``--samples N`` (N > 1): the stochastic models draw N samples (their sCT
 as their plan makes it: the samples' mean, or residual diffusion's posterior-mean estimate) and their
 std maps are graded too (AUSE, coverage, calibration: ``wldm_evaluate``). ``--mirror-axes 0 1 2``:
@@ -76,6 +79,9 @@ log = logging.getLogger("fidelity")
 CONFIGURATION = "3d_wldm"
 PLANS_NAME = "wldmPlans"
 SEED = 12345
+# folds 1..N of splits_final.json partition the training cases, for residual diffusion's out-of-fold priors
+# (plan residual_diffusion.prior_folds "out_of_fold"); every row trains and is graded on fold 0
+CROSS_FIT_FOLDS = 3
 
 
 @dataclass(frozen=True)
@@ -149,7 +155,7 @@ def prepare(work: Path, setup: Setup, overrides: dict) -> tuple[fidelity_data.Be
     if summary.failed:
         raise SystemExit(f"preprocessing failed: {summary.failed[0].case}: {summary.failed[0].message}")
     plans_path = summary.folder / "plans.json"
-    plans = apply_preset(read_json(plans_path), "cpu", CONFIGURATION)
+    plans = apply_preset(read_json(planner_plans(plans_path)), "cpu", CONFIGURATION)
     config = plans["configurations"][CONFIGURATION]
     merge(config, setup.plan)
     merge(config, overrides)
@@ -164,7 +170,7 @@ def prepare(work: Path, setup: Setup, overrides: dict) -> tuple[fidelity_data.Be
     config["notes"]["fidelity_benchmark"] = f"bench/fidelity.py: {PROXY_NOTE}"
     if read_json(plans_path) != plans:
         write_json(plans, plans_path)
-    write_json([{"train": data.cases("train"), "val": data.cases("val")}], summary.folder / "splits_final.json")
+    write_json(splits(data.cases("train"), data.cases("val")), summary.folder / "splits_final.json")
     # one results folder per plan and budget: a changed recipe never reuses a model trained under another
     key = hash_data({k: v for k, v in config.items() if k not in ("notes", "inference")}, plans["preprocessing"])[:12]
     results = work / "results" / key
@@ -173,28 +179,64 @@ def prepare(work: Path, setup: Setup, overrides: dict) -> tuple[fidelity_data.Be
     return data, summary.folder, Plans.load(plans_path)
 
 
+def planner_plans(plans_path: Path) -> Path:
+    """The planner's own plan, which every run edits afresh (preset, sizes, ``--set``), so one run's ``--set`` never
+    reaches the next: kept beside ``plans.json`` as ``plans.planner.json`` while ``plans.json`` is the benchmark's
+    edit of it (the pipeline replaces ``plans.json`` with a new plan when the data or planner options change)."""
+    base = plans_path.with_name("plans.planner.json")
+    if "fidelity_benchmark" not in read_json(plans_path)["configurations"][CONFIGURATION].get("notes", {}):
+        write_json(read_json(plans_path), base)  # a fresh plan from the planner
+    elif not base.is_file():
+        raise SystemExit(f"{plans_path} was edited by an earlier benchmark run and the planner's plan it came from is "
+                         "not kept beside it: delete it (the pipeline plans again) or use a new --work folder")
+    return base
+
+
+def splits(train: list[str], val: list[str]) -> list[dict[str, list[str]]]:
+    """Fold 0: the benchmark's training and validation cases; folds 1..CROSS_FIT_FOLDS: each holds out every
+    CROSS_FIT_FOLDS-th training case and trains on the others (out-of-fold regression priors)."""
+    parts = [train[g::CROSS_FIT_FOLDS] for g in range(CROSS_FIT_FOLDS) if train[g::CROSS_FIT_FOLDS]]
+    folds = [{"train": list(train), "val": list(val)}]
+    if len(parts) > 1:
+        folds += [{"train": [c for c in train if c not in part], "val": part} for part in parts]
+    return folds
+
+
+def prior_folds(row: Row, plans: Plans, data: fidelity_data.BenchData) -> list[int]:
+    """The folds of ``row``'s regression prior to train: 0, and the cross-fitting folds when its plan asks
+    for out-of-fold priors."""
+    if not row.prior:
+        return []
+    if plans.configuration(CONFIGURATION).residual_diffusion.prior_folds != "out_of_fold":
+        return [0]
+    return list(range(len(splits(data.cases("train"), data.cases("val")))))
+
+
 def model_folder(trainer: str) -> Path:
     return Path(os.environ[RESULTS]) / f"Dataset{fidelity_data.DATASET_ID:03d}_{fidelity_data.DATASET_NAME}" / \
         model_folder_name(trainer, PLANS_NAME, CONFIGURATION)
 
 
 # -- training ------------------------------------------------------------------------------------
-def train(work: Path, stage: str, trainer: str, steps: int, setup: Setup, workers: int | None) -> float:
+def train(work: Path, stage: str, trainer: str, steps: int, setup: Setup, workers: int | None,
+          fold_index: int = 0) -> float:
     """Train one stage (or reuse a finished run); returns its seconds (training + validation, from history.json)."""
-    fold = model_folder(trainer) / "fold_0"
+    fold = model_folder(trainer) / f"fold_{fold_index}"
     if not (fold / "checkpoint_final.pt").is_file():
         resume = (fold / "checkpoint_latest.pt").is_file()
-        log.info("training %s (%s): %d steps%s", trainer, stage, steps, " (resumed)" if resume else "")
+        log.info("training %s (%s) fold %d: %d steps%s", trainer, stage, fold_index, steps,
+                 " (resumed)" if resume else "")
         options = TrainerOptions(device="cpu" if not torch.cuda.is_available() else "auto", seed=SEED,
                                  num_steps=steps, steps_per_epoch=max(1, steps // setup.curve_points),
                                  num_workers=workers)
-        run_training(fidelity_data.DATASET_ID, stage, 0, trainer, CONFIGURATION, resume=resume, options=options)
+        run_training(fidelity_data.DATASET_ID, stage, fold_index, trainer, CONFIGURATION, resume=resume,
+                     options=options)
     else:
         log.info("%s already trained: reusing %s", trainer, fold)
     return float(sum(h.get("epoch_seconds", 0.0) for h in read_json(fold / "history.json")))
 
 
-def budget(row: str, setup: Setup, plans: Plans) -> dict[str, Any]:
+def budget(row: str, setup: Setup, plans: Plans, data: fidelity_data.BenchData) -> dict[str, Any]:
     """Steps, batch and patch of every stage a row trains, and their voxels in total."""
     config = plans.configuration(CONFIGURATION)
     patch, batch = list(config.patch_size), config.batch_size
@@ -202,8 +244,9 @@ def budget(row: str, setup: Setup, plans: Plans) -> dict[str, Any]:
     stages = []
     if spec.vae:
         stages.append({"stage": "vae", "trainer": spec.vae, "steps": setup.vae_steps})
-    if spec.prior:
-        stages.append({"stage": "regression", "trainer": spec.prior, "steps": setup.one_stage_steps})
+    for fold in prior_folds(spec, plans, data):
+        stages.append({"stage": "regression", "trainer": spec.prior + (f" fold {fold}" if fold else ""),
+                       "steps": setup.one_stage_steps})
     if spec.stage:
         stages.append({"stage": spec.stage, "trainer": spec.trainer, "steps": setup.steps(spec)})
     for s in stages:
@@ -444,8 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     vaes = sorted({ROWS[r].vae for r in rows if ROWS[r].vae})
     for trainer in vaes:
         seconds[trainer] = train(work, "vae", trainer, setup.vae_steps, setup, args.workers)
-    for trainer in sorted({ROWS[r].prior for r in rows if ROWS[r].prior}):
-        seconds[trainer] = train(work, "regression", trainer, setup.one_stage_steps, setup, args.workers)
+    for trainer, fold in sorted({(ROWS[r].prior, f) for r in rows for f in prior_folds(ROWS[r], plans, data)}):
+        seconds[trainer + (f" fold {fold}" if fold else "")] = train(
+            work, "regression", trainer, setup.one_stage_steps, setup, args.workers, fold)
     for row in rows:
         spec = ROWS[row]
         if spec.trainer:
@@ -472,9 +516,11 @@ def main(argv: list[str] | None = None) -> int:
             result["first_stage_mae_hu"] = float(np.mean(list(ceilings.values())))
             for case in test_cases:
                 per_case[case]["first_stage_mae_hu"] = ceilings[case]
-        result["train_seconds"] = float(sum(seconds.get(t, 0.0) for t in (spec.vae, spec.prior, spec.trainer) if t))
+        trained = [spec.vae, spec.trainer] + [spec.prior + (f" fold {f}" if f else "")
+                                              for f in prior_folds(spec, plans, data)]
+        result["train_seconds"] = float(sum(seconds.get(t, 0.0) for t in trained if t))
         result["predict_seconds"] = predict_seconds
-        result["budget"] = budget(row, setup, plans) if spec.trainer else None
+        result["budget"] = budget(row, setup, plans, data) if spec.trainer else None
         result["per_case"] = per_case
         results[row] = result
 

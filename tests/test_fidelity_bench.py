@@ -123,3 +123,38 @@ def test_quick_mirroring_reuses_the_models_and_gives_regression_a_std_map(quick_
     values = summary["models"]["regression"]
     assert values["uncertainty"] is not None and values["uncertainty"]["mean_std"] > 0
     assert values["mae_hu"] != pytest.approx(quick_run[1]["models"]["regression"]["mae_hu"], rel=1e-6)
+
+
+def test_quick_out_of_fold_priors_train_the_cross_fitting_folds(quick_run: tuple[Path, dict], tmp_path: Path) -> None:
+    """prior_folds "out_of_fold": the regression of every cross-fitting fold is trained and counted in the residual
+    row's budget, and each training case's prior comes from the fold that held it out."""
+    import shutil
+
+    from wldm_auto.models.checkpoint import load_checkpoint
+
+    work = tmp_path / "work"
+    shutil.copytree(quick_run[0], work, symlinks=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("wldm_")}
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "fidelity.py"), "--quick", "--work", str(work),
+                             "--rows", "residual_diffusion", "--set",
+                             '{"residual_diffusion": {"prior_folds": "out_of_fold"}}'],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    stages = summary["models"]["residual_diffusion"]["budget"]["stages"]
+    assert [s["trainer"] for s in stages] == ["RegressionTrainer", "RegressionTrainer fold 1",
+                                              "RegressionTrainer fold 2", "ResidualDiffusionTrainer"]
+    splits = json.loads(next(work.glob("preprocessed/*/splits_final.json")).read_text())
+    assert [s["val"] for s in splits[1:]] == [["phantom_train"], ["sim_abdomen_00"]]  # quick: 2 training cases
+    folder = next(p for p in work.glob("results/*/*/ResidualDiffusionTrainer__*")
+                  if (p / "fold_0" / "checkpoint_final.pt").is_file()
+                  and load_checkpoint(p / "fold_0" / "checkpoint_final.pt")["prior_folds"] == "out_of_fold")
+    sources = load_checkpoint(folder / "fold_0" / "checkpoint_final.pt")["case_prior_sources"]
+    assert {c: Path(p).parent.name for c, p in sources.items()} == {"phantom_train": "fold_1",
+                                                                   "sim_abdomen_00": "fold_2"}
+    # a --set edits only its own run: the next run without it plans from the planner's plan again
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "fidelity.py"), "--quick", "--work", str(work),
+                             "--rows", "bulk_density"], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plans = json.loads(next(work.glob("preprocessed/*/plans.json")).read_text())
+    assert plans["configurations"]["3d_wldm"]["residual_diffusion"]["prior_folds"] == "own"

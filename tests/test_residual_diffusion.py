@@ -116,3 +116,67 @@ def test_posterior_mean_sct_does_not_depend_on_the_samples(trained, tmp_path):
                          "--steps", "2", "--device", "cpu"]) == 0
     assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "p.nii.gz"))), arrays["2"][0])
     assert not np.array_equal(arrays["2"][1], arrays["3"][1]) and arrays["3"][1].max() > 0  # the std from them
+
+
+def test_out_of_fold_owners_map_each_training_case_to_the_fold_holding_it_out():
+    from wldm_auto.trainers.residual_trainer import out_of_fold_owners
+
+    splits = [{"train": ["b", "c"], "val": ["a"]}, {"train": ["a", "c"], "val": ["b"]},
+              {"train": ["a", "b"], "val": ["c"]}]
+    assert out_of_fold_owners(splits, 0) == {"b": 1, "c": 2}
+    assert out_of_fold_owners(splits, 2) == {"a": 0, "b": 1}
+    with pytest.raises(ValueError, match=r"no other fold of splits_final.json holds out c \(fold 0"):
+        out_of_fold_owners([{"train": ["b", "c"], "val": ["a"]}, {"train": ["a", "c"], "val": ["b"]}], 0)
+
+
+def test_each_patch_gets_the_prior_of_its_case():
+    from types import SimpleNamespace
+
+    from wldm_auto.trainers.residual_trainer import ResidualDiffusionTrainer
+
+    class Offset(torch.nn.Module):
+        def __init__(self, value: float) -> None:
+            super().__init__()
+            self.value = value
+
+        def forward(self, mr: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
+            return mr[:, :1] + self.value
+
+    own, one, two = Offset(0.0), Offset(1.0), Offset(2.0)
+    trainer = SimpleNamespace(prior_net=own, case_priors={"b": one, "c": two})
+    mr, available = torch.zeros(4, 1, 2, 2, 2), torch.ones(4, 1)
+    prior = ResidualDiffusionTrainer.prior(trainer, mr, available, ["c", "b", "a", "c"])
+    assert prior[:, 0, 0, 0, 0].tolist() == [2.0, 1.0, 0.0, 2.0]  # "a": no holder listed, the fold's own prior
+    assert ResidualDiffusionTrainer.prior(trainer, mr, available, None).abs().max() == 0
+    trainer.case_priors = {}
+    assert ResidualDiffusionTrainer.prior(trainer, mr, available, ["b", "c", "b", "c"]).abs().max() == 0
+
+
+def test_out_of_fold_priors_need_the_other_folds_and_give_each_case_its_holder(preprocessed_small, tmp_path,
+                                                                             monkeypatch):
+    from wldm_auto.trainers.residual_trainer import out_of_fold_owners
+
+    dataset = tiny_copy(preprocessed_small, tmp_path, monkeypatch)
+    pre = tmp_path / "pre" / preprocessed_small.dataset
+    plans = json.loads((pre / "plans.json").read_text())
+    plans["configurations"]["3d_wldm"]["residual_diffusion"]["prior_folds"] = "out_of_fold"
+    (pre / "plans.json").write_text(json.dumps(plans))
+    splits = json.loads((pre / "splits_final.json").read_text())
+    owners = out_of_fold_owners(splits, 0)
+    assert owners and 0 not in owners.values()
+    options = TrainerOptions(device="cpu", num_workers=0, num_steps=2, steps_per_epoch=1)
+    run_training(dataset, "regression", 0, options=options)
+    with pytest.raises(FileNotFoundError, match=r"missing fold\(s\) " + ", ".join(map(str, sorted(set(owners.values()))))
+                       + r": wldm_train \S+ regression -f " + str(min(owners.values()))):
+        run_training(dataset, "residual_diffusion", 0, options=options)
+    for fold in sorted(set(owners.values())):
+        run_training(dataset, "regression", fold, options=options)
+    last = run_training(dataset, "residual_diffusion", 0, options=options)
+    state = load_checkpoint(last.parent / "checkpoint_final.pt")
+    assert state["prior_folds"] == "out_of_fold"
+    assert {c: p.split("/")[-2] for c, p in state["case_prior_sources"].items()} == {
+        c: f"fold_{f}" for c, f in owners.items()}
+    own = load_checkpoint(last.parent.parent.parent / "RegressionTrainer__wldmPlans__3d_wldm" / "fold_0"
+                          / "checkpoint_final.pt")
+    for key, value in own["networks"]["net"].items():  # prediction keeps the fold's own prior
+        assert torch.equal(value, state["networks"]["prior"][key]), key

@@ -258,6 +258,7 @@ def test_every_allowed_value_loads_and_matches_its_consumer(plans_dict):
     from wldm_auto.networks.blocks import NORMALIZATIONS
     from wldm_auto.planners import schema
     from wldm_auto.preprocessing.registration import ORIENTATIONS, PYRAMIDS
+    from wldm_auto.trainers.residual_trainer import PRIOR_FOLDS
     from wldm_auto.trainers.vae_trainer import RECONSTRUCTION_LOSSES
 
     assert set(schema.PREDICTIONS) == set(schedule.PREDICTIONS)
@@ -267,6 +268,7 @@ def test_every_allowed_value_loads_and_matches_its_consumer(plans_dict):
     assert set(schema.INITIAL_ORIENTATIONS) == set(ORIENTATIONS)
     assert set(schema.REGISTRATION_PYRAMIDS) == set(PYRAMIDS)
     assert set(schema.PRECISIONS) == set(DTYPES)
+    assert set(schema.PRIOR_FOLDS) == set(PRIOR_FOLDS)
     for precision in schema.PRECISIONS:
         plans_dict["configurations"]["3d_wldm"]["inference"]["precision"] = precision
         assert Plans.from_dict(plans_dict).configuration("3d_wldm").inference.precision == precision
@@ -373,3 +375,13 @@ def test_a_partial_section_takes_its_own_defaults(plans_dict):
         assert got.training.learning_rate == expected.training.learning_rate
     assert loaded.residual_diffusion.sct_estimate == "posterior_mean" and loaded.residual_diffusion.first_stage == "haar"
     assert loaded.diffusion.sct_estimate == "sample_mean" and loaded.diffusion.first_stage == "vae"
+
+
+def test_out_of_fold_prior_is_only_a_residual_setting(plans_dict):
+    config = plans_dict["configurations"]["3d_wldm"]
+    config["residual_diffusion"]["prior_folds"] = "out_of_fold"
+    assert Plans.from_dict(plans_dict).configuration("3d_wldm").residual_diffusion.prior_folds == "out_of_fold"
+    config["diffusion"]["prior_folds"] = "out_of_fold"
+    with pytest.raises(PlanError, match=r"diffusion\.prior_folds: 'out_of_fold' needs a regression prior"):
+        Plans.from_dict(plans_dict)
+

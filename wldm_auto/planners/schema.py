@@ -33,6 +33,7 @@ PREDICTIONS = ("epsilon", "v", "x0")  # diffusion.schedule.PREDICTIONS
 VAE_NORMALIZATIONS = ("voxel", "group")  # networks.blocks.NORMALIZATIONS
 EXPORT_INTERPOLATIONS = ("bspline", "linear")  # inference.export.EXPORT_INTERPOLATORS
 SCT_ESTIMATES = ("sample_mean", "posterior_mean")  # models.latent.LatentSynthesizer.mean_estimate
+PRIOR_FOLDS = ("own", "out_of_fold")  # trainers.residual_trainer.PRIOR_FOLDS: which regression predicts a training case
 RECONSTRUCTION_LOSSES = ("l1", "l2")  # trainers.vae_trainer.RECONSTRUCTION_LOSSES, diffusion_trainer.LATENT_LOSSES
 PRECISIONS = ("float32", "bfloat16", "float16")  # models.precision.DTYPES: prediction's network autocast
 REGISTRATION_STAGES = ("rigid", "affine", "bspline")  # elastix default parameter maps (preprocessing.registration)
@@ -174,7 +175,12 @@ class DiffusionPlan:
     its estimate of the mean CT given the condition; the samples then only give the std map). ``image_loss_weight``
     > 0 adds the masked L1 between the CT patch and the frozen first stage's decoding of the
     predicted clean latent (in [-1, 1] CT units), so the U-Net is trained on the error a
-    reader sees in HU, not only on latent distances.
+    reader sees in HU, not only on latent distances. ``prior_folds`` (section ``residual_diffusion`` only):
+    which trained regression U-Net gives the prior of a training patch: ``"own"`` (the fold's, which has
+    seen that case) or ``"out_of_fold"`` (the fold that held the case out in ``splits_final.json``, as
+    nnU-Net's cascade feeds cross-validation predictions to its next stage: the residuals trained on are
+    those of a prior on a case it never saw, as at prediction; needs the other folds' regressions).
+    Prediction always uses the fold's own prior.
     """
 
     first_stage: str = "vae"
@@ -191,6 +197,7 @@ class DiffusionPlan:
     ema_decay: float = 0.999
     validation_ddim_steps: int = 10
     sct_estimate: str = "sample_mean"
+    prior_folds: str = "own"
     training: TrainingPlan = field(default_factory=TrainingPlan)
 
 
@@ -415,7 +422,8 @@ CHOICES: dict[type, dict[str, tuple[str, ...]]] = {
                        "initial_orientations": INITIAL_ORIENTATIONS, "pyramid": REGISTRATION_PYRAMIDS},
     VAEPlan: {"normalization": VAE_NORMALIZATIONS, "reconstruction_loss": RECONSTRUCTION_LOSSES},
     DiffusionPlan: {"first_stage": FIRST_STAGES, "beta_schedule": BETA_SCHEDULES, "prediction": PREDICTIONS,
-                   "latent_loss": RECONSTRUCTION_LOSSES, "sct_estimate": SCT_ESTIMATES},
+                   "latent_loss": RECONSTRUCTION_LOSSES, "sct_estimate": SCT_ESTIMATES,
+                   "prior_folds": PRIOR_FOLDS},
     InferencePlan: {"precision": PRECISIONS, "export_interpolation": EXPORT_INTERPOLATIONS},
 }
 
@@ -476,7 +484,14 @@ def _check_mu_map(plan: MuMapPlan, where: str) -> None:
 
 
 # checks of whole sections beyond types and choices
+def _check_diffusion(plan: DiffusionPlan, where: str) -> None:
+    if plan.prior_folds != "own" and not where.endswith(".residual_diffusion"):
+        raise PlanError(f"{where}.prior_folds: {plan.prior_folds!r} needs a regression prior; only the "
+                        "residual_diffusion section has one (use 'own' here)")
+
+
 VALIDATORS: dict[type, Callable[[Any, str], None]] = {
+    DiffusionPlan: _check_diffusion,
     RegistrationPlan: _check_registration,
     InferencePlan: _check_inference,
     TrainingPlan: _check_training,

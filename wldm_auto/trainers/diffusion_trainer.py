@@ -18,6 +18,7 @@ latent scaling (the low band is already normalised), no DSCA.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,14 +68,15 @@ class DiffusionTrainer(BaseTrainer):
     def vae_checkpoint(self) -> Path:
         return self.finished_checkpoint(self.options.vae_trainer or self.vae_trainer, "vae", "train stage 1 first")
 
-    def finished_checkpoint(self, trainer: str, stage: str, advice: str) -> Path:
-        """The final checkpoint of fold ``self.fold`` of ``trainer`` (same dataset, plans and configuration);
-        FileNotFoundError with ``advice`` and the command that trains it otherwise."""
+    def finished_checkpoint(self, trainer: str, stage: str, advice: str, fold: int | None = None) -> Path:
+        """The final checkpoint of fold ``fold`` (default ``self.fold``) of ``trainer`` (same dataset, plans and
+        configuration); FileNotFoundError with ``advice`` and the command that trains it otherwise."""
+        fold = self.fold if fold is None else int(fold)
         folder = self.output.parent.parent / model_folder_name(trainer, self.plans.plans_name, self.configuration_name)
-        path = folder / f"fold_{self.fold}" / "checkpoint_final.pt"
+        path = folder / f"fold_{fold}" / "checkpoint_final.pt"
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: {advice} "
-                                    f"(wldm_train {self.plans.dataset_name} {stage} -f {self.fold} -tr {trainer})")
+                                    f"(wldm_train {self.plans.dataset_name} {stage} -f {fold} -tr {trainer})")
         return path
 
     def build(self) -> None:
@@ -139,9 +141,10 @@ class DiffusionTrainer(BaseTrainer):
         if float(self.latent_scale) == 0.0:
             self._measure_latent_scale()
 
-    def training_latents(self, mr: torch.Tensor, ct: torch.Tensor, available: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """(clean latent to diffuse, denoiser condition, context for :meth:`decode_clean`) of a batch."""
+    def training_latents(self, mr: torch.Tensor, ct: torch.Tensor, available: torch.Tensor,
+                         cases: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """(clean latent to diffuse, denoiser condition, context for :meth:`decode_clean`) of a batch
+        (``cases``: the training case of each patch)."""
         scale = float(self.latent_scale)
         z_mr = self.vae.encode(mr, "mr", available).mode() * scale
         z_ct = self.vae.encode(ct, "ct").mode() * scale
@@ -159,7 +162,7 @@ class DiffusionTrainer(BaseTrainer):
         valid = batch["valid"].to(self.device, non_blocking=True)
         available = batch["available"].to(self.device, non_blocking=True)
         with torch.no_grad():
-            clean, cond, context = self.training_latents(mr, ct, available)
+            clean, cond, context = self.training_latents(mr, ct, available, batch.get("cases"))
             factor = self.vae.required_divisor
             valid_latent = (torch.nn.functional.avg_pool3d(valid, factor) > 0.5).float()
         t = torch.randint(0, self.schedule.timesteps, (len(ct),), device=self.device)

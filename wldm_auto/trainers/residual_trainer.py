@@ -7,18 +7,23 @@ std on the first batches, conditioned on ``[E(MR), E(prior)]``. Prediction (``mo
 adds the decoded residual samples to the prior. The checkpoint embeds the prior (and VAE) weights, so the
 model folder is all that prediction needs.
 
-The prior has seen the training cases, so its residuals there are smaller than on new cases: the samples'
-spread is expected to under-state the error until calibrated (``wldm_calibrate_std``).
+With ``prior_folds: "own"`` the prior has seen the training cases, so its residuals there are smaller than
+on new cases and the samples' spread under-states the error until calibrated (``wldm_calibrate_std``).
+With ``"out_of_fold"`` each training case's prior is the regression fold that held that case out (in
+``splits_final.json``), as nnU-Net's cascade trains on cross-validation predictions: the residuals trained
+on are those of a prior on a case it never saw, as at prediction. Prediction uses the fold's own prior.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from wldm_auto.io.files import read_json
 from wldm_auto.models.checkpoint import Checkpoint, load_checkpoint
 from wldm_auto.models.factory import build_regression_unet, build_residual_denoiser, build_residual_synthesizer
 from wldm_auto.models.residual import ResidualSynthesizer
@@ -26,6 +31,25 @@ from wldm_auto.planners.schema import Plans
 from wldm_auto.trainers.diffusion_trainer import SCALE_BATCHES, DiffusionTrainer
 
 log = logging.getLogger(__name__)
+
+PRIOR_FOLDS = ("own", "out_of_fold")  # plan residual_diffusion.prior_folds
+
+
+def out_of_fold_owners(splits: list[dict[str, list[str]]], fold: int) -> dict[str, int]:
+    """Training case of ``fold`` -> the first other fold that holds it out (it is in that fold's ``val``, not
+    its ``train``); ValueError naming the cases no other fold holds out."""
+    owners, orphans = {}, []
+    for case in splits[fold]["train"]:
+        holders = [g for g, s in enumerate(splits) if g != fold and case in s["val"] and case not in s["train"]]
+        if holders:
+            owners[case] = holders[0]
+        else:
+            orphans.append(case)
+    if orphans:
+        raise ValueError(f"prior_folds 'out_of_fold': no other fold of splits_final.json holds out "
+                         f"{', '.join(orphans[:5])}{' ...' if len(orphans) > 5 else ''} (fold {fold} trains on "
+                         "them): use a cross-validation split (the default 5 folds) or prior_folds 'own'")
+    return owners
 
 
 class ResidualDiffusionTrainer(DiffusionTrainer):
@@ -39,22 +63,67 @@ class ResidualDiffusionTrainer(DiffusionTrainer):
         return self.finished_checkpoint(self.options.prior_trainer or self.prior_trainer, "regression",
                                         "train the regression prior first")
 
-    def build(self) -> None:
-        path = self.prior_checkpoint()
+    def _load_prior(self, path: Path) -> tuple[nn.Module, Any]:
+        """A finished regression checkpoint as a frozen network on the device, and its regression plan."""
         stored = load_checkpoint(path, map_location="cpu")
         if stored.stage != "regression":
             raise ValueError(f"{path}: the prior must be a regression checkpoint (stage {stored.stage!r})")
         if int(stored.mr_channels) != self.train_data.num_mr_channels:
             raise ValueError(f"{path}: the prior takes {stored.mr_channels} MR channel(s), the dataset has "
                              f"{self.train_data.num_mr_channels}")
-        self.config.regression = Plans.from_dict(stored.plans, str(path)).configuration(stored.configuration).regression
-        self.prior_net = build_regression_unet(int(stored.mr_channels), self.config.regression)
-        self.prior_net.load_state_dict(stored.networks["net"])
-        self.prior_net.requires_grad_(False)
-        self.prior_net.to(self.device).eval()
+        plan = Plans.from_dict(stored.plans, str(path)).configuration(stored.configuration).regression
+        net = build_regression_unet(int(stored.mr_channels), plan)
+        net.load_state_dict(stored.networks["net"])
+        net.requires_grad_(False)
+        return net.to(self.device).eval(), plan
+
+    def _load_case_priors(self) -> None:
+        """``prior_folds: "out_of_fold"``: the regression of the fold holding out each training case."""
+        self.case_priors: dict[str, nn.Module] = {}
+        self.case_prior_sources: dict[str, str] = {}
+        if self.diffusion_plan.prior_folds != "out_of_fold":  # "own" (the plan allows PRIOR_FOLDS only)
+            return
+        owners = out_of_fold_owners(read_json(self.preprocessed / "splits_final.json"), self.fold)
+        trainer = self.options.prior_trainer or self.prior_trainer
+        paths, missing = {}, []
+        for fold in sorted(set(owners.values())):
+            try:
+                paths[fold] = self.finished_checkpoint(trainer, "regression", "", fold)
+            except FileNotFoundError:
+                missing.append(fold)
+        if missing:
+            commands = "; ".join(f"wldm_train {self.plans.dataset_name} regression -f {f} -tr {trainer}"
+                                 for f in missing)
+            raise FileNotFoundError(f"prior_folds 'out_of_fold' needs the regression of every fold that holds out "
+                                    f"a training case of fold {self.fold}; missing fold(s) "
+                                    f"{', '.join(map(str, missing))}: {commands}")
+        nets = {fold: self._load_prior(path)[0] for fold, path in paths.items()}
+        self.case_priors = {case: nets[fold] for case, fold in owners.items()}
+        self.case_prior_sources = {case: str(paths[fold]) for case, fold in owners.items()}
+        log.info("out-of-fold priors: folds %s for the %d training cases of fold %d",
+                 ", ".join(map(str, sorted(nets))), len(owners), self.fold)
+
+    def build(self) -> None:
+        path = self.prior_checkpoint()
+        self.prior_net, self.config.regression = self._load_prior(path)
         self.prior_source = str(path)
+        self._load_case_priors()
         super().build()
         self.residual_scale = torch.tensor(0.0)  # measured on the first batches
+
+    def prior(self, mr: torch.Tensor, available: torch.Tensor, cases: Sequence[str] | None = None) -> torch.Tensor:
+        """The prior of each patch: the fold's own regression, or the one that held the patch's case out."""
+        nets = [self.case_priors.get(c, self.prior_net) for c in cases] if cases and self.case_priors else []
+        if not nets or all(n is self.prior_net for n in nets):
+            return self.prior_net(mr, available).float()
+        out: torch.Tensor | None = None
+        for net in {id(n): n for n in nets}.values():
+            rows = [i for i, n in enumerate(nets) if n is net]
+            prediction = net(mr[rows], available[rows]).float()
+            if out is None:
+                out = prediction.new_empty((len(nets), *prediction.shape[1:]))
+            out[rows] = prediction
+        return out
 
     def build_unet(self) -> nn.Module:
         return build_residual_denoiser(self.diffusion_plan, self.vae)
@@ -64,7 +133,9 @@ class ResidualDiffusionTrainer(DiffusionTrainer):
 
     def state(self) -> Checkpoint:
         state = super().state()
-        state.extra.update(residual_scale=float(self.residual_scale), prior_source=self.prior_source)
+        state.extra.update(residual_scale=float(self.residual_scale), prior_source=self.prior_source,
+                           prior_folds=self.diffusion_plan.prior_folds,
+                           case_prior_sources=dict(self.case_prior_sources))
         return state
 
     def restore_extra(self, state: Checkpoint) -> None:
@@ -81,17 +152,17 @@ class ResidualDiffusionTrainer(DiffusionTrainer):
         values = []
         for batch in self.batches(0, SCALE_BATCHES):
             mr, ct = batch["mr"].to(self.device), batch["ct"].to(self.device)
-            prior = self.prior_net(mr, batch["available"].to(self.device)).float()
+            prior = self.prior(mr, batch["available"].to(self.device), batch["cases"])
             scale = float(self.latent_scale)
             values.append(((self.vae.encode(ct, "ct").mode() - self.vae.encode(prior, "ct").mode()) * scale).flatten())
         std = float(torch.cat(values).float().std())
         self.residual_scale = torch.tensor(1.0 / max(std, 1e-6))
         log.info("residual scale 1/std(E(ct) - E(prior)) = %.4f", float(self.residual_scale))
 
-    def training_latents(self, mr: torch.Tensor, ct: torch.Tensor, available: torch.Tensor
-                         ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    def training_latents(self, mr: torch.Tensor, ct: torch.Tensor, available: torch.Tensor,
+                         cases: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
         scale, residual_scale = float(self.latent_scale), float(self.residual_scale)
-        prior = self.prior_net(mr, available).float()
+        prior = self.prior(mr, available, cases)
         z_prior = self.vae.encode(prior, "ct").mode() * scale
         z_ct = self.vae.encode(ct, "ct").mode() * scale
         z_mr = self.vae.encode(mr, "mr", available).mode() * scale
