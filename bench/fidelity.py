@@ -184,8 +184,9 @@ def planner_plans(plans_path: Path) -> Path:
     reaches the next: kept beside ``plans.json`` as ``plans.planner.json`` while ``plans.json`` is the benchmark's
     edit of it (the pipeline replaces ``plans.json`` with a new plan when the data or planner options change)."""
     base = plans_path.with_name("plans.planner.json")
-    if "fidelity_benchmark" not in read_json(plans_path)["configurations"][CONFIGURATION].get("notes", {}):
-        write_json(read_json(plans_path), base)  # a fresh plan from the planner
+    current = read_json(plans_path)
+    if "fidelity_benchmark" not in current["configurations"][CONFIGURATION].get("notes", {}):
+        write_json(current, base)  # a fresh plan from the planner
     elif not base.is_file():
         raise SystemExit(f"{plans_path} was edited by an earlier benchmark run and the planner's plan it came from is "
                          "not kept beside it: delete it (the pipeline plans again) or use a new --work folder")
@@ -210,6 +211,11 @@ def prior_folds(row: Row, plans: Plans, data: fidelity_data.BenchData) -> list[i
     if plans.configuration(CONFIGURATION).residual_diffusion.prior_folds != "out_of_fold":
         return [0]
     return list(range(len(splits(data.cases("train"), data.cases("val")))))
+
+
+def prior_label(trainer: str, fold: int) -> str:
+    """How a prior's training run is named in the budget and the seconds: the trainer, plus its fold if not 0."""
+    return trainer + (f" fold {fold}" if fold else "")
 
 
 def model_folder(trainer: str) -> Path:
@@ -245,8 +251,7 @@ def budget(row: str, setup: Setup, plans: Plans, data: fidelity_data.BenchData) 
     if spec.vae:
         stages.append({"stage": "vae", "trainer": spec.vae, "steps": setup.vae_steps})
     for fold in prior_folds(spec, plans, data):
-        stages.append({"stage": "regression", "trainer": spec.prior + (f" fold {fold}" if fold else ""),
-                       "steps": setup.one_stage_steps})
+        stages.append({"stage": "regression", "trainer": prior_label(spec.prior, fold), "steps": setup.one_stage_steps})
     if spec.stage:
         stages.append({"stage": spec.stage, "trainer": spec.trainer, "steps": setup.steps(spec)})
     for s in stages:
@@ -488,8 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     for trainer in vaes:
         seconds[trainer] = train(work, "vae", trainer, setup.vae_steps, setup, args.workers)
     for trainer, fold in sorted({(ROWS[r].prior, f) for r in rows for f in prior_folds(ROWS[r], plans, data)}):
-        seconds[trainer + (f" fold {fold}" if fold else "")] = train(
-            work, "regression", trainer, setup.one_stage_steps, setup, args.workers, fold)
+        seconds[prior_label(trainer, fold)] = train(work, "regression", trainer, setup.one_stage_steps, setup,
+                                                    args.workers, fold)
     for row in rows:
         spec = ROWS[row]
         if spec.trainer:
@@ -516,8 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             result["first_stage_mae_hu"] = float(np.mean(list(ceilings.values())))
             for case in test_cases:
                 per_case[case]["first_stage_mae_hu"] = ceilings[case]
-        trained = [spec.vae, spec.trainer] + [spec.prior + (f" fold {f}" if f else "")
-                                              for f in prior_folds(spec, plans, data)]
+        trained = [spec.vae, spec.trainer] + [prior_label(spec.prior, f) for f in prior_folds(spec, plans, data)]
         result["train_seconds"] = float(sum(seconds.get(t, 0.0) for t in trained if t))
         result["predict_seconds"] = predict_seconds
         result["budget"] = budget(row, setup, plans, data) if spec.trainer else None
