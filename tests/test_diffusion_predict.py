@@ -34,6 +34,7 @@ def test_diffusion_training_writes_a_self_contained_model(trained):
     assert state["stage"] == "diffusion" and state["step"] == 8
     assert set(state["networks"]) == {"unet", "ema", "vae"}
     assert state["latent_scale"] > 0
+    assert state["latent_shift"] == [0.0] * 4  # center_latents off by default: nothing subtracted
     history = json.loads((trained["final"].parent / "history.json").read_text())
     assert len(history) == 2
     assert all(np.isfinite(h["val_mae_ct_hu"]) and np.isfinite(h["train_loss"]) for h in history)

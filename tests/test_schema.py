@@ -128,6 +128,11 @@ def test_unknown_key_names_key_and_location(tmp_path, plans_dict, location):
     (("configurations", "3d_wldm", "vae"), "kl_weight", False, "expected a number, got False"),
     (("configurations", "3d_wldm", "vae"), "latent_channels", "8", "expected an integer, got '8'"),
     (("configurations", "3d_wldm", "vae"), "wrm", 1, "expected bool, got 1"),
+    (("configurations", "3d_wldm", "vae"), "shortcut", -1, "-1 must be >= 0 (0: off; the shortcut's width in values "
+     "per latent voxel)"),
+    (("configurations", "3d_wldm", "vae"), "shortcut", True, "expected an integer, got True"),
+    (("configurations", "3d_wldm", "wavelet_diffusion"), "center_latents", True,
+     "the Haar first stage is used as it is (no latents measured); centring needs first_stage 'vae'"),
     (("configurations", "3d_wldm", "diffusion"), "beta_schedule", 3, "expected str, got 3"),
     (("registration",), "iterations", 500, "expected a list, got int"),
     ((), "channel_names", ["MR"], "expected an object, got list"),

@@ -10,7 +10,7 @@ from conftest import PHANTOM_DIR
 from wldm_auto.models.factory import build_vae
 from wldm_auto.networks.blocks import WaveletBlock
 from wldm_auto.networks.discriminator import PatchDiscriminator3D
-from wldm_auto.networks.vae import DiagonalGaussian
+from wldm_auto.networks.vae import DiagonalGaussian, channels_to_space, shortcut_maps, space_to_channels
 from wldm_auto.planners.schema import VAEPlan
 
 
@@ -187,3 +187,50 @@ def test_voxel_norm_matches_layer_norm_over_channels() -> None:
         norm.bias.copy_(torch.linspace(-1.0, 1.0, 6))
     expected = torch.nn.functional.layer_norm(x.movedim(1, -1), (6,), norm.weight, norm.bias).movedim(-1, 1)
     assert torch.allclose(norm(x), expected, atol=1e-5)
+
+
+def test_space_to_channels_round_trip_and_layout() -> None:
+    x = torch.arange(2 * 1 * 4 * 6 * 8, dtype=torch.float32).reshape(2, 1, 4, 6, 8)
+    blocks = space_to_channels(x, 2)
+    assert blocks.shape == (2, 8, 2, 3, 4)
+    # channel (dz, dy, dx) of latent voxel (i, j, k) is input voxel (2i + dz, 2j + dy, 2k + dx)
+    assert blocks[1, 5, 1, 2, 3] == x[1, 0, 2 + 1, 4 + 0, 6 + 1]
+    assert torch.equal(channels_to_space(blocks, 2), x)
+
+
+@pytest.mark.parametrize("n,latent,width", [(8, 8, 8), (8, 8, 1), (8, 8, 2), (64, 8, 8), (8, 16, 8), (24, 16, 8)])
+def test_shortcut_maps_average_and_copy(n: int, latent: int, width: int) -> None:
+    down, up = shortcut_maps(n, latent, width)
+    assert down.shape == (latent, n) and up.shape == (n, latent)
+    assert torch.allclose(down.sum(dim=1), torch.ones(latent)) and torch.allclose(up.sum(dim=1), torch.ones(n))
+    roundtrip = up @ down  # what encode -> decode keeps of the n values: a projection
+    assert torch.allclose(roundtrip @ roundtrip, roundtrip, atol=1e-6)
+    assert torch.linalg.matrix_rank(roundtrip) == min(width, n, latent)
+    if width == n == latent:
+        assert torch.allclose(roundtrip, torch.eye(n))
+
+
+def test_lossless_shortcut_vae_starts_as_the_identity() -> None:
+    """2x downsampling, 8 latent channels, width 8: a fresh VAE reconstructs the CT exactly (learnt paths at 0)
+    and the CT latent's mean is the space-to-channel rearrangement of the CT."""
+    torch.manual_seed(0)
+    vae = build_vae(1, VAEPlan(channels=[8, 16], latent_channels=8, group_width=4, downsampling_factor=2, shortcut=8))
+    ct = torch.rand(2, 1, 8, 8, 8) * 2 - 1
+    posterior = vae.encode(ct, "ct")
+    assert torch.allclose(posterior.mode(), space_to_channels(ct, 2), atol=1e-6)
+    assert torch.allclose(vae.decode(posterior.mode(), "ct"), ct, atol=1e-6)
+    # the learnt paths still get gradients: training moves them away from 0
+    rec, _ = vae(ct, "ct", sample=False)
+    (rec - ct + 0.1).square().mean().backward()
+    assert vae.heads["ct"].weight.grad.abs().sum() > 0 and vae.to_moments[-1].weight.grad.abs().sum() > 0
+
+
+def test_mean_shortcut_decodes_the_block_mean() -> None:
+    torch.manual_seed(0)
+    vae = build_vae(1, VAEPlan(channels=[8, 16], latent_channels=8, group_width=4, downsampling_factor=2, shortcut=1))
+    ct = torch.rand(1, 1, 4, 4, 4)
+    block_mean = torch.nn.functional.avg_pool3d(ct, 2)
+    expected = torch.nn.functional.interpolate(block_mean, scale_factor=2, mode="nearest")
+    assert torch.allclose(vae.decode(vae.encode(ct, "ct").mode(), "ct"), expected, atol=1e-6)
+    off = build_vae(1, VAEPlan(channels=[8, 16], latent_channels=8, group_width=4, downsampling_factor=2))
+    assert not off.shortcut and not hasattr(off, "_down_ct")

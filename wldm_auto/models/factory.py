@@ -43,7 +43,7 @@ def build_vae(mr_channels: int, plan: VAEPlan) -> WaveletVAE:
             f"channels={channels} ({len(channels)} levels give 2**{len(channels) - 1}={expected})"
         )
     return WaveletVAE(mr_channels, channels, plan.latent_channels, plan.blocks_per_level, plan.group_width,
-                      plan.wrm, plan.normalization)
+                      plan.wrm, plan.normalization, plan.shortcut)
 
 
 def build_discriminator(plan: VAEPlan) -> PatchDiscriminator3D:
@@ -104,28 +104,32 @@ def build_regression_unet(mr_channels: int, plan: RegressionPlan) -> RegressionU
 
 def build_latent_synthesizer(first_stage: nn.Module, denoiser: nn.Module, schedule: NoiseSchedule, latent_scale: float,
                              config: ConfigurationPlan, overlap: float,
-                             device: torch.device | str, sct_estimate: str = "sample_mean") -> LatentSynthesizer:
+                             device: torch.device | str, sct_estimate: str = "sample_mean",
+                             latent_shift: Sequence[float] | None = None) -> LatentSynthesizer:
     """Latent (or wavelet-domain) sampling with ``config``'s patch and inference tiles.
 
     ``overlap``: of the first stage's encode/decode tiles; the networks run in ``inference.precision``
-    (autocast, ``models/precision.py``); ``sct_estimate``: the plan section's (what the sCT is)."""
+    (autocast, ``models/precision.py``); ``sct_estimate``: the plan section's (what the sCT is);
+    ``latent_shift``: the CT latents' per-channel mean the denoiser's space is centred by (None: not centred)."""
     inference = config.inference
     return LatentSynthesizer(first_stage, denoiser, schedule, latent_scale, config.patch_size, overlap, device,
                              latent_tile_scale=inference.latent_tile_scale, latent_overlap=inference.latent_overlap,
                              latent_margin=inference.latent_margin, image_tile_scale=inference.image_tile_scale,
                              first_stage_margin=inference.first_stage_margin,
-                             autocast=autocast_dtype(inference.precision, device), sct_estimate=sct_estimate)
+                             autocast=autocast_dtype(inference.precision, device), sct_estimate=sct_estimate,
+                             latent_shift=list(latent_shift) if latent_shift else None)
 
 
 def build_residual_synthesizer(first_stage: nn.Module, denoiser: nn.Module, schedule: NoiseSchedule,
                                latent_scale: float, residual_scale: float, prior: nn.Module,
                                config: ConfigurationPlan, overlap: float,
-                               device: torch.device | str) -> ResidualSynthesizer:
+                               device: torch.device | str, latent_shift: Sequence[float] | None = None
+                               ) -> ResidualSynthesizer:
     """Regression prior plus sampled residual, with ``config``'s tiles for the prior and the latent parts."""
     return ResidualSynthesizer(
         build_regression_synthesizer(prior, config, overlap, device),
         build_latent_synthesizer(first_stage, denoiser, schedule, latent_scale, config, overlap, device,
-                                 config.residual_diffusion.sct_estimate),
+                                 config.residual_diffusion.sct_estimate, latent_shift),
         residual_scale)
 
 

@@ -59,6 +59,8 @@ class LatentSynthesizer:
     autocast: torch.dtype | None = None
     # the sCT: "sample_mean" (the mean of the samples) or "posterior_mean" (``mean_estimate``; plan sct_estimate)
     sct_estimate: str = "sample_mean"
+    # per-channel mean of the CT latents (unscaled), subtracted before scaling (plan center_latents); None: 0
+    latent_shift: Sequence[float] | None = None
 
     @property
     def is_stochastic(self) -> bool:
@@ -141,7 +143,15 @@ class LatentSynthesizer:
             z = sliding_window(volume, tile, encode, overlap=overlap, batch_size=batch_size,
                                scale=1.0 / self.factor, pad_value=-1.0, device=self.device, align=self.factor,
                                share=self.share)
+        if modality == "ct":
+            z = z - self._shift(z)
         return z * self.latent_scale
+
+    def _shift(self, z: torch.Tensor) -> torch.Tensor | float:
+        """The CT latents' shift shaped to broadcast over ``z`` (L, d, h, w), or 0."""
+        if not self.latent_shift:
+            return 0.0
+        return torch.as_tensor(list(self.latent_shift), dtype=z.dtype, device=z.device).view(-1, 1, 1, 1)
 
     def encode_mr(self, mr: torch.Tensor, available: torch.Tensor | None = None) -> torch.Tensor:
         """(C, z, y, x) normalised MR -> scaled latent; ``available``: (C,) flags of the sequences present."""
@@ -155,6 +165,7 @@ class LatentSynthesizer:
     def decode_ct(self, z: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         """(L, d, h, w) scaled CT latent -> (z, y, x) normalised CT cropped to ``shape``, tiled."""
         z = z / self.latent_scale
+        z = z + self._shift(z)
         if self.whole_volume:
             ct = self.vae.decode(z[None].to(self.device), "ct")[0]
             return ct[0, : shape[0], : shape[1], : shape[2]]

@@ -30,7 +30,7 @@ def _diffusion(checkpoint: Checkpoint, config: ConfigurationPlan, overlap: float
     unet.load_state_dict(checkpoint.networks["ema"])
     return build_latent_synthesizer(first_stage.to(device).eval(), unet.to(device).eval(), build_schedule(plan),
                                     float(checkpoint.extra["latent_scale"]), config, overlap, device,
-                                    plan.sct_estimate)
+                                    plan.sct_estimate, checkpoint.extra.get("latent_shift"))
 
 
 def _regression(checkpoint: Checkpoint, config: ConfigurationPlan, overlap: float,
@@ -55,7 +55,8 @@ def _residual(checkpoint: Checkpoint, config: ConfigurationPlan, overlap: float,
     prior.load_state_dict(checkpoint.networks["prior"])
     return build_residual_synthesizer(first_stage.to(device).eval(), unet.to(device).eval(), build_schedule(plan),
                                       float(checkpoint.extra["latent_scale"]), float(checkpoint.extra["residual_scale"]),
-                                      prior.to(device).eval(), config, overlap, device)
+                                      prior.to(device).eval(), config, overlap, device,
+                                      checkpoint.extra.get("latent_shift"))
 
 
 _BUILDERS = {"diffusion": _diffusion, "wavelet_diffusion": _diffusion, "regression": _regression,

@@ -50,6 +50,43 @@ class DiagonalGaussian:
         return self.kl_per_sample().mean()
 
 
+def space_to_channels(x: torch.Tensor, f: int) -> torch.Tensor:
+    """(B, C, D, H, W) -> (B, C * f^3, D/f, H/f, W/f): each f^3 block of voxels becomes channels (C, dz, dy, dx)."""
+    b, c, d, h, w = x.shape
+    x = x.reshape(b, c, d // f, f, h // f, f, w // f, f).permute(0, 1, 3, 5, 7, 2, 4, 6)
+    return x.reshape(b, c * f ** 3, d // f, h // f, w // f)
+
+
+def channels_to_space(x: torch.Tensor, f: int) -> torch.Tensor:
+    """Inverse of :func:`space_to_channels`."""
+    b, n, d, h, w = x.shape
+    c = n // f ** 3
+    x = x.reshape(b, c, f, f, f, d, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return x.reshape(b, c, d * f, h * f, w * f)
+
+
+def _groups(n: int, k: int) -> torch.Tensor:
+    """(k, n) 0/1 matrix: value i of n belongs to group i * k // n (k <= n consecutive, near-equal groups)."""
+    g = torch.zeros(k, n)
+    g[torch.arange(n) * k // n, torch.arange(n)] = 1.0
+    return g
+
+
+def shortcut_maps(n: int, latent: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed linear maps (latent x n, n x latent) between ``n`` space-to-channel values and the latent channels,
+    through ``width`` shared values: the n values are averaged in ``width`` groups, each group's mean copied to
+    its share of the latent channels; decoding averages each share and copies it back to its group.
+
+    With ``width`` == n == latent the shortcut is lossless (encode -> decode starts as the identity); with
+    ``width`` 1 it carries the block's mean only. DC-AE's residual autoencoding (Chen et al. 2024): the networks
+    learn what the shortcut misses."""
+    width = max(1, min(width, n, latent))
+    to_groups, to_latent = _groups(n, width), _groups(latent, width)
+    down = to_latent.t() @ (to_groups / to_groups.sum(dim=1, keepdim=True))
+    up = to_groups.t() @ (to_latent / to_latent.sum(dim=1, keepdim=True))
+    return down, up
+
+
 class WaveletVAE(nn.Module):
     """Shared MR/CT VAE built from WaveletBlocks, one width per level in ``channels``.
 
@@ -68,7 +105,7 @@ class WaveletVAE(nn.Module):
     """
 
     def __init__(self, mr_channels: int, channels: Sequence[int], latent_channels: int, blocks_per_level: int = 1,
-                 group_width: int = 8, wrm: bool = True, normalization: str = "voxel") -> None:
+                 group_width: int = 8, wrm: bool = True, normalization: str = "voxel", shortcut: int = 0) -> None:
         super().__init__()
         channels = list(channels)
         if not channels or min(channels) < 1:
@@ -109,6 +146,19 @@ class WaveletVAE(nn.Module):
             self.decoder.append(nn.Sequential(*level))
         self.out_norm = norm_layer(norm, channels[0], gw)
         self.heads = nn.ModuleDict({m: nn.Conv3d(channels[0], in_channels[m], 3, padding=1) for m in MODALITIES})
+        self.shortcut = max(0, int(shortcut))
+        if self.shortcut:  # fixed (not learnt) maps between an input's f^3 sub-voxels and the latent channels
+            f3 = self.downsampling_factor ** 3
+            for m in MODALITIES:
+                down, up = shortcut_maps(in_channels[m] * f3, latent_channels, shortcut)
+                self.register_buffer(f"_down_{m}", down, persistent=False)
+                self.register_buffer(f"_up_{m}", up, persistent=False)
+            with torch.no_grad():  # the learnt paths start at 0: encode -> decode starts as the shortcut alone
+                self.to_moments[-1].weight[:latent_channels].zero_()
+                self.to_moments[-1].bias[:latent_channels].zero_()
+                for head in self.heads.values():
+                    head.weight.zero_()
+                    head.bias.zero_()
 
     @property
     def local(self) -> bool:
@@ -146,6 +196,9 @@ class WaveletVAE(nn.Module):
         for level in self.encoder:
             h = level(h)
         mean, logvar = self.to_moments(h).chunk(2, dim=1)
+        if self.shortcut:
+            blocks = space_to_channels(x, self.downsampling_factor)
+            mean = mean + torch.einsum("ln,bn...->bl...", getattr(self, f"_down_{modality}").to(x.dtype), blocks)
         return DiagonalGaussian(mean, logvar)
 
     def decode(self, z: torch.Tensor, modality: str) -> torch.Tensor:
@@ -155,7 +208,11 @@ class WaveletVAE(nn.Module):
         h = self.from_latent(z)
         for level in self.decoder:
             h = level(h)
-        return self.heads[modality](F.silu(self.out_norm(h)))
+        out = self.heads[modality](F.silu(self.out_norm(h)))
+        if self.shortcut:
+            blocks = torch.einsum("nl,bl...->bn...", getattr(self, f"_up_{modality}").to(z.dtype), z)
+            out = out + channels_to_space(blocks, self.downsampling_factor)
+        return out
 
     def forward(self, x: torch.Tensor, modality: str, sample: bool = True,
                 available: torch.Tensor | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:

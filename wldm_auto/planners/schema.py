@@ -136,6 +136,10 @@ class VAEPlan:
     channel means (one vector per patch) instead of voxel by voxel, so M can agree within a
     modality without becoming a constant image. ``ema_decay`` > 0 keeps an exponential
     moving average of the VAE weights: validation and every later stage use it.
+    ``shortcut``: 0 (off) or the width of a fixed space-to-channel map of the input added to the latent
+    mean, and of its inverse added to the decoder's output (DC-AE's residual autoencoding): each latent
+    voxel's f^3 input voxels averaged into ``shortcut`` groups (1: their mean; f^3 = latent_channels:
+    lossless), so the networks learn what that re-arrangement misses.
     """
 
     channels: list[int] = field(default_factory=lambda: [32, 64, 128])
@@ -144,6 +148,7 @@ class VAEPlan:
     latent_channels: int = 8
     downsampling_factor: int = 4
     wrm: bool = True
+    shortcut: int = 0
     normalization: str = "voxel"
     reconstruction_loss: str = "l1"
     ct_weight: float = 1.0
@@ -180,7 +185,10 @@ class DiffusionPlan:
     seen that case) or ``"out_of_fold"`` (the fold that held the case out in ``splits_final.json``, as
     nnU-Net's cascade feeds cross-validation predictions to its next stage: the residuals trained on are
     those of a prior on a case it never saw, as at prediction; needs the other folds' regressions).
-    Prediction always uses the fold's own prior.
+    Prediction always uses the fold's own prior. ``center_latents`` (VAE first stage): subtract the per-channel
+    mean of the CT latents (measured with the scale on the first training batches, stored in the checkpoint)
+    before scaling, so the denoiser's clean target is centred; a latent far from 0 (e.g. the VAE's ``shortcut``
+    carrying the CT's values) otherwise takes the x0 denoiser hundreds of steps to reach.
     """
 
     first_stage: str = "vae"
@@ -198,6 +206,7 @@ class DiffusionPlan:
     validation_ddim_steps: int = 10
     sct_estimate: str = "sample_mean"
     prior_folds: str = "own"
+    center_latents: bool = False
     training: TrainingPlan = field(default_factory=TrainingPlan)
 
 
@@ -488,10 +497,20 @@ def _check_diffusion(plan: DiffusionPlan, where: str) -> None:
     if plan.prior_folds != "own" and not where.endswith(".residual_diffusion"):
         raise PlanError(f"{where}.prior_folds: {plan.prior_folds!r} needs a regression prior; only the "
                         "residual_diffusion section has one (use 'own' here)")
+    if plan.center_latents and plan.first_stage == "haar":
+        raise PlanError(f"{where}.center_latents: the Haar first stage is used as it is (no latents measured); "
+                        "centring needs first_stage 'vae'")
+
+
+def _check_vae(plan: VAEPlan, where: str) -> None:
+    if plan.shortcut < 0:
+        raise PlanError(f"{where}.shortcut: {plan.shortcut!r} must be >= 0 (0: off; the shortcut's width in values "
+                        "per latent voxel)")
 
 
 VALIDATORS: dict[type, Callable[[Any, str], None]] = {
     DiffusionPlan: _check_diffusion,
+    VAEPlan: _check_vae,
     RegistrationPlan: _check_registration,
     InferencePlan: _check_inference,
     TrainingPlan: _check_training,

@@ -103,6 +103,8 @@ class DiffusionTrainer(BaseTrainer):
         self.opt = self.make_optimizer(self.unet.parameters(), self.training_plan.learning_rate)
         # 0 = not measured yet; Haar coefficients are used as they are (low band already in [-1, 1])
         self.latent_scale = torch.tensor(1.0 if self.haar else 0.0, dtype=torch.float32)
+        # per-channel mean of the CT latents (plan center_latents), subtracted before scaling; 0: not centred
+        self.latent_shift = torch.zeros(int(getattr(self.vae, "latent_channels", 1)))
 
     def build_unet(self) -> nn.Module:
         """The denoiser to train, for the first stage ``self.vae``."""
@@ -116,22 +118,42 @@ class DiffusionTrainer(BaseTrainer):
 
     def state(self) -> Checkpoint:
         state = super().state()
-        state.extra.update(latent_scale=float(self.latent_scale), vae_source=self.vae_source,
+        state.extra.update(latent_scale=float(self.latent_scale), latent_shift=self.latent_shift.tolist(),
+                           vae_source=self.vae_source,
                            plan_section=self.plan_section, first_stage=self.diffusion_plan.first_stage)
         return state
 
     def restore_extra(self, state: Checkpoint) -> None:
         self.latent_scale = torch.tensor(float(state.extra["latent_scale"]))
+        if state.extra.get("latent_shift"):
+            self.latent_shift = torch.tensor(state.extra["latent_shift"], dtype=torch.float32)
 
     @torch.no_grad()
     def _measure_latent_scale(self) -> None:
-        """1 / std of CT latents over the first few training batches (seeded: the same on resume)."""
+        """1 / std of CT latents over the first few training batches (seeded: the same on resume); with the
+        plan's ``center_latents`` first their per-channel mean (the shift), and the std of the centred latents."""
         values = []
         for batch in self.batches(0, SCALE_BATCHES):
-            values.append(self.vae.encode(batch["ct"].to(self.device), "ct").mode().flatten().float())
-        std = float(torch.cat(values).std())
+            z = self.vae.encode(batch["ct"].to(self.device), "ct").mode().float()
+            values.append(z.transpose(0, 1).flatten(1))  # (L, voxels of the batch)
+        z = torch.cat(values, dim=1)
+        if self.diffusion_plan.center_latents:
+            self.latent_shift = z.mean(dim=1).cpu()
+            z = z - self.latent_shift.to(z.device)[:, None]
+            log.info("latent shift (per-channel mean of z_ct) = %s", [round(v, 4) for v in self.latent_shift.tolist()])
+        std = float(z.std())
         self.latent_scale = torch.tensor(1.0 / max(std, 1e-6))
         log.info("latent scale 1/std(z_ct) = %.4f", float(self.latent_scale))
+
+    def ct_latent(self, ct: torch.Tensor) -> torch.Tensor:
+        """(B, 1, ...) normalised CT -> its latent in the denoiser's space (centred, scaled)."""
+        z = self.vae.encode(ct, "ct").mode()
+        return (z - self.latent_shift.to(z)[:, None, None, None]) * float(self.latent_scale)
+
+    def decode_ct_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`ct_latent`: a latent in the denoiser's space -> normalised CT."""
+        z = z / float(self.latent_scale) + self.latent_shift.to(z)[:, None, None, None]
+        return self.vae.decode(z, "ct")
 
     def needs_scales(self) -> bool:
         """Whether the scales the latents are diffused at are still to be measured (first step)."""
@@ -147,12 +169,11 @@ class DiffusionTrainer(BaseTrainer):
         (``cases``: the training case of each patch)."""
         scale = float(self.latent_scale)
         z_mr = self.vae.encode(mr, "mr", available).mode() * scale
-        z_ct = self.vae.encode(ct, "ct").mode() * scale
-        return z_ct, z_mr, None
+        return self.ct_latent(ct), z_mr, None
 
     def decode_clean(self, x0: torch.Tensor, context: Any) -> torch.Tensor:
         """A predicted clean latent as a normalised CT patch (for the image loss)."""
-        return self.vae.decode(x0 / float(self.latent_scale), "ct")
+        return self.decode_ct_latent(x0)
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
         if self.needs_scales():
@@ -188,7 +209,7 @@ class DiffusionTrainer(BaseTrainer):
     def synthesizer(self) -> LatentSynthesizer:
         return build_latent_synthesizer(self.vae, self.ema, self.schedule, float(self.latent_scale), self.config,
                                         self.config.inference.tile_overlap, self.device,
-                                        self.diffusion_plan.sct_estimate)
+                                        self.diffusion_plan.sct_estimate, self.latent_shift.tolist())
 
     def validate(self) -> dict[str, float]:
         """Whole validation volumes sampled with DDIM (EMA weights, fixed seed), or their posterior-mean

@@ -153,8 +153,7 @@ class ResidualDiffusionTrainer(DiffusionTrainer):
         for batch in self.batches(0, SCALE_BATCHES):
             mr, ct = batch["mr"].to(self.device), batch["ct"].to(self.device)
             prior = self.prior(mr, batch["available"].to(self.device), batch["cases"])
-            scale = float(self.latent_scale)
-            values.append(((self.vae.encode(ct, "ct").mode() - self.vae.encode(prior, "ct").mode()) * scale).flatten())
+            values.append((self.ct_latent(ct) - self.ct_latent(prior)).flatten())
         std = float(torch.cat(values).float().std())
         self.residual_scale = torch.tensor(1.0 / max(std, 1e-6))
         log.info("residual scale 1/std(E(ct) - E(prior)) = %.4f", float(self.residual_scale))
@@ -163,18 +162,17 @@ class ResidualDiffusionTrainer(DiffusionTrainer):
                          cases: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
         scale, residual_scale = float(self.latent_scale), float(self.residual_scale)
         prior = self.prior(mr, available, cases)
-        z_prior = self.vae.encode(prior, "ct").mode() * scale
-        z_ct = self.vae.encode(ct, "ct").mode() * scale
+        z_prior = self.ct_latent(prior)
+        z_ct = self.ct_latent(ct)
         z_mr = self.vae.encode(mr, "mr", available).mode() * scale
         return (z_ct - z_prior) * residual_scale, torch.cat([z_mr, z_prior], dim=1), (prior, z_prior)
 
     def decode_clean(self, x0: torch.Tensor, context: Any) -> torch.Tensor:
         prior, z_prior = context
-        scale = float(self.latent_scale)
-        corrected = self.vae.decode((z_prior + x0 / float(self.residual_scale)) / scale, "ct")
-        return prior + corrected - self.vae.decode(z_prior / scale, "ct")
+        corrected = self.decode_ct_latent(z_prior + x0 / float(self.residual_scale))
+        return prior + corrected - self.decode_ct_latent(z_prior)
 
     def synthesizer(self) -> ResidualSynthesizer:
         return build_residual_synthesizer(self.vae, self.ema, self.schedule, float(self.latent_scale),
                                           float(self.residual_scale), self.prior_net, self.config,
-                                          self.config.inference.tile_overlap, self.device)
+                                          self.config.inference.tile_overlap, self.device, self.latent_shift.tolist())
