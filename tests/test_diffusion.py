@@ -389,3 +389,20 @@ def test_default_latent_tiles_are_the_training_patch_latent() -> None:
     default = TiledDenoiser(lambda x, t, c: x, None, tile, overlap=plan.latent_overlap, divisor=4)
     assert len(fast.layout([113, 45, 63], torch.device("cpu")).slices) == 8 * 3 * 4
     assert len(default.layout([113, 45, 63], torch.device("cpu")).slices) == 10 * 4 * 5
+
+
+def test_latent_valid_keeps_latent_voxels_with_any_real_voxel() -> None:
+    """An odd-sized axis: the last latent voxel holds one real and one padded slice and must be in the loss."""
+    from wldm_auto.trainers.diffusion_trainer import latent_valid
+
+    valid = torch.zeros(1, 1, 6, 4, 4)
+    valid[:, :, :5] = 1  # 5 real slices, 1 padded
+    mask = latent_valid(valid, 2)
+    assert mask.shape == (1, 1, 3, 2, 2)
+    assert mask[0, 0, 2].eq(1).all()  # slices 4 (real) and 5 (padded)
+    valid[:, :, 4:] = 0  # the last latent slice all padding: left out
+    mask = latent_valid(valid, 2)
+    assert mask[0, 0, 2].eq(0).all() and mask[0, 0, :2].eq(1).all()
+    valid = torch.zeros(1, 1, 2, 2, 2)
+    valid[0, 0, 0, 0, 0] = 1  # one real voxel of 8 is enough
+    assert latent_valid(valid, 2).item() == 1.0
