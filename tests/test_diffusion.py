@@ -406,3 +406,35 @@ def test_latent_valid_keeps_latent_voxels_with_any_real_voxel() -> None:
     valid = torch.zeros(1, 1, 2, 2, 2)
     valid[0, 0, 0, 0, 0] = 1  # one real voxel of 8 is enough
     assert latent_valid(valid, 2).item() == 1.0
+
+
+def test_pad_to_multiple_repeats_the_last_slice() -> None:
+    from wldm_auto.models.tiling import pad_to_multiple
+
+    volume = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
+    padded = pad_to_multiple(volume, 2)
+    assert padded.shape == (2, 4, 4, 6)
+    assert torch.equal(padded[:, :3, :, :5], volume)
+    assert torch.equal(padded[:, 3, :, :5], volume[:, 2])  # the last z slice repeated, not air
+    assert torch.equal(padded[:, :3, :, 5], volume[:, :, :, 4])
+    assert torch.equal(pad_to_multiple(volume[:, :2, :4, :4], 2), volume[:, :2, :4, :4])
+
+
+def test_encoding_an_odd_axis_puts_no_air_into_the_last_latent_voxel() -> None:
+    """The first stage sees odd axes edge-padded: on the Haar first stage the last latent slice of an 11-slice
+    volume has no detail across its last image slice pair (a slice and its copy), as it would with air."""
+    from wldm_auto.models.latent import LatentSynthesizer
+    from wldm_auto.networks.haar import HaarFirstStage, haar_encode
+
+    torch.manual_seed(0)
+    volume = torch.rand(1, 11, 6, 7) * 0.5  # tissue-like values, far from the air padding (-1)
+    synthesizer = LatentSynthesizer(HaarFirstStage(1), torch.nn.Identity(), None, 1.0, [8, 8, 8])
+    z = synthesizer.encode(volume, "mr")
+    edge = torch.nn.functional.pad(volume[None], [0, 1, 0, 0, 0, 1], mode="replicate")
+    air = torch.nn.functional.pad(volume[None], [0, 1, 0, 0, 0, 1], value=-1.0)
+    assert z.shape == (8, 6, 3, 4)
+    assert torch.allclose(z, haar_encode(edge)[0], atol=1e-6)
+    assert not torch.allclose(z[:, -1], haar_encode(air)[0, :, -1], atol=0.1)
+    # lossless round trip, cropped back to the input's shape
+    assert torch.allclose(synthesizer.decode_ct(synthesizer.encode(volume, "ct"), volume.shape[-3:]), volume[0],
+                          atol=1e-5)

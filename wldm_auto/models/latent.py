@@ -24,7 +24,7 @@ from wldm_auto.diffusion.tiled import sample_whole_latent
 from wldm_auto.diffusion.tiling import balanced_tiles, fit_tile
 from wldm_auto.models.phases import Phases, phase
 from wldm_auto.models.precision import network_autocast
-from wldm_auto.models.tiling import sliding_window
+from wldm_auto.models.tiling import pad_to_multiple, sliding_window
 from wldm_auto.networks.haar import pad_even
 
 
@@ -129,8 +129,10 @@ class LatentSynthesizer:
     def encode(self, volume: torch.Tensor, modality: str, available: torch.Tensor | None = None) -> torch.Tensor:
         """(C, z, y, x) normalised volume -> (L, z/f, y/f, x/f) scaled latent (posterior mode), tiled.
 
-        ``available``: (C,) flags of the MR sequences present (None: all).
+        ``available``: (C,) flags of the MR sequences present (None: all). Axes are first edge-padded to multiples
+        of f (:func:`~wldm_auto.models.tiling.pad_to_multiple`), so the last latent voxel holds no air.
         """
+        volume = pad_to_multiple(volume, self.factor)
         if self.whole_volume:
             z = self.vae.encode(pad_even(volume[None].to(self.device), -1.0), modality, available).mode()[0]
         else:

@@ -26,6 +26,21 @@ def pad_to(volume: torch.Tensor, shape: Sequence[int], value: float) -> tuple[to
     return volume, tuple(slice(0, int(n)) for n in spatial)
 
 
+def pad_to_multiple(volume: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad the last three axes of a (C, z, y, x) ``volume`` at their far ends up to multiples of ``multiple`` by
+    repeating the last slice (edge values), not with air.
+
+    A first stage of factor f encodes f voxels per axis into one latent voxel: padding an odd axis with air made the
+    last latent voxel half tissue, half air, which the networks render dark (fidelity benchmark, an 11-slice test
+    case, 3D-WLDM: its last slice 243 HU MAE against about 90 elsewhere; 78 HU with edge padding). The padded voxels
+    are cropped away after decoding."""
+    extra = [(-int(n)) % int(multiple) for n in volume.shape[-3:]]
+    if not any(extra):
+        return volume
+    flat = [p for e in reversed(extra) for p in (0, e)]
+    return torch.nn.functional.pad(volume[None], flat, mode="replicate")[0]
+
+
 @torch.no_grad()
 def sliding_window(
     volume: torch.Tensor,
