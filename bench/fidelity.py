@@ -322,9 +322,8 @@ def first_stage_ceilings(data: fidelity_data.BenchData, plans: Plans, trainer: s
     ``trainer`` None: no network, only preprocessing and the way back (the resampling floor)."""
     synthesizer = None
     if trainer is not None:
-        # the first stage alone: test-time mirroring (--mirror-axes) would wrap it in a synthesizer without one
-        inference = replace(plans.configuration(CONFIGURATION).inference, mirror_axes=[])
-        synthesizer = load_model(model_folder(trainer), [0], torch.device("cpu"), inference=inference)[0].synthesizer
+        synthesizer = load_model(model_folder(trainer), [0], torch.device("cpu"),
+                                 inference=plans.configuration(CONFIGURATION).inference)[0].synthesizer
     out = {}
     for case in data.cases("test"):
         mr = read_image(data.test / "mr" / f"{case}.nii.gz", sitk.sitkFloat32)

@@ -108,3 +108,17 @@ def test_axes_never_flipped_in_training_are_warned_about(caplog) -> None:
         caplog.clear()
         mirrored(base, config([2], [2], p_mirror=0.0), path)
         assert "training flipped only none" in caplog.text
+
+
+def test_first_stage_of_a_mirrored_model_is_the_wrapped_one():
+    """The ceiling (encode -> decode of the true CT) goes through the wrapped model: test-time mirroring has no
+    first stage of its own, and the benchmark stopped on a mirrored model's ceiling before."""
+    from wldm_auto.inference.first_stage import first_stage_of
+    from wldm_auto.models.latent import LatentSynthesizer
+    from wldm_auto.networks.haar import HaarFirstStage
+
+    latent = LatentSynthesizer(HaarFirstStage(1), torch.nn.Identity(), None, 1.0, [8, 8, 8])
+    assert first_stage_of(latent) is latent
+    assert first_stage_of(MirroredSynthesizer(latent, (0, 1, 2))) is latent
+    assert first_stage_of(MirroredSynthesizer(PointwiseModel(), (0,))) is None
+    assert first_stage_of(None) is None

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         from wldm_auto.evaluation.evaluate import evaluate_folder
         from wldm_auto.evaluation.report import ModelRow, write_report
         from wldm_auto.inference.baselines import bulk_density_sct
-        from wldm_auto.inference.first_stage import first_stage_reconstruction
+        from wldm_auto.inference.first_stage import first_stage_of, first_stage_reconstruction
         from wldm_auto.inference.predictor import load_model, predict_folder
         from wldm_auto.io.files import hash_file, read_json, write_json
         from wldm_auto.io.images import read_image, write_image
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             timings.record(f"predict_{trainer}", time.time() - t0, did_work)
             summary = evaluate_folder(ct_dir, target, report / trainer, mask_dir=mask_dir, mr_dir=mr_dir, label=label)
             ceiling = None
-            if hasattr(folds[0].synthesizer, "reconstruct_ct"):
+            if first_stage_of(folds[0].synthesizer) is not None:
                 mr = read_image(mr_dir / f"{TEST_CASE}.nii.gz", sitk.sitkFloat32)
                 ct = read_image(ct_dir / f"{TEST_CASE}.nii.gz", sitk.sitkFloat32)
                 mask = sitk.GetArrayFromImage(read_image(mask_dir / f"{TEST_CASE}.nii.gz")) > 0

@@ -17,6 +17,14 @@ from wldm_auto.preprocessing.case import body_mask, preprocess_ct, preprocess_mr
 from wldm_auto.io.normalization import denormalise_ct
 
 
+def first_stage_of(synthesizer: object | None) -> object | None:
+    """The synthesizer whose ``reconstruct_ct`` gives ``synthesizer``'s first stage, or None (no first stage, e.g. a
+    regression U-Net). Test-time mirroring wraps a model (``models/mirroring.py``) and has none of its own: the
+    ceiling is the wrapped model's."""
+    base = getattr(synthesizer, "base", synthesizer)
+    return base if hasattr(base, "reconstruct_ct") else None
+
+
 @torch.no_grad()
 def first_stage_reconstruction(mr: sitk.Image, ct: sitk.Image, plans: Plans, configuration: str,
                                synthesizer: object | None = None) -> sitk.Image:
@@ -32,8 +40,9 @@ def first_stage_reconstruction(mr: sitk.Image, ct: sitk.Image, plans: Plans, con
     ct_np, _ = preprocess_ct(sitk.Cast(ct, sitk.sitkFloat32), everywhere, pre, plans)
     values = torch.from_numpy(ct_np)
     if synthesizer is not None:
-        if not hasattr(synthesizer, "reconstruct_ct"):
+        stage = first_stage_of(synthesizer)
+        if stage is None:
             raise ValueError("this model has no first stage to reconstruct through (e.g. a regression U-Net)")
-        values = synthesizer.reconstruct_ct(values)[None].cpu()
+        values = stage.reconstruct_ct(values)[None].cpu()
     hu = denormalise_ct(values[0].clamp(-1, 1).numpy().astype(np.float32), plans.preprocessing.ct_window)
     return to_input_grid(hu, pre.properties, mr, body, AIR_HU, config.inference.export_interpolation)

@@ -25,7 +25,6 @@ from wldm_auto.diffusion.tiling import balanced_tiles, fit_tile
 from wldm_auto.models.phases import Phases, phase
 from wldm_auto.models.precision import network_autocast
 from wldm_auto.models.tiling import pad_to_multiple, sliding_window
-from wldm_auto.networks.haar import pad_even
 
 
 TILE_ELEMENTS = 2 ** 27  # values of one first-level VAE or U-Net activation per batch of tiles (512 MB in float32)
@@ -134,7 +133,7 @@ class LatentSynthesizer:
         """
         volume = pad_to_multiple(volume, self.factor)
         if self.whole_volume:
-            z = self.vae.encode(pad_even(volume[None].to(self.device), -1.0), modality, available).mode()[0]
+            z = self.vae.encode(volume[None].to(self.device), modality, available).mode()[0]
         else:
             tile, overlap, batch_size = self.first_stage_layout(volume.shape[-3:])
 
