@@ -462,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="test-time mirroring of every model along these axes (0 z, 1 y, 2 x; plan "
                              "inference.mirror_axes): 2**len(axes) draws per sample, the regression U-Net gets a "
                              "std map; default: none")
+    parser.add_argument("--ddim-steps", type=int, default=None, metavar="N",
+                        help="DDIM steps per sample of the diffusion models (a prediction setting: trained models are "
+                             "reused, predictions redone; default: 10, --quick 2)")
     parser.add_argument("--fresh", action="store_true", help="retrain and repredict everything (keeps the data)")
     parser.add_argument("--no-figures", action="store_true", help="skip the per-case evaluation figures (--quick: "
                         "always skipped)")
@@ -475,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
         mirror_axes = check_mirror_axes(args.mirror_axes, "--mirror-axes") or []
     except ValueError as exc:
         parser.error(str(exc))
+    if args.ddim_steps is not None and args.ddim_steps < 1:
+        parser.error("--ddim-steps must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     setup = QUICK if args.quick else FULL
@@ -484,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work / sub, ignore_errors=True)
     start = _timer()
     data, preprocessed, plans = prepare(work, setup, json.loads(args.overrides))
+    ddim_steps = args.ddim_steps or setup.ddim_steps
+    plans.configuration(CONFIGURATION).inference.ddim_steps = ddim_steps  # a prediction setting, like mirroring
     if mirror_axes:  # a prediction setting: trained models are reused, predictions redone
         plans.configuration(CONFIGURATION).inference.mirror_axes = mirror_axes
     test_cases = data.cases("test")
@@ -560,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": bool(args.quick),
         "threads": torch.get_num_threads(),
         "spacing_mm": setup.spacing,
-        "ddim_steps": setup.ddim_steps,
+        "ddim_steps": ddim_steps,
         "samples": args.samples,
         "mirror_axes": mirror_axes,
         "seconds": round(_timer() - start, 1),

@@ -125,6 +125,29 @@ def test_quick_mirroring_reuses_the_models_and_gives_regression_a_std_map(quick_
     assert values["mae_hu"] != pytest.approx(quick_run[1]["models"]["regression"]["mae_hu"], rel=1e-6)
 
 
+def test_quick_ddim_steps_is_a_prediction_setting(quick_run: tuple[Path, dict], tmp_path: Path) -> None:
+    """--ddim-steps reuses the trained diffusion model, redoes its predictions and is reported in the JSON."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(quick_run[0], work, symlinks=True)
+    checkpoint = next(work.glob("results/*/*/WaveletDiffusionTrainer__*/fold_0/checkpoint_final.pt"))
+    before = checkpoint.stat().st_mtime_ns
+    env = {k: v for k, v in os.environ.items() if not k.startswith("wldm_")}
+    bad = subprocess.run([sys.executable, str(REPO / "bench" / "fidelity.py"), "--quick", "--work", str(work),
+                          "--ddim-steps", "0"], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "--ddim-steps must be >= 1" in bad.stderr
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "fidelity.py"), "--quick", "--work", str(work),
+                             "--rows", "wavelet_diffusion", "--ddim-steps", "1"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["ddim_steps"] == 1 and quick_run[1]["ddim_steps"] == 2
+    assert checkpoint.stat().st_mtime_ns == before  # reused, not retrained
+    stamp = json.loads((work / "predictions" / "wavelet_diffusion.json").read_text())["stamp"]
+    assert stamp["configuration"]["inference"]["ddim_steps"] == 1  # redone with one step
+
+
 def test_quick_out_of_fold_priors_train_the_cross_fitting_folds(quick_run: tuple[Path, dict], tmp_path: Path) -> None:
     """prior_folds "out_of_fold": the regression of every cross-fitting fold is trained and counted in the residual
     row's budget, and each training case's prior comes from the fold that held it out."""
