@@ -50,7 +50,9 @@ RECIPE_NOTES: dict[str, str] = {
         "validation MAE at 1200 steps against 56.0 HU without, and the simulated abdomen test cases 54.3 / 53.8 HU "
         "against 58.9 / 58.8; but the phantom slab (148.9 vs 141.8) and the thin DICOM case (95.1 vs 92.1) got "
         "worse, so the test mean did not move (88.0 vs 87.9 HU). Each step also decodes the patch (about 1.5x the "
-        "step time on CPU). Worth measuring again on a GPU budget."),
+        "step time on CPU). Again after the encoder's edge padding (2026-12-02, shortcut off, seed 12345): 84.8 "
+        "against 85.5 HU (per case 143.1 / 54.5 / 54.9 / 86.7; validation 42.6 against 45.1 HU; 626 against 501 s "
+        "of training), less than one diffusion seed's spread (+- 2.5 HU). Worth measuring again on a GPU budget."),
     "diffusion_latent_loss": (
         "latent_loss l2 (the paper's) kept. With l1 (same VAE, budget and seed; fidelity benchmark, 10 DDIM "
         "steps) the 3D-WLDM test MAE fell from 88.9 to 83.9 HU (per case 131.9 / 55.3 / 56.0 / 92.6 against "
@@ -64,7 +66,9 @@ RECIPE_NOTES: dict[str, str] = {
         "88.9 / 0.10, 10 steps x 5 samples averaged 88.7 / 0.07, 1 step x 5 samples 83.8 / 0.00. With x0-"
         "prediction one step is the posterior-mean estimate from pure noise: the lowest MAE, but no bone above "
         "250 HU and samples that barely differ (no usable std map); more steps add detail at a few HU of MAE, "
-        "and averaging samples changes little because the x0 estimates depend mostly on the MR."),
+        "and averaging samples changes little because the x0 estimates depend mostly on the MR. After the "
+        "encoder's edge padding (2026-12-02, shortcut off, same model): the one-step posterior mean 87.4, 10 steps "
+        "85.5, 20 steps 86.2 HU (bone Dice 0.000 / 0.000 / 0.001): 10 steps kept."),
     "vae_weights_and_rate": (
         "ct_weight 1, learning_rate 2e-3 and blocks_per_level 1 kept (fidelity benchmark, 700 VAE steps, "
         "validation CT MAE at steps 175 / 350 / 525 / 700): baseline 149.6 / 47.2 / 34.6 / 29.8 HU with MR PSNR "
@@ -76,7 +80,9 @@ RECIPE_NOTES: dict[str, str] = {
         "55.9 HU without (700 steps, voxel-wise SMD), and 51.2 against 50.3 HU with pooled SMD. The diffusion "
         "U-Net keeps its EMA (diffusion.ema_decay)."),
     "vae_shortcut": (
-        "vae.shortcut 0 (off) and diffusion.center_latents false kept. Fidelity benchmark, 3D-WLDM, 700 VAE + 1200 "
+        "planner defaults (GPU-sized, 4x): vae.shortcut 0 (off) and diffusion.center_latents false, not measured at 4x; "
+        "the cpu preset switches both on (its note vae_shortcut gives the figures after the encoder's edge padding). "
+        "Before that padding: fidelity benchmark, 3D-WLDM, 700 VAE + 1200 "
         "diffusion steps, seed 12345, 1 sample, 10 DDIM steps (2026-12-01; first-stage ceiling / test sCT MAE HU, per "
         "case phantom / abdomen / abdomen / thin DICOM, bone Dice): off 62.7 / 90.4 (143.3 / 57.7 / 58.0 / 102.6), "
         "0.000, over 3 diffusion seeds 93.3 +- 2.5; shortcut 8 (lossless at 2x with 8 latent channels: the VAE "
@@ -133,13 +139,28 @@ CPU_NOTES: dict[str, str] = {
         "steps, seed 0, 10 DDIM steps (test MAE HU; bone Dice of the two abdomen cases): [32, 64] 88.9; 0.11 / "
         "0.10. A third level [32, 64, 128]: 86.1 (validation 54.0 against 56.0 HU); 0.05 / 0.02 (the phantom "
         "slab 0.004, the first bone there). Learning rate 2e-3: 86.8; 0.009 / 0.004. Both lower the MAE by "
-        "about as much as one seed moves it and lose most of the little bone there was."),
+        "about as much as one seed moves it and lose most of the little bone there was. Again after the encoder's "
+        "edge padding (2026-12-02, shortcut off, seed 12345): [32, 64, 128] 87.1 against 85.5 HU (validation 42.7 "
+        "against 45.1 HU)."),
     "vae_downsampling": (
         "cpu preset: 2x downsampling ([16, 32], 8 latent channels). At 3 mm voxels a linear 4x average-and-"
         "upsample already loses 56.5 HU (2x: 30.5 HU); a CT-only autoencoder reached 38.8 HU validation MAE after "
         "400 steps at 2x against 71.4 HU (4x, 8 channels) and 65.1 HU (4x, 16 channels). The joint MR/CT VAE with "
         "SMD reached 26.0 HU after 1000 steps at 2x (16 latent channels: 32.8 HU). The latent voxel is then 6 mm, "
-        "as it is for 4x at 1.5 mm."),
+        "as it is for 4x at 1.5 mm. A 1x latent (vae.channels [16], diffusion U-Net [16, 32, 64]; 2026-12-02, same "
+        "budget and seed, after the encoder's edge padding): first-stage ceiling 43.7 against 58.5 HU, diffusion "
+        "validation 37.5 against 45.1 HU, but the test sCT 87.5 against 85.5 HU (phantom slab 158.5 against 143.9, "
+        "abdomen 53.7 / 51.4 against 55.3 / 56.0, thin DICOM 86.4 against 87.0), 976 s of training against 501 "
+        "and 76 s per test case against 18 s (8x the latent voxels)."),
+    "vae_shortcut": (
+        "cpu preset: vae.shortcut 4 with diffusion.center_latents (2026-12-02). Fidelity benchmark, 3D-WLDM, 700 VAE "
+        "+ 1200 diffusion steps, seed 12345, 1 sample, 10 DDIM steps, every case encoded edge-padded (first-stage "
+        "ceiling / test sCT MAE HU, per case phantom / abdomen / abdomen / thin DICOM, bone Dice): off 58.5 / 85.5 "
+        "(143.9 / 55.3 / 56.0 / 87.0), 0.000 on every case; 4 + centred 30.7 / 85.7 (140.3 / 57.0 / 56.8 / 88.7), "
+        "0.071 (0.023 / 0.117 / 0.145 / 0.000), SSIM 0.837 against 0.833; 8 (lossless) + centred 17.9 / 87.9 (144.0 "
+        "/ 57.7 / 58.1 / 91.7), 0.080 (0.000 / 0.159 / 0.161 / 0.000). Width 4 meets the first-stage goal (<= 40 HU) "
+        "and gives bone on three of the four cases at the same MAE. Before the edge padding the thin DICOM case lost "
+        "17-39 HU with any shortcut (recipe note vae_shortcut), which is why it was off."),
 }
 
 # Why the registration defaults (RegistrationPlan) are what they are: measured with bench/registration.py
