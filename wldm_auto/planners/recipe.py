@@ -80,18 +80,19 @@ RECIPE_NOTES: dict[str, str] = {
         "55.9 HU without (700 steps, voxel-wise SMD), and 51.2 against 50.3 HU with pooled SMD. The diffusion "
         "U-Net keeps its EMA (diffusion.ema_decay)."),
     "vae_shortcut": (
-        "planner defaults (GPU-sized, 4x): vae.shortcut 0 (off) and diffusion.center_latents false, not measured at 4x; "
-        "the cpu preset switches both on (its note vae_shortcut gives the figures after the encoder's edge padding). "
-        "Before that padding: fidelity benchmark, 3D-WLDM, 700 VAE + 1200 "
-        "diffusion steps, seed 12345, 1 sample, 10 DDIM steps (2026-12-01; first-stage ceiling / test sCT MAE HU, per "
+        "planner defaults (GPU-sized, 4x): vae.shortcut 0 (off) and diffusion.center_latents false, not measured "
+        "at 4x; the cpu preset switches both on (its note vae_shortcut_cpu gives the figures after the encoder's "
+        "edge padding). Before that padding: fidelity benchmark, 3D-WLDM, 700 VAE + 1200 diffusion steps, seed "
+        "12345, 1 sample, 10 DDIM steps (2026-12-01; first-stage ceiling / test sCT MAE HU, per "
         "case phantom / abdomen / abdomen / thin DICOM, bone Dice): off 62.7 / 90.4 (143.3 / 57.7 / 58.0 / 102.6), "
         "0.000, over 3 diffusion seeds 93.3 +- 2.5; shortcut 8 (lossless at 2x with 8 latent channels: the VAE "
         "learns the identity, validation CT 0.0 HU) 17.9 (the resampling floor) / 105.6; shortcut 8 + center_latents "
         "17.9 / 94.9 (141.5 / 59.4 / 59.5 / 119.2), 0.082, over 3 seeds 98.8 +- 3.8 (bone 0.076); shortcut 4 + "
         "center_latents 30.7 / 97.6, 0.067; shortcut 1 59.5 / 95.4, with center_latents 96.1; center_latents alone "
         "62.7 / 94.2. After the diffusion loss's edge fix (latent_valid): off 90.7, shortcut 8 + center_latents 93.1 "
-        "(thin DICOM case 102.9 against 108.4). A first stage at the resampling floor does not make a better sCT at this budget: the diffusion "
-        "stage is what limits it. Sharper latents give some bone (Dice 0.15 on the abdomen cases) and the phantom "
+        "(thin DICOM case 102.9 against 108.4). A first stage at the resampling floor does not make a better sCT "
+        "at this budget: the diffusion stage is what limits it. Sharper latents give some bone (Dice 0.15 on the "
+        "abdomen cases) and the phantom "
         "slab gains 2 HU, but the thin DICOM case (11 slices) loses 17-39 HU. Without centring, the x0 denoiser of a "
         "lossless latent (channel means -0.55, -3.7 after the scale 6.7) was at 287 HU validation MAE after 300 "
         "steps (51 HU centred): an Adam step moves each weight by about the learning rate (1e-3)."),
@@ -152,7 +153,7 @@ CPU_NOTES: dict[str, str] = {
         "validation 37.5 against 45.1 HU, but the test sCT 87.5 against 85.5 HU (phantom slab 158.5 against 143.9, "
         "abdomen 53.7 / 51.4 against 55.3 / 56.0, thin DICOM 86.4 against 87.0), 976 s of training against 501 "
         "and 76 s per test case against 18 s (8x the latent voxels)."),
-    "vae_shortcut": (
+    "vae_shortcut_cpu": (
         "cpu preset: vae.shortcut 4 with diffusion.center_latents (2026-12-02). Fidelity benchmark, 3D-WLDM, 700 VAE "
         "+ 1200 diffusion steps, seed 12345, 1 sample, 10 DDIM steps, every case encoded edge-padded (first-stage "
         "ceiling / test sCT MAE HU, per case phantom / abdomen / abdomen / thin DICOM, bone Dice): off 58.5 / 85.5 "
