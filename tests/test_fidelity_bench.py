@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,13 +18,24 @@ COLUMNS = ("mae_hu", "psnr", "ssim", "ms_ssim", "bone_dice", "train_seconds", "p
 LATENT = ("3d_wldm", "ldm_vanilla", "ldm_wrm", "ldm_wrm_smd")
 
 
+def run_bench(work: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``bench/fidelity.py --quick --work WORK ARGS`` in a subprocess, without the caller's wldm_* folders."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("wldm_")}
+    return subprocess.run([sys.executable, str(REPO / "bench" / "fidelity.py"), "--quick", "--work", str(work), *args],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def copy_work(quick_run: tuple[Path, dict], tmp_path: Path) -> Path:
+    """A copy of the quick run's work folder (its trained models included) for a test to rerun the bench in."""
+    work = tmp_path / "work"
+    shutil.copytree(quick_run[0], work, symlinks=True)
+    return work
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     work = tmp_path_factory.mktemp("fidelity")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("wldm_")}
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "fidelity.py"), "--quick", "--work", str(work),
-                             "--samples", "2"],
-                            capture_output=True, text=True, env=env, timeout=900)
+    result = run_bench(work, "--samples", "2", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return work, json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -106,16 +118,10 @@ def test_quick_mirroring_reuses_the_models_and_gives_regression_a_std_map(quick_
                                                                           tmp_path: Path) -> None:
     """--mirror-axes is a prediction setting: nothing retrains, the predictions are redone, and the deterministic
     regression U-Net gets a std map from its mirrorings."""
-    import shutil
-
-    work = tmp_path / "work"
-    shutil.copytree(quick_run[0], work, symlinks=True)
+    work = copy_work(quick_run, tmp_path)
     checkpoint = next(work.glob("results/*/*/RegressionTrainer__*/fold_0/checkpoint_final.pt"))
     before = checkpoint.stat().st_mtime_ns
-    env = {k: v for k, v in os.environ.items() if not k.startswith("wldm_")}
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "fidelity.py"), "--quick", "--work", str(work),
-                             "--rows", "regression", "--mirror-axes", "2"],
-                            capture_output=True, text=True, env=env, timeout=600)
+    result = run_bench(work, "--rows", "regression", "--mirror-axes", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["mirror_axes"] == [2] and summary["samples"] == 1
@@ -127,19 +133,12 @@ def test_quick_mirroring_reuses_the_models_and_gives_regression_a_std_map(quick_
 
 def test_quick_ddim_steps_is_a_prediction_setting(quick_run: tuple[Path, dict], tmp_path: Path) -> None:
     """--ddim-steps reuses the trained diffusion model, redoes its predictions and is reported in the JSON."""
-    import shutil
-
-    work = tmp_path / "work"
-    shutil.copytree(quick_run[0], work, symlinks=True)
+    work = copy_work(quick_run, tmp_path)
     checkpoint = next(work.glob("results/*/*/WaveletDiffusionTrainer__*/fold_0/checkpoint_final.pt"))
     before = checkpoint.stat().st_mtime_ns
-    env = {k: v for k, v in os.environ.items() if not k.startswith("wldm_")}
-    bad = subprocess.run([sys.executable, str(REPO / "bench" / "fidelity.py"), "--quick", "--work", str(work),
-                          "--ddim-steps", "0"], capture_output=True, text=True, env=env, timeout=120)
+    bad = run_bench(work, "--ddim-steps", "0", timeout=120)
     assert bad.returncode == 2 and "--ddim-steps must be >= 1" in bad.stderr
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "fidelity.py"), "--quick", "--work", str(work),
-                             "--rows", "wavelet_diffusion", "--ddim-steps", "1"],
-                            capture_output=True, text=True, env=env, timeout=600)
+    result = run_bench(work, "--rows", "wavelet_diffusion", "--ddim-steps", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["ddim_steps"] == 1 and quick_run[1]["ddim_steps"] == 2
@@ -151,17 +150,11 @@ def test_quick_ddim_steps_is_a_prediction_setting(quick_run: tuple[Path, dict], 
 def test_quick_out_of_fold_priors_train_the_cross_fitting_folds(quick_run: tuple[Path, dict], tmp_path: Path) -> None:
     """prior_folds "out_of_fold": the regression of every cross-fitting fold is trained and counted in the residual
     row's budget, and each training case's prior comes from the fold that held it out."""
-    import shutil
-
     from wldm_auto.models.checkpoint import load_checkpoint
 
-    work = tmp_path / "work"
-    shutil.copytree(quick_run[0], work, symlinks=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("wldm_")}
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "fidelity.py"), "--quick", "--work", str(work),
-                             "--rows", "residual_diffusion", "--set",
-                             '{"residual_diffusion": {"prior_folds": "out_of_fold"}}'],
-                            capture_output=True, text=True, env=env, timeout=600)
+    work = copy_work(quick_run, tmp_path)
+    result = run_bench(work, "--rows", "residual_diffusion", "--set",
+                       '{"residual_diffusion": {"prior_folds": "out_of_fold"}}')
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     stages = summary["models"]["residual_diffusion"]["budget"]["stages"]
@@ -176,8 +169,7 @@ def test_quick_out_of_fold_priors_train_the_cross_fitting_folds(quick_run: tuple
     assert {c: Path(p).parent.name for c, p in sources.items()} == {"phantom_train": "fold_1",
                                                                    "sim_abdomen_00": "fold_2"}
     # a --set edits only its own run: the next run without it plans from the planner's plan again
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "fidelity.py"), "--quick", "--work", str(work),
-                             "--rows", "bulk_density"], capture_output=True, text=True, env=env, timeout=600)
+    result = run_bench(work, "--rows", "bulk_density")
     assert result.returncode == 0, result.stderr[-3000:]
     plans = json.loads(next(work.glob("preprocessed/*/plans.json")).read_text())
     assert plans["configurations"]["3d_wldm"]["residual_diffusion"]["prior_folds"] == "own"
