@@ -296,6 +296,20 @@ def test_min_snr_weight_hand_values(prediction: str) -> None:
     assert float(schedule.min_snr_weight(t, 5.0)[0] * x0_weight) == pytest.approx(5.0, rel=1e-5)
 
 
+def test_sample_timesteps_uniform_and_biased_to_high_noise() -> None:
+    schedule = NoiseSchedule(timesteps=1000)
+    torch.manual_seed(0)
+    uniform = schedule.sample_timesteps(200_000, "cpu")
+    torch.manual_seed(0)
+    assert torch.equal(uniform, torch.randint(0, 1000, (200_000,)))  # power 1: the draws training always made
+    biased = schedule.sample_timesteps(200_000, "cpu", power=2.0)
+    assert biased.dtype == torch.long and int(biased.min()) >= 0 and int(biased.max()) <= 999
+    # share of t >= T/2 is 0.5 ** (1 / p): 0.5 uniform, 0.707 at p = 2
+    assert float((uniform >= 500).float().mean()) == pytest.approx(0.5, abs=0.005)
+    assert float((biased >= 500).float().mean()) == pytest.approx(0.5 ** 0.5, abs=0.005)
+    assert float((biased == 999).float().mean()) == pytest.approx(1e-3 ** 0.5, abs=0.003)  # u ** 2 < 1e-3
+
+
 def test_ablation_diffusion_trainers_pick_their_first_stage() -> None:
     """The paper's ablation rows as registered trainers: each diffusion variant names the VAE it stands on."""
     from wldm_auto.trainers.registry import trainer_class

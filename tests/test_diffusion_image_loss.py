@@ -49,3 +49,29 @@ def test_image_loss_is_logged_and_changes_the_training(preprocessed_small, tmp_p
     l1 = load_checkpoint(run_training(dataset, "diffusion", 0, options=options))
     first_l2, first_l1 = plain["history"][0]["train_loss"], l1["history"][0]["train_loss"]
     assert np.isfinite(first_l1) and first_l1 != pytest.approx(first_l2, rel=1e-3)
+
+
+def test_timestep_power_reaches_the_training_draws(preprocessed_small, tmp_path, monkeypatch):
+    """diffusion.timestep_power: the trainer draws its timesteps with the plan's power (p > 1: mostly high noise)."""
+    from wldm_auto.diffusion.schedule import NoiseSchedule
+
+    draws: list[tuple[float, torch.Tensor]] = []
+    original = NoiseSchedule.sample_timesteps
+
+    def recording(self, n, device, power=1.0):
+        t = original(self, n, device, power)
+        draws.append((power, t))
+        return t
+
+    monkeypatch.setattr(NoiseSchedule, "sample_timesteps", recording)
+    dataset = tiny_copy(preprocessed_small, tmp_path, monkeypatch)
+    options = TrainerOptions(device="cpu", num_workers=0, num_steps=3, steps_per_epoch=3)
+    run_training(dataset, "vae", 0, options=options)
+    _set_diffusion(dataset, timestep_power=8.0)
+    run_training(dataset, "diffusion", 0, options=options)
+    assert [p for p, _ in draws] == [8.0] * 3  # one draw per training step, at the plan's power
+    t = torch.cat([t for _, t in draws]).float()
+    plans = json.loads((Path(os.environ["wldm_preprocessed"]) / dataset / "plans.json").read_text())
+    timesteps = plans["configurations"]["3d_wldm"]["diffusion"]["timesteps"]
+    # expected T - 1 - T / 9 at power 8 (uniform: (T - 1) / 2)
+    assert int(t.max()) <= timesteps - 1 and float(t.mean()) > 0.6 * timesteps

@@ -134,6 +134,7 @@ def test_unknown_key_names_key_and_location(tmp_path, plans_dict, location):
     (("configurations", "3d_wldm", "wavelet_diffusion"), "center_latents", True,
      "the Haar first stage is used as it is (no latents measured); centring needs first_stage 'vae'"),
     (("configurations", "3d_wldm", "diffusion"), "beta_schedule", 3, "expected str, got 3"),
+    (("configurations", "3d_wldm", "diffusion"), "timestep_power", 0.0, "0.0 must be > 0 (1: uniform timesteps)"),
     (("registration",), "iterations", 500, "expected a list, got int"),
     ((), "channel_names", ["MR"], "expected an object, got list"),
     ((), "preprocessing", 5, "expected an object, got int"),

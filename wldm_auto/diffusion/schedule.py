@@ -104,6 +104,14 @@ class NoiseSchedule:
         b = self._gather(self.sqrt_one_minus_alphas_cumprod, t, x0)
         return a * noise - b * x0
 
+    def sample_timesteps(self, n: int, device: torch.device | str, power: float = 1.0) -> torch.Tensor:
+        """``n`` training timesteps: uniform for ``power`` 1, else ``T - 1 - floor(T * u ** power)`` with ``u``
+        uniform in [0, 1) (power > 1 favours high noise)."""
+        if power == 1.0:
+            return torch.randint(0, self.timesteps, (n,), device=device)
+        u = torch.rand(n, device=device)
+        return (self.timesteps - 1 - torch.floor(self.timesteps * u ** power)).long().clamp_(0, self.timesteps - 1)
+
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio abar_t / (1 - abar_t) at timesteps ``t`` (float64, on ``t``'s device)."""
         t = torch.as_tensor(t).long()

@@ -188,7 +188,10 @@ class DiffusionPlan:
     Prediction always uses the fold's own prior. ``center_latents`` (VAE first stage): subtract the per-channel
     mean of the CT latents (measured with the scale on the first training batches, stored in the checkpoint)
     before scaling, so the denoiser's clean target is centred; a latent far from 0 (e.g. the VAE's ``shortcut``
-    carrying the CT's values) otherwise takes the x0 denoiser hundreds of steps to reach.
+    carrying the CT's values) otherwise takes the x0 denoiser hundreds of steps to reach. ``timestep_power``: the
+    training timesteps are drawn as ``t = T - 1 - floor(T * u ** p)`` with ``u`` uniform: 1 is uniform (the paper's),
+    p > 1 favours high noise, where the clean estimate depends on the MR alone (the share of t >= T/2 is
+    0.5 ** (1/p): 0.71 at p = 2).
     """
 
     first_stage: str = "vae"
@@ -207,6 +210,7 @@ class DiffusionPlan:
     sct_estimate: str = "sample_mean"
     prior_folds: str = "own"
     center_latents: bool = False
+    timestep_power: float = 1.0
     training: TrainingPlan = field(default_factory=TrainingPlan)
 
 
@@ -497,6 +501,8 @@ def _check_diffusion(plan: DiffusionPlan, where: str) -> None:
     if plan.prior_folds != "own" and not where.endswith(".residual_diffusion"):
         raise PlanError(f"{where}.prior_folds: {plan.prior_folds!r} needs a regression prior; only the "
                         "residual_diffusion section has one (use 'own' here)")
+    if not (math.isfinite(plan.timestep_power) and plan.timestep_power > 0):
+        raise PlanError(f"{where}.timestep_power: {plan.timestep_power!r} must be > 0 (1: uniform timesteps)")
     if plan.center_latents and plan.first_stage == "haar":
         raise PlanError(f"{where}.center_latents: the Haar first stage is used as it is (no latents measured); "
                         "centring needs first_stage 'vae'")

@@ -194,7 +194,7 @@ class DiffusionTrainer(BaseTrainer):
             clean, cond, context = self.training_latents(mr, ct, available, batch.get("cases"))
             factor = self.vae.required_divisor
             valid_latent = latent_valid(valid, factor)
-        t = torch.randint(0, self.schedule.timesteps, (len(ct),), device=self.device)
+        t = self.schedule.sample_timesteps(len(ct), self.device, self.diffusion_plan.timestep_power)
         noise = torch.randn_like(clean)
         x_t = self.schedule.add_noise(clean, noise, t)
         weight = self.schedule.min_snr_weight(t, self.diffusion_plan.min_snr_gamma)
