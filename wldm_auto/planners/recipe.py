@@ -130,11 +130,24 @@ RECIPE_NOTES: dict[str, str] = {
 
 CPU_NOTES: dict[str, str] = {
     "budget_split": (
-        "fidelity benchmark: 700 VAE + 1200 diffusion steps kept. 1000 + 900 (same 1900-step budget, seed 0): "
-        "first-stage ceiling 46.7 HU against 53.1 (per test case 73.4 / 27.1 / 28.7 / 57.5; VAE validation 24.1 "
-        "against 29.8 HU), but the 3D-WLDM sCT 92.4 HU against 88.9 (diffusion validation 62.4 against 56.0 HU) "
-        "and bone Dice 0.07 / 0.09 against 0.11 / 0.10 on the abdomen cases: the diffusion stage, not the "
-        "ceiling, is what the sCT is short of at this budget."),
+        "fidelity benchmark: 350 VAE + 1550 diffusion steps (2026-12-02; was 700 + 1200). With the width-4 shortcut "
+        "the VAE has learnt what it will by step 350 (validation CT MAE 19.3 HU after 350 steps of a 350-step run, "
+        "19.8 after 700 of a 700-step run), while the diffusion U-Net's validation was still falling at 1200 steps "
+        "(48.9 -> 45.5 HU over the last 300). 3D-WLDM, seed 12345, 1 sample: 84.7 HU (per case 141.3 / 55.4 / 55.4 / "
+        "86.6, ceiling 31.6, validation 43.5) against 85.7 (ceiling 30.7, validation 45.5), within one diffusion "
+        "seed's spread but never worse. Before the shortcut the VAE needed its steps: 1000 + 900 (seed 0) gave a "
+        "ceiling of 46.7 HU against 53.1 but the sCT 92.4 HU against 88.9 at 700 + 1200."),
+    "diffusion_timestep_power_cpu": (
+        "cpu preset: diffusion.timestep_power 2 (training timesteps t = T - 1 - floor(T u ** 2): 71 % at t >= T/2 "
+        "instead of 50 %); the planner's default stays 1 (uniform, the paper's), not measured at GPU length. With "
+        "x0-prediction the sCT's MAE is decided at high noise, where the denoiser's clean estimate depends on the "
+        "MR alone (one DDIM step from pure noise is within 2 HU of ten); uniform timesteps spend half the steps "
+        "where the estimate is the noisy input's own. Fidelity benchmark, 3D-WLDM, 350 VAE + 1550 diffusion steps "
+        "on the same VAE, seed 12345, 1 sample, 10 DDIM steps (test MAE HU, per case phantom / abdomen / abdomen / "
+        "thin DICOM; bone Dice; diffusion validation HU): power 1 84.7 (141.3 / 55.4 / 55.4 / 86.6); 0.058; 43.5. "
+        "Power 2 81.1 (135.0 / 53.7 / 53.4 / 82.5); 0.044 (0 / 0.091 / 0.083 / 0); 42.2. Power 3 80.2 (131.9 / 54.3 / "
+        "52.9 / 82.0); 0.001; 42.7: the MAE a little lower again but the bone gone (as with the L1 latent loss, "
+        "recipe note diffusion_latent_loss), so 2."),
     "diffusion_unet_and_rate": (
         "cpu preset: diffusion U-Net [32, 64] at learning rate 1e-3 kept. Fidelity benchmark, same VAE, 1200 "
         "steps, seed 0, 10 DDIM steps (test MAE HU; bone Dice of the two abdomen cases): [32, 64] 88.9; 0.11 / "
