@@ -1,6 +1,6 @@
 """Fidelity benchmark: every model trained on training cases and graded on cases it never saw.
 
-    python bench/fidelity.py [--work DIR] [--quick] [--threads N] [--rows ROW,ROW] [--fresh]
+    python bench/fidelity.py [--work DIR] [--quick] [--threads N] [--rows ROW,ROW] [--vae-steps N] [--seed N] [--fresh]
 
 Data (``fidelity_data.py``): the MRI-DIR phantom cut into a training slab and a held-out test
 slab along its long axis (a gap of at least one training patch between them), and MR-like
@@ -112,12 +112,14 @@ LATENT_ROWS = ("3d_wldm", "ldm_vanilla", "ldm_wrm", "ldm_wrm_smd")
 class Setup:
     """Sizes of a benchmark run (full or quick)."""
 
+    quick: bool  # the tiny data set (machinery check)
     spacing: float  # mm, isotropic preprocessing grid
     vae_steps: int
     diffusion_steps: int
     curve_points: int  # validations per training run (points of the learning curves)
     ddim_steps: int
     plan: dict  # plan edits on top of the cpu preset
+    seed: int = SEED  # training seed of every stage (batches, augmentation, initial weights, noise)
 
     @property
     def one_stage_steps(self) -> int:
@@ -128,8 +130,8 @@ class Setup:
         return self.diffusion_steps if (row.vae or row.prior) else self.one_stage_steps
 
 
-FULL = Setup(spacing=3.0, vae_steps=700, diffusion_steps=1200, curve_points=4, ddim_steps=10, plan={})
-QUICK = Setup(spacing=6.0, vae_steps=4, diffusion_steps=4, curve_points=2, ddim_steps=2, plan={
+FULL = Setup(quick=False, spacing=3.0, vae_steps=350, diffusion_steps=1550, curve_points=4, ddim_steps=10, plan={})
+QUICK = Setup(quick=True, spacing=6.0, vae_steps=4, diffusion_steps=4, curve_points=2, ddim_steps=2, plan={
     "patch_size": [8, 16, 16],
     "vae": {"channels": [8, 16], "discriminator_channels": 8, "adv_start_step": 2},
     "diffusion": {"unet_channels": [16, 16], "validation_ddim_steps": 2},
@@ -147,7 +149,7 @@ def _timer() -> float:
 def prepare(work: Path, setup: Setup, overrides: dict) -> tuple[fidelity_data.BenchData, Path, Plans]:
     """Data, preprocessing, the benchmark's plan and its split (fold 0: training vs validation cases)."""
     patch_z = setup.plan.get("patch_size", CPU_PRESET["patch_size"])[0]
-    data = fidelity_data.build(work, setup is QUICK, patch_z * setup.spacing)
+    data = fidelity_data.build(work, setup.quick, patch_z * setup.spacing)
     for variable, sub in ((RAW, "data/raw"), (PREPROCESSED, "preprocessed")):
         (work / sub).mkdir(parents=True, exist_ok=True)
         os.environ[variable] = str(work / sub)
@@ -172,7 +174,10 @@ def prepare(work: Path, setup: Setup, overrides: dict) -> tuple[fidelity_data.Be
         write_json(plans, plans_path)
     write_json(splits(data.cases("train"), data.cases("val")), summary.folder / "splits_final.json")
     # one results folder per plan and budget: a changed recipe never reuses a model trained under another
-    key = hash_data({k: v for k, v in config.items() if k not in ("notes", "inference")}, plans["preprocessing"])[:12]
+    keyed = {k: v for k, v in config.items() if k not in ("notes", "inference")}
+    if setup.seed != SEED:  # (the default seed leaves the key as it was before seeds could change)
+        keyed["training_seed"] = setup.seed
+    key = hash_data(keyed, plans["preprocessing"])[:12]
     results = work / "results" / key
     results.mkdir(parents=True, exist_ok=True)
     os.environ[RESULTS] = str(results)
@@ -232,7 +237,7 @@ def train(work: Path, stage: str, trainer: str, steps: int, setup: Setup, worker
         resume = (fold / "checkpoint_latest.pt").is_file()
         log.info("training %s (%s) fold %d: %d steps%s", trainer, stage, fold_index, steps,
                  " (resumed)" if resume else "")
-        options = TrainerOptions(device="cpu" if not torch.cuda.is_available() else "auto", seed=SEED,
+        options = TrainerOptions(device="cpu" if not torch.cuda.is_available() else "auto", seed=setup.seed,
                                  num_steps=steps, steps_per_epoch=max(1, steps // setup.curve_points),
                                  num_workers=workers)
         run_training(fidelity_data.DATASET_ID, stage, fold_index, trainer, CONFIGURATION, resume=resume,
@@ -465,6 +470,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ddim-steps", type=int, default=None, metavar="N",
                         help="DDIM steps per sample of the diffusion models (a prediction setting: trained models are "
                              "reused, predictions redone; default: 10, --quick 2)")
+    parser.add_argument("--vae-steps", type=int, default=None, metavar="N",
+                        help="the latent models' VAE share of the budget, in steps; their diffusion stage gets the "
+                             "rest, every other row the same total (default: the setup's, 350 of 1900 in full mode)")
+    parser.add_argument("--seed", type=int, default=SEED, metavar="N",
+                        help=f"training seed of every stage (default {SEED}); another seed trains every model anew in "
+                             "its own results folder (for the spread of a row over seeds)")
     parser.add_argument("--fresh", action="store_true", help="retrain and repredict everything (keeps the data)")
     parser.add_argument("--no-figures", action="store_true", help="skip the per-case evaluation figures (--quick: "
                         "always skipped)")
@@ -483,6 +494,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     setup = QUICK if args.quick else FULL
+    if args.vae_steps is not None:
+        if not 1 <= args.vae_steps < setup.one_stage_steps:
+            parser.error(f"--vae-steps must be between 1 and {setup.one_stage_steps - 1} (the budget is "
+                         f"{setup.one_stage_steps} steps)")
+        setup = replace(setup, vae_steps=args.vae_steps, diffusion_steps=setup.one_stage_steps - args.vae_steps)
+    if not 0 <= args.seed < 2**63:
+        parser.error(f"--seed must be an integer from 0 to {2**63 - 1}")
+    setup = replace(setup, seed=args.seed)
     work = args.work.resolve()
     if args.fresh:
         for sub in ("results", "predictions", "evaluation", "report"):
@@ -570,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         "ddim_steps": ddim_steps,
         "samples": args.samples,
         "mirror_axes": mirror_axes,
+        "seed": setup.seed,
         "seconds": round(_timer() - start, 1),
         "note": PROXY_NOTE,
     }

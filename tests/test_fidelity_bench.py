@@ -147,6 +147,38 @@ def test_quick_ddim_steps_is_a_prediction_setting(quick_run: tuple[Path, dict], 
     assert stamp["configuration"]["inference"]["ddim_steps"] == 1  # redone with one step
 
 
+def test_quick_vae_steps_moves_the_split_not_the_budget(quick_run: tuple[Path, dict], tmp_path: Path) -> None:
+    """--vae-steps N: the latent models' VAE trains N steps, their diffusion stage the rest of the same budget."""
+    work = copy_work(quick_run, tmp_path)
+    bad = run_bench(work, "--vae-steps", "8", timeout=120)  # quick: 4 + 4 steps
+    assert bad.returncode == 2 and "--vae-steps must be between 1 and 7" in bad.stderr
+    result = run_bench(work, "--rows", "ldm_vanilla,regression", "--vae-steps", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    models = json.loads(result.stdout.strip().splitlines()[-1])["models"]
+    stages = models["ldm_vanilla"]["budget"]["stages"]
+    assert [s["steps"] for s in stages] == [2, 6]
+    assert [s["steps"] for s in quick_run[1]["models"]["ldm_vanilla"]["budget"]["stages"]] == [4, 4]
+    assert models["ldm_vanilla"]["budget"]["voxels"] == models["regression"]["budget"]["voxels"]
+    history = json.loads(max(work.glob("results/*/*/VAETrainer_noWRM_noSMD__*/fold_0/history.json"),
+                             key=lambda p: p.stat().st_mtime).read_text())
+    assert history[-1]["step"] == 2
+
+
+def test_quick_seed_trains_anew_in_its_own_folder(quick_run: tuple[Path, dict], tmp_path: Path) -> None:
+    """--seed N: the models are trained again with that seed beside the default seed's, which stay as they were."""
+    work = copy_work(quick_run, tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in work.glob("results/*/*/*/fold_0/checkpoint_final.pt")}
+    result = run_bench(work, "--rows", "regression", "--seed", "7")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["seed"] == 7 and quick_run[1]["seed"] == 12345
+    after = {p: p.stat().st_mtime_ns for p in work.glob("results/*/*/*/fold_0/checkpoint_final.pt")}
+    assert all(after[p] == t for p, t in before.items())  # the default seed's models untouched
+    assert len(after) == len(before) + 1  # one new regression U-Net
+    assert summary["models"]["regression"]["mae_hu"] != pytest.approx(
+        quick_run[1]["models"]["regression"]["mae_hu"], rel=1e-9)
+
+
 def test_quick_out_of_fold_priors_train_the_cross_fitting_folds(quick_run: tuple[Path, dict], tmp_path: Path) -> None:
     """prior_folds "out_of_fold": the regression of every cross-fitting fold is trained and counted in the residual
     row's budget, and each training case's prior comes from the fold that held it out."""
