@@ -18,7 +18,7 @@ from wldm_auto.planners.recipe import CPU_NOTES
 CPU_VALIDATION_VOXELS = 4194304  # 4 M voxels per validation case and epoch (a whole-body MR at 2 mm has ~25 M)
 # the Haar-space diffusion sections (wavelet-domain and residual): narrow U-Net, short schedule
 HAAR_DIFFUSION: dict[str, Any] = {
-    "unet_channels": [32, 64], "validation_ddim_steps": 10, "ema_decay": 0.995,
+    "unet_channels": [32, 64], "validation_ddim_steps": 10, "ema_decay": 0.995, "timestep_power": 2.0,
     "training": {"learning_rate": 1e-3, "warmup_steps": 50, "num_epochs": 4, "steps_per_epoch": 300,
                  "checkpoint_every_steps": 300, "validation_max_voxels": CPU_VALIDATION_VOXELS}}
 CPU_PRESET: dict[str, Any] = {
