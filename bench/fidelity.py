@@ -499,8 +499,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--vae-steps must be between 1 and {setup.one_stage_steps - 1} (the budget is "
                          f"{setup.one_stage_steps} steps)")
         setup = replace(setup, vae_steps=args.vae_steps, diffusion_steps=setup.one_stage_steps - args.vae_steps)
-    if not 0 <= args.seed < 2**63:
-        parser.error(f"--seed must be an integer from 0 to {2**63 - 1}")
+    try:
+        TrainerOptions(seed=args.seed).check()  # the trainers' own bound, before any data are built
+    except ValueError as exc:
+        parser.error(str(exc))
     setup = replace(setup, seed=args.seed)
     work = args.work.resolve()
     if args.fresh:
