@@ -68,7 +68,10 @@ RECIPE_NOTES: dict[str, str] = {
         "250 HU and samples that barely differ (no usable std map); more steps add detail at a few HU of MAE, "
         "and averaging samples changes little because the x0 estimates depend mostly on the MR. After the "
         "encoder's edge padding (2026-12-02, shortcut off, same model): the one-step posterior mean 87.4, 10 steps "
-        "85.5, 20 steps 86.2 HU (bone Dice 0.000 / 0.000 / 0.001): 10 steps kept."),
+        "85.5, 20 steps 86.2 HU (bone Dice 0.000 / 0.000 / 0.001): 10 steps kept. With the width-4 shortcut and "
+        "timestep_power 2 (2026-12-02, 350 + 1550 steps, seed 12345): 5 steps 80.9, 10 steps 81.1, 20 steps 81.4 "
+        "HU (bone Dice 0.037 / 0.044 / 0.053); 10 steps x 3 samples averaged 81.1 (the samples' std 2.6 HU on "
+        "average: at high noise the clean estimate is the MR's, whatever the starting noise)."),
     "vae_weights_and_rate": (
         "ct_weight 1, learning_rate 2e-3 and blocks_per_level 1 kept (fidelity benchmark, 700 VAE steps, "
         "validation CT MAE at steps 175 / 350 / 525 / 700): baseline 149.6 / 47.2 / 34.6 / 29.8 HU with MR PSNR "
@@ -153,6 +156,28 @@ CPU_NOTES: dict[str, str] = {
         "sections (wavelet_diffusion, residual_diffusion) use 2 as well: wavelet-domain 1900 steps 104.3 -> 98.8 HU "
         "(170.7 / 73.7 / 74.6 / 98.2 -> 164.7 / 67.1 / 68.6 / 94.8), residual on the regression U-Net 1550 steps "
         "70.2 -> 69.8 HU (the prior alone 69.6)."),
+    "diffusion_image_loss_cpu": (
+        "cpu preset: diffusion.image_loss_weight 1 (2026-12-02; the planner's default stays 0, not measured at GPU "
+        "length): with timestep_power 2 the decoded L1 no longer costs the phantom slab (recipe note "
+        "diffusion_image_loss). Fidelity benchmark, 3D-WLDM, 350 + 1550 steps on the same VAE, 1 sample, 10 DDIM "
+        "steps, diffusion seeds 12345 / 1 / 2 (test MAE HU; diffusion validation HU; bone Dice): with the image "
+        "loss 79.4 / 78.8 / 80.3 (seed 12345 per case 134.3 / 50.5 / 50.3 / 82.5); 38.8 / 39.3 / 40.5; 0.012 / "
+        "0.059 / 0.037. Without 81.1 / 79.8 / 80.1; 42.2 / 41.0 / 42.1; 0.044 / 0.064 / 0.044. Over the three "
+        "seeds 79.5 +- 0.8 against 80.3 +- 0.7 HU (paired -1.7 / -1.0 / +0.2: about one seed's spread), validation "
+        "lower on every seed by 1.6-3.4 HU, SSIM 0.848-0.849 against 0.846, bone Dice 0.036 against 0.050, and "
+        "training 1.2x longer (505-555 s against 446 s). The three ablation rows gained 2.1-3.9 HU with it (vanilla "
+        "85.7 -> 81.8, + WRM 83.4 -> 79.7, + WRM + SMD 81.0 -> 78.9). Not set in the Haar-space sections: the residual "
+        "model on the regression U-Net (1550 steps, seed 12345) 69.9 against 69.8 HU with it (the prior alone 69.6)."),
+    "diffusion_condition_scale": (
+        "the MR latent conditions the denoiser as the VAE gives it times the CT latents' scale (its channels' means "
+        "-0.13 to -1.19 and std 0.47 before scaling: about -8 and 3.2 after), kept (2026-12-02). Fidelity "
+        "benchmark, 3D-WLDM, 350 + 1550 steps on the same VAE, seed 12345, timestep_power 2, 1 sample, 10 DDIM "
+        "steps (test MAE HU, per case phantom / abdomen / abdomen / thin DICOM; diffusion validation HU; bone "
+        "Dice): as it is 81.1 (135.0 / 53.7 / 53.4 / 82.5); 42.2; 0.044. Standardised per channel (mean 0, std 1, "
+        "measured on the first training batches and stored with the model): 82.6 (132.4 / 56.4 / 55.7 / 86.1); "
+        "47.8; 0.026, with the training loss higher at every epoch. Three times the scale (std about 10): 83.5 "
+        "(137.8 / 57.9 / 56.3 / 81.9); 44.9; 0.004. Neither a weaker nor a stronger condition at the U-Net's stem "
+        "helps, so its input scale is not what limits the denoiser (the code for both was not kept)."),
     "diffusion_unet_and_rate": (
         "cpu preset: diffusion U-Net [32, 64] at learning rate 1e-3 kept. Fidelity benchmark, same VAE, 1200 "
         "steps, seed 0, 10 DDIM steps (test MAE HU; bone Dice of the two abdomen cases): [32, 64] 88.9; 0.11 / "
