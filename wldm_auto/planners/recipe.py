@@ -160,12 +160,12 @@ CPU_NOTES: dict[str, str] = {
         "cpu preset: diffusion.image_loss_weight 1 (2026-12-02; the planner's default stays 0, not measured at GPU "
         "length): with timestep_power 2 the decoded L1 no longer costs the phantom slab (recipe note "
         "diffusion_image_loss). Fidelity benchmark, 3D-WLDM, 350 + 1550 steps on the same VAE, 1 sample, 10 DDIM "
-        "steps, diffusion seeds 12345 / 1 / 2 (test MAE HU; diffusion validation HU; bone Dice): with the image "
-        "loss 79.4 / 78.8 / 80.3 (seed 12345 per case 134.3 / 50.5 / 50.3 / 82.5); 38.8 / 39.3 / 40.5; 0.012 / "
-        "0.059 / 0.037. Without 81.1 / 79.8 / 80.1; 42.2 / 41.0 / 42.1; 0.044 / 0.064 / 0.044. Over the three "
-        "seeds 79.5 +- 0.8 against 80.3 +- 0.7 HU (paired -1.7 / -1.0 / +0.2: about one seed's spread), validation "
-        "lower on every seed by 1.6-3.4 HU, SSIM 0.848-0.849 against 0.846, bone Dice 0.036 against 0.050, and "
-        "training 1.2x longer (505-555 s against 446 s). The three ablation rows gained 2.1-3.9 HU with it (vanilla "
+        "steps, diffusion seeds 12345 / 1 / 2 / 3 (test MAE HU; diffusion validation HU; bone Dice): with the image "
+        "loss 79.4 / 78.8 / 80.3 / 81.7 (seed 12345 per case 134.3 / 50.5 / 50.3 / 82.5); 38.8 / 39.3 / 40.5 / "
+        "39.9; 0.012 / 0.059 / 0.037 / 0.075. Without 81.1 / 79.8 / 80.1 / 82.7; 42.2 / 41.0 / 42.1 / 40.7; 0.044 / "
+        "0.064 / 0.044 / 0.058. Over the four seeds 80.0 +- 1.3 against 80.9 +- 1.3 HU (paired -1.7 / -1.0 / +0.2 / "
+        "-1.0: less than the spread between seeds), validation lower on every seed by 0.8-3.4 HU, SSIM 0.848-0.849 "
+        "against 0.846, bone Dice 0.046 against 0.053, and training 1.2x longer (504-555 s against 386-446 s). The three ablation rows gained 2.1-3.9 HU with it (vanilla "
         "85.7 -> 81.8, + WRM 83.4 -> 79.7, + WRM + SMD 81.0 -> 78.9). Not set in the Haar-space sections: the residual "
         "model on the regression U-Net (1550 steps, seed 12345) 69.9 against 69.8 HU with it (the prior alone 69.6)."),
     "diffusion_condition_scale": (
