@@ -43,7 +43,8 @@ CPU_PRESET: dict[str, Any] = {
 PRESETS: dict[str, dict[str, Any]] = {"cpu": CPU_PRESET}
 PRESET_NOTES: dict[str, dict[str, str]] = {"cpu": CPU_NOTES}
 NOTES = {"cpu": "preset 'cpu': networks and schedules sized for two CPU cores (demo, fidelity benchmark); "
-                "recipe as the planner's except the diffusion stage's timestep draws and image loss (see the other notes)"}
+                "recipe as the planner's except the diffusion stage's timestep draws and image loss "
+                "(see the other notes)"}
 
 
 def merge(target: dict[str, Any], changes: dict[str, Any]) -> None:

@@ -165,9 +165,10 @@ CPU_NOTES: dict[str, str] = {
         "39.9; 0.012 / 0.059 / 0.037 / 0.075. Without 81.1 / 79.8 / 80.1 / 82.7; 42.2 / 41.0 / 42.1 / 40.7; 0.044 / "
         "0.064 / 0.044 / 0.058. Over the four seeds 80.0 +- 1.3 against 80.9 +- 1.3 HU (paired -1.7 / -1.0 / +0.2 / "
         "-1.0: less than the spread between seeds), validation lower on every seed by 0.8-3.4 HU, SSIM 0.848-0.849 "
-        "against 0.846, bone Dice 0.046 against 0.053, and training 1.2x longer (504-555 s against 386-446 s). The three ablation rows gained 2.1-3.9 HU with it (vanilla "
-        "85.7 -> 81.8, + WRM 83.4 -> 79.7, + WRM + SMD 81.0 -> 78.9). Not set in the Haar-space sections: the residual "
-        "model on the regression U-Net (1550 steps, seed 12345) 69.9 against 69.8 HU with it (the prior alone 69.6)."),
+        "against 0.846, bone Dice 0.046 against 0.053, and training 1.2x longer (504-555 s against 386-446 s). "
+        "The three ablation rows gained 2.1-3.9 HU with it (vanilla 85.7 -> 81.8, + WRM 83.4 -> 79.7, + WRM + SMD "
+        "81.0 -> 78.9). Not set in the Haar-space sections: the residual model on the regression U-Net (1550 steps, "
+        "seed 12345) 69.9 against 69.8 HU with it (the prior alone 69.6)."),
     "diffusion_condition_scale": (
         "the MR latent conditions the denoiser as the VAE gives it times the CT latents' scale (its channels' means "
         "-0.13 to -1.19 and std 0.47 before scaling: about -8 and 3.2 after), kept (2026-12-02). Fidelity "
