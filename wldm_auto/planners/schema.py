@@ -191,7 +191,8 @@ class DiffusionPlan:
     carrying the CT's values) otherwise takes the x0 denoiser hundreds of steps to reach. ``timestep_power``: the
     training timesteps are drawn as ``t = T - 1 - floor(T * u ** p)`` with ``u`` uniform: 1 is uniform (the paper's),
     p > 1 favours high noise, where the clean estimate depends on the MR alone (the share of t >= T/2 is
-    0.5 ** (1/p): 0.71 at p = 2).
+    0.5 ** (1/p): 0.71 at p = 2). ``bone_weight``: in the image loss, voxels whose true CT is above 250 HU (bone,
+    the bone Dice threshold) count ``1 + bone_weight`` times (0: plain L1; needs ``image_loss_weight`` > 0).
     """
 
     first_stage: str = "vae"
@@ -211,6 +212,7 @@ class DiffusionPlan:
     prior_folds: str = "own"
     center_latents: bool = False
     timestep_power: float = 1.0
+    bone_weight: float = 0.0
     training: TrainingPlan = field(default_factory=TrainingPlan)
 
 
@@ -234,11 +236,13 @@ def residual_diffusion_plan() -> DiffusionPlan:
 
 @dataclass
 class RegressionPlan:
-    """Baseline: a 3D U-Net mapping normalised MR to normalised CT (masked L1)."""
+    """Baseline: a 3D U-Net mapping normalised MR to normalised CT (masked L1). ``bone_weight``: voxels whose
+    true CT is above 250 HU (bone, the bone Dice threshold) count ``1 + bone_weight`` times in the L1 (0: plain)."""
 
     unet_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
     blocks_per_level: int = 2
     group_width: int = 8
+    bone_weight: float = 0.0
     training: TrainingPlan = field(default_factory=TrainingPlan)
 
 
@@ -503,9 +507,22 @@ def _check_diffusion(plan: DiffusionPlan, where: str) -> None:
                         "residual_diffusion section has one (use 'own' here)")
     if not (math.isfinite(plan.timestep_power) and plan.timestep_power > 0):
         raise PlanError(f"{where}.timestep_power: {plan.timestep_power!r} must be > 0 (1: uniform timesteps)")
+    _check_bone_weight(plan.bone_weight, where)
+    if plan.bone_weight > 0 and plan.image_loss_weight <= 0:
+        raise PlanError(f"{where}.bone_weight: {plan.bone_weight!r} weights bone in the image loss, which is off "
+                        "(image_loss_weight 0): set image_loss_weight > 0 or bone_weight 0")
     if plan.center_latents and plan.first_stage == "haar":
         raise PlanError(f"{where}.center_latents: the Haar first stage is used as it is (no latents measured); "
                         "centring needs first_stage 'vae'")
+
+
+def _check_bone_weight(value: float, where: str) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise PlanError(f"{where}.bone_weight: {value!r} must be >= 0 (0: bone counts like any voxel)")
+
+
+def _check_regression(plan: RegressionPlan, where: str) -> None:
+    _check_bone_weight(plan.bone_weight, where)
 
 
 def _check_vae(plan: VAEPlan, where: str) -> None:
@@ -517,6 +534,7 @@ def _check_vae(plan: VAEPlan, where: str) -> None:
 VALIDATORS: dict[type, Callable[[Any, str], None]] = {
     DiffusionPlan: _check_diffusion,
     VAEPlan: _check_vae,
+    RegressionPlan: _check_regression,
     RegistrationPlan: _check_registration,
     InferencePlan: _check_inference,
     TrainingPlan: _check_training,

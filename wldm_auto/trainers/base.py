@@ -171,6 +171,14 @@ class BaseTrainer:
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
+    @property
+    def bone_level(self) -> float:
+        """The bone threshold (250 HU, as bone Dice) in the normalised CT units the losses see."""
+        from wldm_auto.io.hu import BONE_THRESHOLD_HU
+        from wldm_auto.io.normalization import normalise_ct
+
+        return float(normalise_ct(np.array([BONE_THRESHOLD_HU]), self.plans.preprocessing.ct_window)[0])
+
     def autocast(self) -> ContextManager:
         dtype = self._amp_dtype()
         return torch.autocast("cuda", dtype=dtype) if dtype is not None else nullcontext()

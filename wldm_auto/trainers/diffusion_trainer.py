@@ -35,7 +35,7 @@ from wldm_auto.paths import model_folder_name
 from wldm_auto.planners.schema import DiffusionPlan, Plans, TrainingPlan
 from wldm_auto.trainers.base import BaseTrainer
 from wldm_auto.trainers.ema import ema_copy, update_ema
-from wldm_auto.trainers.losses import masked_l1, masked_l1_per_sample, masked_mse_per_sample
+from wldm_auto.trainers.losses import bone_weighted_l1, masked_l1_per_sample, masked_mse_per_sample
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,8 @@ class DiffusionTrainer(BaseTrainer):
             loss = (weight * per_sample).mean()
             if self.diffusion_plan.image_loss_weight > 0:
                 x0, _ = self.schedule.split(x_t, t, prediction.float())
-                image = masked_l1(self.decode_clean(x0, context).float(), ct, valid)
+                image = bone_weighted_l1(self.decode_clean(x0, context).float(), ct, valid, self.bone_level,
+                                         self.diffusion_plan.bone_weight)
                 out["latent"] = loss.item()
                 out["image_l1"] = image.item()
                 loss = loss + self.diffusion_plan.image_loss_weight * image

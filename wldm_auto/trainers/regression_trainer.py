@@ -15,13 +15,14 @@ from wldm_auto.models.factory import build_regression_synthesizer, build_regress
 from wldm_auto.models.regression import RegressionSynthesizer
 from wldm_auto.planners.schema import RegressionPlan, TrainingPlan
 from wldm_auto.trainers.base import BaseTrainer
-from wldm_auto.trainers.losses import masked_l1
+from wldm_auto.trainers.losses import bone_weighted_l1
 
 log = logging.getLogger(__name__)
 
 
 class RegressionTrainer(BaseTrainer):
-    """Masked-L1 regression U-Net; best checkpoint by validation MAE (HU)."""
+    """Masked-L1 regression U-Net (bone weighted by the plan's ``bone_weight``); best checkpoint by validation
+    MAE (HU)."""
 
     stage = "regression"
     best_metric = "val_mae_ct_hu"
@@ -55,7 +56,7 @@ class RegressionTrainer(BaseTrainer):
         available = batch["available"].to(self.device, non_blocking=True)
         with self.autocast():
             prediction = self.model(mr, available)
-        loss = masked_l1(prediction.float(), ct, valid)
+        loss = bone_weighted_l1(prediction.float(), ct, valid, self.bone_level, self.regression_plan.bone_weight)
         self.optimise(loss, self.opt, self.net.parameters())
         return {"loss": loss.item()}
 
