@@ -206,6 +206,23 @@ CPU_NOTES: dict[str, str] = {
         "/ 57.7 / 58.1 / 91.7), 0.080 (0.000 / 0.159 / 0.161 / 0.000). Width 4 meets the first-stage goal (<= 40 HU) "
         "and gives bone on three of the four cases at the same MAE. Before the edge padding the thin DICOM case lost "
         "17-39 HU with any shortcut (recipe note vae_shortcut), which is why it was off."),
+    "bone_weight_cpu": (
+        "cpu preset: regression.bone_weight 4 and diffusion.bone_weight 4 (2026-12-02; the planner's defaults stay "
+        "0, not measured at GPU length): voxels whose true CT is above 250 HU count 5x in the regression U-Net's L1 "
+        "and in the diffusion image loss. Bone is 2-7 % of a body here; under a plain L1 a voxel whose MR could be "
+        "bone or soft tissue gets the more frequent soft tissue (the L1's optimum is the median), so the sCTs had "
+        "next to no voxel above 250 HU (regression: none on three test cases, 0.04 % of the body on the fourth; "
+        "the true CTs 1.8-7.4 %). Fidelity benchmark, seed 12345, 1900 steps (regression) "
+        "or 350 + 1550 on the same VAE (3D-WLDM), 1 sample, 10 DDIM steps (test MAE HU, per case phantom / abdomen "
+        "/ abdomen / thin DICOM; bone Dice per case; SSIM): regression weight 0 69.6 (140.6 / 36.6 / 36.6 / 64.6); "
+        "0.003 (0 / 0 / 0.011 / 0); 0.867. Weight 4 67.4 (133.6 / 37.3 / 36.4 / 62.1); 0.146 (0 / 0.236 / 0.303 / "
+        "0.043); 0.874. Weight 9 70.1 (131.8 / 40.7 / 40.3 / 67.7); 0.185 (0 / 0.279 / 0.335 / 0.127); 0.870. "
+        "3D-WLDM weight 0 79.4 (134.3 / 50.5 / 50.3 / 82.5); 0.012 (0 / 0.025 / 0.025 / 0); 0.849. Weight 4 79.7 "
+        "(134.9 / 50.5 / 50.8 / 82.6); 0.078 (0 / 0.146 / 0.166 / 0); 0.848. Weight 9 83.5 (137.7 / 54.6 / 54.5 / "
+        "87.0); 0.102 (0 / 0.203 / 0.206 / 0); 0.843. 4 for both: the regression U-Net gains bone AND MAE, 3D-WLDM "
+        "6x its bone Dice for 0.3 HU; 9 costs 2.7-4.1 HU more. No weight gives bone on the phantom's test slab: "
+        "its training slab holds 0.7 % bone against the test slab's 7.4 % (the bone lies at one end of the "
+        "phantom), so no real training case shows what the phantom's bone looks like in its MR."),
 }
 
 # Why the registration defaults (RegistrationPlan) are what they are: measured with bench/registration.py
