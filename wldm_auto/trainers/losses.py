@@ -11,11 +11,15 @@ from wldm_auto.networks.vae import DiagonalGaussian
 
 
 def _masked_mean(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                 distance: Callable[[torch.Tensor], torch.Tensor], per_sample: bool) -> torch.Tensor:
-    """Mean of ``distance(pred - target)`` over the voxels where ``mask > 0``: a scalar, or (B,) per sample."""
+                 distance: Callable[[torch.Tensor], torch.Tensor], per_sample: bool,
+                 voxel_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``distance(pred - target)`` over the voxels where ``mask > 0``: a scalar, or (B,) per sample;
+    weighted by ``voxel_weight`` (shaped like ``pred``) when given."""
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
     weight = (mask > 0).to(pred.dtype).expand_as(pred)
+    if voxel_weight is not None:
+        weight = weight * voxel_weight
     error = distance(pred - target) * weight
     # clamp: an empty mask gives 0 / 1 = 0 (with grad) and no host sync on GPU
     if per_sample:
@@ -61,12 +65,8 @@ def bone_weighted_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
     """
     if bone_weight < 0:
         raise ValueError(f"bone_weight must be >= 0, got {bone_weight}")
-    if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    weight = (mask > 0).to(pred.dtype).expand_as(pred)
-    if bone_weight:
-        weight = weight * (1.0 + bone_weight * (target > bone_level).to(pred.dtype))
-    return ((pred - target).abs() * weight).sum() / weight.sum().clamp_min(1.0)
+    extra = 1.0 + bone_weight * (target > bone_level).to(pred.dtype) if bone_weight else None
+    return _masked_mean(pred, target, mask, torch.abs, per_sample=False, voxel_weight=extra)
 
 
 def kl_loss(posterior: DiagonalGaussian) -> torch.Tensor:
