@@ -14,6 +14,7 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ContextManager
 
@@ -171,9 +172,10 @@ class BaseTrainer:
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-    @property
+    @cached_property
     def bone_level(self) -> float:
-        """The bone threshold (250 HU, as bone Dice) in the normalised CT units the losses see."""
+        """The bone threshold (250 HU, as bone Dice) in the normalised CT units the losses see (computed once:
+        the plan's CT window does not change during training)."""
         from wldm_auto.io.hu import BONE_THRESHOLD_HU
         from wldm_auto.io.normalization import normalise_ct
 
