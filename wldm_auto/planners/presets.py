@@ -2,8 +2,8 @@
 
 ``cpu``: the configuration the demo and the fidelity benchmark train on two CPU cores in minutes
 (16x32x32 patches, narrow networks, a 2x-downsampling VAE with a width-4 shortcut and centred latents, latent
-diffusion trained mostly at high noise and also on the decoded patch's L1 error, bone (> 250 HU) counted 5x in
-the regression U-Net's L1 and in that image loss, short schedules, no adversarial loss).
+diffusion trained mostly at high noise and mostly on the decoded patch's L1 error (10x the latent loss), bone
+(> 250 HU) counted 5x in the regression U-Net's L1 and in that image loss, short schedules, no adversarial loss).
 Apart from the diffusion stage's timestep draws and image loss and the bone weight (measured at this budget only),
 the recipe (losses, weights, prediction target, normalisation) is the planner's default; the reasons for each
 choice, the preset's own included, are in the plan's notes.
@@ -30,7 +30,7 @@ CPU_PRESET: dict[str, Any] = {
             "training": {"learning_rate": 2e-3, "warmup_steps": 20, "num_epochs": 4, "steps_per_epoch": 200,
                          "checkpoint_every_steps": 200, "validation_max_voxels": CPU_VALIDATION_VOXELS}},
     "diffusion": {"unet_channels": [32, 64], "validation_ddim_steps": 10, "ema_decay": 0.995, "center_latents": True,
-                  "timestep_power": 2.0, "image_loss_weight": 1.0, "bone_weight": 4.0,
+                  "timestep_power": 3.0, "image_loss_weight": 10.0, "bone_weight": 4.0,
                   "training": {"learning_rate": 1e-3, "warmup_steps": 50, "num_epochs": 4, "steps_per_epoch": 300,
                                "checkpoint_every_steps": 300, "validation_max_voxels": CPU_VALIDATION_VOXELS}},
     "wavelet_diffusion": HAAR_DIFFUSION,
