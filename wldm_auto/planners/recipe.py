@@ -188,7 +188,9 @@ CPU_NOTES: dict[str, str] = {
         "12345 / 1 / 2 (diffusion U-Net on the same VAE): 76.6 / 76.2 / 77.1 HU (76.6 +- 0.4) against 79.7 / 79.8 / "
         "81.1 (80.2 +- 0.8), bone Dice 0.126 / 0.148 / 0.157 against 0.078 / 0.112 / 0.078; the regression U-Net "
         "67.4 / 70.2 / 70.8, so 13.7 / 8.6 / 8.9 % behind it (was 18.3 / 13.6 / 14.6 %). The thin DICOM case still "
-        "gets no bone. "
+        "gets no bone. The ablation rows with the same settings (2026-12-06, seeds 12345 / 1 / 2 on the same VAEs): "
+        "vanilla 76.3 / 77.5 / 77.3 (77.0 +- 0.6), + WRM 79.8 / 76.0 / 75.2 (77.0 +- 2.5), + WRM + SMD 74.9 / 74.6 / "
+        "79.2 (76.2 +- 2.6), bone Dice 0.132 / 0.134 / 0.145 (3D-WLDM 0.144): within the seed spread of each other. "
         "Training time unchanged (the decoding is done at weight 1 too). The planner's GPU defaults stay 0 and 1: "
         "not measured at GPU length."),
     "diffusion_condition_scale": (
