@@ -10,6 +10,7 @@ from wldm_auto.trainers.losses import (
     d_hinge_loss,
     g_adv_loss,
     kl_loss,
+    laplace_nll,
     masked_l1_per_sample,
     masked_mse,
     masked_mse_per_sample,
@@ -144,3 +145,21 @@ def test_smd_pooled_modality_leaves_the_voxels_of_m_free() -> None:
     expected = (_cos(m(ct, 0).numpy(), m(mr, 0).numpy()) + _cos(m(ct, 1).numpy(), m(mr, 1).numpy())
                 - _cos(m(ct, 0).numpy(), m(ct, 1).numpy()) - _cos(m(mr, 0).numpy(), m(mr, 1).numpy()))
     assert pooled == pytest.approx(expected, abs=1e-5)
+
+
+def test_laplace_nll_is_smallest_at_the_absolute_error() -> None:
+    """|e| / b + log b over the mask: minimal (value 1 + log|e|, zero gradient) where b = |e|."""
+    error = torch.full((1, 1, 2, 2, 2), 0.3)
+    mask = torch.ones_like(error)
+    mask[..., 0, 0, 0] = 0  # left out: its log-scale gets no gradient
+    values = {}
+    for b in (0.1, 0.3, 0.9):
+        s = torch.full_like(error, float(np.log(b)), requires_grad=True)
+        loss = laplace_nll(s, error, mask)
+        loss.backward()
+        values[b] = (loss.item(), s.grad)
+    assert values[0.3][0] == pytest.approx(1 + np.log(0.3), abs=1e-6)
+    assert values[0.1][0] > values[0.3][0] and values[0.9][0] > values[0.3][0]
+    assert torch.allclose(values[0.3][1], torch.zeros_like(error), atol=1e-7)
+    assert values[0.1][1][..., 0, 0, 0].item() == 0 and values[0.1][1][..., 1, 1, 1].item() < 0  # b too small: grow
+    assert torch.isfinite(laplace_nll(torch.full_like(error, -1e4), error, mask))  # clamped, no overflow

@@ -38,6 +38,37 @@ def test_unet_shapes_and_invalid_inputs() -> None:
         build_regression_unet(1, RegressionPlan(unet_channels=[]))
 
 
+def test_error_head_sees_the_features_but_cannot_change_them() -> None:
+    """The error head is built last and reads detached features: same sCT head, no gradient into the trunk."""
+    from dataclasses import replace
+
+    from wldm_auto.trainers.losses import laplace_nll
+
+    torch.manual_seed(0)
+    plain = build_regression_unet(1, TINY)
+    torch.manual_seed(0)
+    headed = build_regression_unet(1, replace(TINY, error_head=True))
+    x = torch.randn(2, 1, 8, 12, 16)
+    both = headed(x, with_error=True)
+    assert both.shape == (2, 2, 8, 12, 16)
+    assert torch.equal(plain(x), headed(x)) and torch.equal(both[:, :1], plain(x))
+    laplace_nll(both[:, 1:], torch.rand(2, 1, 8, 12, 16), torch.ones(2, 1, 8, 12, 16)).backward()
+    head = {id(p) for p in headed.error_head.parameters()}
+    # (the cat passes zeros back through the sCT head, so its parameters get gradients of exactly 0)
+    assert all(p.grad is None or not p.grad.any() for p in headed.parameters() if id(p) not in head)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in headed.error_head.parameters())
+    with pytest.raises(ValueError, match="error_head"):
+        plain(x, with_error=True)
+    # the synthesizer: one pass gives the sCT and sqrt(2) * b, positive
+    synthesizer = RegressionSynthesizer(headed.eval(), [8, 8, 16], overlap=0.5)
+    assert synthesizer.predicts_std and not RegressionSynthesizer(plain, [8, 8, 16]).predicts_std
+    mr = torch.rand(1, 13, 22, 30) * 2 - 1
+    draws, std = synthesizer.sample_with_std(mr, num_samples=2)
+    assert draws.shape == (2, 13, 22, 30) and std.shape == (13, 22, 30) and float(std.min()) > 0
+    assert torch.equal(draws[0], synthesizer.predict(mr))
+    assert torch.equal(draws[0], RegressionSynthesizer(plain.eval(), [8, 8, 16], overlap=0.5).predict(mr))
+
+
 def test_synthesizer_whole_volume_is_deterministic() -> None:
     torch.manual_seed(0)
     net = build_regression_unet(1, TINY).eval()
@@ -153,6 +184,67 @@ def test_mirroring_gives_a_deterministic_model_a_std_map(trained, tmp_path, capl
     assert result.draws == 4
     assert np.array_equal(sitk.GetArrayFromImage(result.sct), sitk.GetArrayFromImage(sct))
     assert np.array_equal(sitk.GetArrayFromImage(result.std), sitk.GetArrayFromImage(std))
+
+
+@pytest.fixture(scope="module")
+def trained_with_error_head(preprocessed_small, tmp_path_factory):
+    """The same 40 steps with the plan's ``regression.error_head`` on."""
+    monkeypatch = pytest.MonkeyPatch()
+    root = tmp_path_factory.mktemp("regression_error_head")
+    dataset = tiny_copy(preprocessed_small, root, monkeypatch)
+    plans_path = root / "pre" / dataset / "plans.json"
+    plans = json.loads(plans_path.read_text())
+    plans["configurations"]["3d_wldm"]["regression"]["error_head"] = True
+    plans_path.write_text(json.dumps(plans))
+    final = run_training(dataset, "regression", 0,
+                         options=TrainerOptions(device="cpu", num_workers=0, num_steps=40, steps_per_epoch=10))
+    yield {"final": final, "model": final.parent.parent}
+    monkeypatch.undo()
+
+
+def test_error_head_trains_beside_an_unchanged_sct_head(trained, trained_with_error_head):
+    """Same seed and steps: the sCT head's weights equal the plain model's bit for bit (the head has its
+    own gradient clipping); the head's likelihood loss falls."""
+    plain = load_checkpoint(trained["final"])["networks"]["net"]
+    headed = load_checkpoint(trained_with_error_head["final"])
+    weights = headed["networks"]["net"]
+    assert set(weights) - set(plain) and all(k.startswith("error_head.") for k in set(weights) - set(plain))
+    for key, value in plain.items():
+        assert torch.equal(value, weights[key]), key
+    nll = [h["train_error_nll"] for h in headed["history"]]
+    assert nll[-1] < nll[0], nll
+    assert [h["val_mae_ct_hu"] for h in headed["history"]] == \
+        [h["val_mae_ct_hu"] for h in load_checkpoint(trained["final"])["history"]]
+
+
+def test_error_head_writes_a_std_map_from_one_pass(trained, trained_with_error_head, tmp_path):
+    """One fold, no mirroring: a std map (sqrt(2) b in HU) with the MR's geometry, and the plain sCT."""
+    from wldm_auto import Predictor
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    mr = sitk.RegionOfInterest(sitk.ReadImage(str(PHANTOM_DIR / "mr_t2.nii.gz")), [97, 91, 41], [64, 64, 20])
+    sitk.WriteImage(mr, str(inputs / "p.nii.gz"))
+    for name, model in (("plain", trained["model"]), ("headed", trained_with_error_head["model"])):
+        assert predict_main(["-i", str(inputs), "-o", str(tmp_path / name), "-m", str(model), "--save-std",
+                             "--device", "cpu"]) == 0
+    assert not (tmp_path / "plain" / "p_std.nii.gz").exists()
+    sct, std = (sitk.ReadImage(str(tmp_path / "headed" / n)) for n in ("p.nii.gz", "p_std.nii.gz"))
+    assert Geometry.of(std).size == Geometry.of(mr).size and Geometry.of(std).is_close(Geometry.of(mr), 1e-6)
+    assert np.array_equal(sitk.GetArrayFromImage(sct),
+                          sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "plain" / "p.nii.gz"))))
+    body = sitk.GetArrayViewFromImage(sct) > -1024
+    spread = sitk.GetArrayViewFromImage(std)
+    assert spread[body].min() > 0 and np.all(spread[~body] == 0)
+    assert 1 < np.median(spread[body]) < 4095  # HU, between nothing and the whole CT window
+    predictor = Predictor.from_model_folder(trained_with_error_head["model"], device="cpu")
+    result = predictor.predict(mr)
+    assert result.draws == 1 and np.array_equal(sitk.GetArrayFromImage(result.std), sitk.GetArrayFromImage(std))
+    # with mirroring: the mirrorings' spread and the head's std (averaged over them) add in variance
+    mirrored = Predictor.from_model_folder(trained_with_error_head["model"], device="cpu", mirror_axes=[2]).predict(mr)
+    assert mirrored.draws == 2
+    mirrored_std = sitk.GetArrayViewFromImage(mirrored.std)
+    assert mirrored_std[body].min() > 0 and not np.array_equal(mirrored_std, spread)
 
 
 def test_prediction_rejects_other_stages(trained, tmp_path, capsys):

@@ -13,21 +13,22 @@ Predict synthetic CT for every MR in a folder with a trained diffusion model
 (-tr DiffusionTrainer, the default; -tr WaveletDiffusionTrainer for the
 wavelet-domain model) or the regression baseline (-tr RegressionTrainer;
 deterministic, so --steps, --samples and --eta do not apply and --save-std needs
-several folds).
+several folds, test-time mirroring, or a U-Net trained with the plan's
+regression.error_head, whose predicted error gives a std map from one pass).
 
 Input: CASE_0000.nii.gz (+ _0001 ... for more MR channels), CASE.mha (one channel)
 or DICOM series sub-folders. A model trained on several MR sequences takes any
 non-empty subset of them (e.g. only CASE_0001): the log says which were used and
 which were missing; a channel the model never saw fails that case, naming it. Output per case: CASE<ending> (int16 HU, exactly the
 input MR's size, spacing, origin and direction; outside the body -1024), with
---save-std CASE_std<ending> (voxel-wise standard deviation over samples and folds,
-HU; multiplied by the model's std scale when the model folder holds std_scale.json
+--save-std CASE_std<ending> (voxel-wise standard deviation over samples, folds and
+mirrorings, plus an error head's predicted std in variance, HU; multiplied by the model's std scale when the model folder holds std_scale.json
 from wldm_calibrate_std, --no-std-scale ignores it), with --confidence-hu H
 CASE_confidence<ending> (uint8 on the sCT's grid: 1 inside the body where
 2 * std < H HU, i.e. voxels whose sCT is within about H HU at ~95 % when the std
 is calibrated; 0 where 2 * std >= H and everywhere outside the body, where the sCT
-is air by construction; needs a std map: several samples of a diffusion model or
-several folds, checked before any case is predicted), with --mumap
+is air by construction; needs a std map: several samples of a diffusion model,
+several folds, mirroring or an error head, checked before any case is predicted), with --mumap
 CASE_mumap<ending> (float32 attenuation map for PET/MR, cm^-1 at 511 keV, from
 the sCT by the bilinear HU-to-mu conversion of Carney et al. 2006,
 Med Phys 33:976, with the kVp and coefficients of the plan's mu_map section:

@@ -118,7 +118,7 @@ class Predictor:
         one per regression fold, each times 2 ** len(mirror axes) with test-time mirroring; seeds
         ``seed + 1000 * fold position``.
         ``confidence_hu`` (HU > 0): also the confidence mask, 1 inside the body where
-        2 * std < ``confidence_hu`` (needs several draws: a ValueError otherwise).
+        2 * std < ``confidence_hu`` (needs several draws or an error head: a ValueError otherwise).
         One-line ValueError for input that cannot be used.
         """
         images, labels = self._channels(image, spacing, origin, direction)

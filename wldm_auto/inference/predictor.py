@@ -369,14 +369,17 @@ class Synthesis:
 
 
 def no_spread(folds: Sequence[LoadedFold], samples: int) -> tuple[str, str] | None:
-    """(why, what to do) when these folds with ``samples`` samples per fold make only one distinct draw (no
-    std map); None when they make several."""
+    """(why, what to do) when these folds with ``samples`` samples per fold make only one distinct draw and
+    no model predicts a std of its own (no std map); None when they make several, or a regression U-Net has an
+    error head (plan ``regression.error_head``)."""
     deterministic = not any(f.synthesizer.is_stochastic for f in folds)
     if len(folds) > 1 or (samples > 1 and not deterministic) or draws_per_sample(folds[0]) > 1:
         return None
+    if any(getattr(f.synthesizer, "predicts_std", False) for f in folds):  # an error head's own std map
+        return None
     if deterministic:
-        return ("a deterministic regression model with one fold",
-                "use several folds or test-time mirroring (--mirror-axes)")
+        return ("a deterministic regression model with one fold and no error head",
+                "use several folds or test-time mirroring (--mirror-axes), or train it with regression.error_head")
     return f"one fold and {samples} sample", "use several folds or more than one sample (--samples N)"
 
 
@@ -439,7 +442,7 @@ def synthesize(
     steps = steps or config.inference.ddim_steps
     eta = config.inference.ddim_eta if eta is None else eta
     want_spread = want_std or confidence_hu is not None
-    draws, centres = [], []
+    draws, centres, own_variances = [], [], []  # own: a model's predicted std (error head), HU^2
     for k, fold in enumerate(folds):
         generator = torch.Generator(device="cpu").manual_seed(seed + 1000 * k)
         count = samples if fold.synthesizer.is_stochastic else 1  # repeats add nothing
@@ -452,7 +455,11 @@ def synthesize(
                 # its own generator: the same estimate whatever the number of samples drawn
                 centre = None if estimate is None else estimate(
                     mr, torch.Generator(device="cpu").manual_seed(seed + 1000 * k), available)
-                if centre is None or want_spread:  # the samples are the sCT, or they give the std
+                own_std = None
+                if want_spread and getattr(fold.synthesizer, "predicts_std", False):  # same pass, plus its std
+                    normalised, own_std = fold.synthesizer.sample_with_std(
+                        mr, steps, eta, count, generator, progress=progress, available=available)
+                elif centre is None or want_spread:  # the samples are the sCT, or they give the std
                     normalised = fold.synthesizer.sample(mr, steps, eta, count, generator, progress=progress,
                                                          available=available)
                 else:  # the estimate is the sCT and no std is asked for: no sampling
@@ -464,6 +471,8 @@ def synthesize(
             centres.append(None if centre is None else denormalise_ct(centre.clamp(-1, 1).cpu().numpy(), window))
             draws.append(centres[-1][None] if normalised is None
                          else denormalise_ct(normalised.clamp(-1, 1).cpu().numpy(), window))
+            if own_std is not None:  # normalised units -> HU (the CT normalisation is linear)
+                own_variances.append((own_std.cpu().numpy().astype(np.float32) * ((window[1] - window[0]) / 2)) ** 2)
     with phases("resample_back"):  # to the input grid, air outside the body
         stack = np.concatenate(draws)
         if all(c is None for c in centres):  # the sCT is the mean of every draw
@@ -473,8 +482,12 @@ def synthesize(
         sct = hu_int16(to_input_grid(mean, pre.properties, chosen[0], body, AIR_HU,
                                      config.inference.export_interpolation), window)
         # the spread linearly: a cubic spline can undershoot below 0
-        spread = want_spread and len(stack) > 1
-        std = to_input_grid(stack.std(0), pre.properties, chosen[0], body, 0.0) if spread else None
+        spread = want_spread and (len(stack) > 1 or bool(own_variances))
+        if spread:  # the draws' spread, plus the models' own predicted variance (mean over the folds)
+            variance = stack.var(0) + (np.mean(own_variances, axis=0) if own_variances else 0.0)
+            std = to_input_grid(np.sqrt(variance).astype(np.float32), pre.properties, chosen[0], body, 0.0)
+        else:
+            std = None
     scale = first.std_scale
     if std is not None:
         std = scale_std(std, scale)

@@ -99,7 +99,7 @@ def build_schedule(plan: DiffusionPlan) -> NoiseSchedule:
 def build_regression_unet(mr_channels: int, plan: RegressionPlan) -> RegressionUNet:
     """The regression-baseline U-Net of ``plan`` for ``mr_channels`` MR sequences (untrained)."""
     return RegressionUNet(mr_channels, _widths(plan.unet_channels, "RegressionPlan.unet_channels"),
-                          plan.blocks_per_level, plan.group_width)
+                          plan.blocks_per_level, plan.group_width, plan.error_head)
 
 
 def build_latent_synthesizer(first_stage: nn.Module, denoiser: nn.Module, schedule: NoiseSchedule, latent_scale: float,

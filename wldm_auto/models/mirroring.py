@@ -97,6 +97,27 @@ class MirroredSynthesizer:
             draws.append(_flip(samples, flips))
         return torch.cat(draws)
 
+    @property
+    def predicts_std(self) -> bool:
+        """Whether the base model predicts a std map of its own (a regression U-Net's error head)."""
+        return bool(getattr(self.base, "predicts_std", False))
+
+    @torch.no_grad()
+    def sample_with_std(self, mr: torch.Tensor, steps: int | None, eta: float = 0.0, num_samples: int = 1,
+                        generator: torch.Generator | None = None, progress: bool = False,
+                        available: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`sample` and the base model's own std map averaged over the mirrorings in variance (None
+        when the base model has none)."""
+        if not self.predicts_std:
+            return self.sample(mr, steps, eta, num_samples, generator, progress, available), None
+        draws, variance = [], None
+        for flips in mirrorings(self.axes):
+            samples, std = self.base.sample_with_std(_flip(mr, flips), steps, eta, num_samples, generator, progress,
+                                                     available)
+            draws.append(_flip(samples, flips))
+            variance = _flip(std, flips) ** 2 if variance is None else variance + _flip(std, flips) ** 2
+        return torch.cat(draws), torch.sqrt(variance / self.draws_per_sample)
+
     @torch.no_grad()
     def mean_estimate(self, mr: torch.Tensor, generator: torch.Generator | None = None,
                       available: torch.Tensor | None = None) -> torch.Tensor | None:

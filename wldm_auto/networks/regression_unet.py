@@ -47,13 +47,17 @@ class RegressionUNet(nn.Module):
     * decoder level i < L-1 (coarse to fine): nearest x2 upsampling + 3x3x3 conv
       C_{i+1} -> C_i, ``cat([up, E_i])`` -> ResBlock(2C_i -> C_i) and
       ``blocks_per_level - 1`` more;
-    * head: GN-SiLU-1x1x1 conv to one channel (linear output; callers clamp to [-1, 1]).
+    * head: GN-SiLU-1x1x1 conv to one channel (linear output; callers clamp to [-1, 1]);
+    * with ``error_head``, a second head (GN-SiLU-3x3x3 conv-SiLU-1x1x1 conv) on the same last
+      features, DETACHED, predicts log b, the log of the Laplace scale of the voxel's error (b is its
+      expected absolute error in normalised units); it sees the features but cannot change them, so
+      the sCT head trains exactly as without it.
 
     GroupNorm uses ``group_width`` channels per group (:func:`num_groups`).
     """
 
     def __init__(self, in_channels: int, channels: Sequence[int], blocks_per_level: int = 2,
-                 group_width: int = 8) -> None:
+                 group_width: int = 8, error_head: bool = False) -> None:
         super().__init__()
         channels = list(channels)
         if not channels or min(channels) < 1:
@@ -76,14 +80,23 @@ class RegressionUNet(nn.Module):
             for i in range(self.levels - 1))
         self.decoder = nn.ModuleList(blocks(2 * channels[i], channels[i]) for i in range(self.levels - 1))
         self.head = nn.Sequential(_norm(channels[0], gw), nn.SiLU(), nn.Conv3d(channels[0], 1, 1))
+        self.error_head: nn.Module | None = None
+        if error_head:  # built last: the other layers' initial weights do not depend on it
+            self.error_head = nn.Sequential(_norm(channels[0], gw), nn.SiLU(),
+                                            nn.Conv3d(channels[0], channels[0], 3, padding=1), nn.SiLU(),
+                                            nn.Conv3d(channels[0], 1, 1))
 
     @property
     def required_divisor(self) -> int:
         """Every spatial size must be a multiple of this (2 ** (levels - 1))."""
         return 2 ** (self.levels - 1)
 
-    def forward(self, x: torch.Tensor, available: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, D, H, W) MR (``available``: (B, C) or (C,) flags of missing sequences) -> (B, 1, D, H, W)."""
+    def forward(self, x: torch.Tensor, available: torch.Tensor | None = None,
+                with_error: bool = False) -> torch.Tensor:
+        """(B, C, D, H, W) MR (``available``: (B, C) or (C,) flags of missing sequences) -> (B, 1, D, H, W);
+        ``with_error`` (needs ``error_head``): (B, 2, D, H, W), the sCT and its error's log Laplace scale."""
+        if with_error and self.error_head is None:
+            raise ValueError("with_error needs a U-Net built with error_head=True (plan: regression.error_head)")
         if x.dim() != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"input must be (B, {self.in_channels}, D, H, W), got {tuple(x.shape)}")
         f = self.required_divisor
@@ -99,4 +112,6 @@ class RegressionUNet(nn.Module):
                 h = self.downs[i](h)
         for i in range(self.levels - 2, -1, -1):
             h = self.decoder[i](torch.cat([self.ups[i](h), skips[i]], dim=1))
+        if with_error:
+            return torch.cat([self.head(h), self.error_head(h.detach())], dim=1)
         return self.head(h)

@@ -161,13 +161,16 @@ class BaseTrainer:
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    def optimise(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: Any) -> None:
-        """Backward (scaled under fp16 AMP), clip gradients, step, zero."""
+    def optimise(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: Any, *more_params: Any) -> None:
+        """Backward (scaled under fp16 AMP), clip gradients, step, zero. ``more_params``: further parameter
+        groups of the same optimizer whose gradient norm is clipped on its own (so that they cannot change how
+        much ``params`` are clipped)."""
         _, _, scaler = next(v for v in self._optimizers.values() if v[0] is optimizer)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         if self.training_plan.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.training_plan.grad_clip)
+            for group in (params, *more_params):
+                torch.nn.utils.clip_grad_norm_(group, self.training_plan.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

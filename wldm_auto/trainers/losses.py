@@ -69,6 +69,15 @@ def bone_weighted_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
     return _masked_mean(pred, target, mask, torch.abs, per_sample=False, voxel_weight=extra)
 
 
+def laplace_nll(log_scale: torch.Tensor, abs_error: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean Laplace negative log-likelihood (up to log 2) of ``abs_error`` under scale b = exp(``log_scale``)
+    over the voxels where ``mask > 0``: |e| / b + log b, smallest at b = |e| (so b learns the expected
+    absolute error). ``log_scale`` is clamped to >= -12 (b >= 6e-6): exp(-log b) stays finite."""
+    log_scale = log_scale.clamp_min(-12.0)
+    return _masked_mean(log_scale, torch.zeros_like(log_scale), mask,
+                        lambda s: abs_error * torch.exp(-s) + s, per_sample=False)
+
+
 def kl_loss(posterior: DiagonalGaussian) -> torch.Tensor:
     """KL to N(0, I) averaged over latent elements (and the batch).
 

@@ -15,14 +15,15 @@ from wldm_auto.models.factory import build_regression_synthesizer, build_regress
 from wldm_auto.models.regression import RegressionSynthesizer
 from wldm_auto.planners.schema import RegressionPlan, TrainingPlan
 from wldm_auto.trainers.base import BaseTrainer
-from wldm_auto.trainers.losses import bone_weighted_l1
+from wldm_auto.trainers.losses import bone_weighted_l1, laplace_nll
 
 log = logging.getLogger(__name__)
 
 
 class RegressionTrainer(BaseTrainer):
     """Masked-L1 regression U-Net (bone weighted by the plan's ``bone_weight``); best checkpoint by validation
-    MAE (HU)."""
+    MAE (HU). With the plan's ``error_head``, the error head learns by the Laplace likelihood of the sCT
+    head's (detached) absolute error; its loss is added, and it cannot reach the sCT head's weights."""
 
     stage = "regression"
     best_metric = "val_mae_ct_hu"
@@ -54,11 +55,23 @@ class RegressionTrainer(BaseTrainer):
         ct = batch["ct"].to(self.device, non_blocking=True)
         valid = batch["valid"].to(self.device, non_blocking=True)
         available = batch["available"].to(self.device, non_blocking=True)
+        with_error = self.net.error_head is not None
         with self.autocast():
-            prediction = self.model(mr, available)
-        loss = bone_weighted_l1(prediction.float(), ct, valid, self.bone_level, self.regression_plan.bone_weight)
-        self.optimise(loss, self.opt, self.net.parameters())
-        return {"loss": loss.item()}
+            prediction = self.model(mr, available, with_error=with_error).float()
+        sct = prediction[:, :1]
+        loss = bone_weighted_l1(sct, ct, valid, self.bone_level, self.regression_plan.bone_weight)
+        metrics = {"loss": loss}
+        if with_error:
+            metrics["l1"] = loss
+            metrics["error_nll"] = laplace_nll(prediction[:, 1:], (ct - sct.detach()).abs(), valid)
+            metrics["loss"] = loss + metrics["error_nll"]
+        if with_error:  # clipped apart: the error head cannot change how the sCT head's gradients are clipped
+            head = list(self.net.error_head.parameters())
+            ids = {id(p) for p in head}
+            self.optimise(metrics["loss"], self.opt, [p for p in self.net.parameters() if id(p) not in ids], head)
+        else:
+            self.optimise(metrics["loss"], self.opt, self.net.parameters())
+        return {k: v.item() for k, v in metrics.items()}
 
     def synthesizer(self) -> RegressionSynthesizer:
         return build_regression_synthesizer(self.net, self.config, self.config.inference.tile_overlap, self.device)
