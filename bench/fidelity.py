@@ -20,9 +20,10 @@ on 3 cross-fitting folds of the training cases (folds 1-3 of ``splits_final.json
 prior coming from the fold that held it out, and those count in its budget too. All networks
 use the ``cpu`` plan preset. ``--samples N`` (N > 1): the stochastic models draw N samples (their sCT
 as their plan makes it: the samples' mean, or residual diffusion's posterior-mean estimate) and their
-std maps are graded too (AUSE, coverage, calibration: ``wldm_evaluate``). ``--mirror-axes 0 1 2``:
-test-time mirroring (plan ``inference.mirror_axes``), each sample drawn on the 8 flipped MRs; the
-regression U-Net then has a std map too. Both are prediction settings: trained models are reused.
+std maps are graded too (AUSE, coverage, calibration: ``wldm_evaluate``); the regression U-Net's std map
+comes from its error head (plan ``regression.error_head``) and is graded with any number of samples.
+``--mirror-axes 0 1 2``: test-time mirroring (plan ``inference.mirror_axes``), each sample drawn on the 8
+flipped MRs, whose spread adds to every std map. Both are prediction settings: trained models are reused.
 
 Columns: MAE (HU), PSNR (dB), SSIM, MS-SSIM, bone Dice (> 250 HU), all computed by
 ``wldm_evaluate``'s code inside the test masks and averaged over the test cases; for latent models

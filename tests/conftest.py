@@ -124,7 +124,7 @@ TINY_DIFFUSION = {"unet_channels": [16, 32], "timesteps": 100, "validation_ddim_
 TINY_WAVELET = {"unet_channels": [16, 32], "timesteps": 100, "validation_ddim_steps": 3, "ema_decay": 0.9}
 
 
-TINY_REGRESSION = {"unet_channels": [8, 16], "group_width": 4, "blocks_per_level": 1}
+TINY_REGRESSION = {"unet_channels": [8, 16], "group_width": 4, "blocks_per_level": 1, "error_head": False}
 
 
 def oblique(image: sitk.Image) -> sitk.Image:

@@ -186,6 +186,17 @@ def test_mirroring_gives_a_deterministic_model_a_std_map(trained, tmp_path, capl
     assert np.array_equal(sitk.GetArrayFromImage(result.std), sitk.GetArrayFromImage(std))
 
 
+def test_new_plans_have_an_error_head_and_older_plans_do_not(preprocessed_small):
+    """The planner writes error_head true; a plan written before the key existed still means no head."""
+    from wldm_auto.planners.schema import parse_section
+
+    plans = json.loads((preprocessed_small.preprocessed / preprocessed_small.dataset / "plans.json").read_text())
+    section = plans["configurations"]["3d_wldm"]["regression"]
+    assert section["error_head"] is True
+    older = {k: v for k, v in section.items() if k != "error_head"}
+    assert parse_section(RegressionPlan, older, "x.regression").error_head is False
+
+
 @pytest.fixture(scope="module")
 def trained_with_error_head(preprocessed_small, tmp_path_factory):
     """The same 40 steps with the plan's ``regression.error_head`` on."""

@@ -5,7 +5,7 @@ aligned pair along its long axis into a training slab and a test slab at the far
 of one training patch between them. The training slab becomes a dataset of its own, planned and
 preprocessed with the 'cpu' plan preset (demo-sized networks and schedules); the wavelet VAE, the
 latent diffusion model (3D-WLDM) and the regression U-Net train on it; the test slab is predicted
-(3D-WLDM: 3 samples and a std map) and evaluated against its registered CT, beside a bulk-density
+(3D-WLDM: 3 samples and a std map; the regression U-Net's std map from its error head) and evaluated against its registered CT, beside a bulk-density
 sCT and the VAE's first-stage ceiling (the true CT through encode -> decode). ``demo_report/``
 gets the table (units and better direction in every header), a sentence per model saying whether
 it beats bulk density and where it loses, figures and training curves.
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         from wldm_auto.evaluation.report import ModelRow, write_report
         from wldm_auto.inference.baselines import bulk_density_sct
         from wldm_auto.inference.first_stage import first_stage_of, first_stage_reconstruction
-        from wldm_auto.inference.predictor import load_model, predict_folder
+        from wldm_auto.inference.predictor import load_model, predict_folder, spread_possible
         from wldm_auto.io.files import hash_file, read_json, write_json
         from wldm_auto.io.images import read_image, write_image
         from wldm_auto.paths import PREPROCESSED, RAW, RESULTS, model_folder_name, raw_root
@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             if not stamp_path.is_file() or read_json(stamp_path) != stamp:  # a retrained model: predict again
                 shutil.rmtree(target, ignore_errors=True)
             folds = load_model(model, [0], device)
-            outcomes = predict_folder(mr_dir, target, folds, samples=samples, seed=0, save_std=samples > 1,
-                                      resume=True)
+            outcomes = predict_folder(mr_dir, target, folds, samples=samples, seed=0,
+                                      save_std=spread_possible(folds, samples), resume=True)
             write_json(stamp, stamp_path)
             did_work = any(o.status == "done" for o in outcomes)
             timings.record(f"predict_{trainer}", time.time() - t0, did_work)

@@ -19,7 +19,7 @@ from wldm_auto.planners.presets import PRESETS, apply_preset
 from wldm_auto.planners.recipe import RECIPE_NOTES, REGISTRATION_NOTES
 from wldm_auto.planners.schema import (
     WDM_UNET_CHANNELS, ConfigurationPlan, DiffusionPlan, InferencePlan, Plans, PreprocessingPlan, RegistrationPlan,
-    VAEPlan, residual_diffusion_plan, wavelet_diffusion_plan,
+    RegressionPlan, VAEPlan, residual_diffusion_plan, wavelet_diffusion_plan,
 )
 
 log = logging.getLogger(__name__)
@@ -174,6 +174,7 @@ def plan_dataset(
         batch_size=batch,
         estimated_memory_gb=estimate,
         vae=vae, diffusion=diffusion, wavelet_diffusion=wavelet, residual_diffusion=residual, inference=inference,
+        regression=RegressionPlan(error_head=True),  # written out: plans without the key keep meaning "off"
         mr_channel_dropout=CHANNEL_DROPOUT if several else 0.0,
         notes={
             "memory_target": f"{memory:g} GB: {memory_reason}",

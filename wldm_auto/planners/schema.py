@@ -242,7 +242,8 @@ class RegressionPlan:
     error (a Laplace scale b, by the Laplace negative log-likelihood of the sCT head's error); prediction then
     writes a std map (sqrt(2) b, with any spread over folds or mirrorings added in variance) from one pass,
     and the sCT is the same as without the head (its gradients are clipped apart, so the trained sCT head is
-    bit for bit the plain one's). Off by default. On the fidelity benchmark's test cases (``cpu`` preset, seed
+    bit for bit the plain one's). False here, so a plan written before the key existed has no head; the
+    planner writes true into new plans (recipe note ``regression_error_head``). On the fidelity benchmark's test cases (``cpu`` preset, seed
     12345, 1900 steps; 2026-12-06) the sCT stayed 67.4 HU and the head's std ranked the errors with a voxel
     Spearman of 0.37 (AUSE 25.2 HU; per case 0.33-0.39), coverage at 2 std 0.86 (0.93-0.95 on the two
     simulated abdomens, 0.70 on the phantom's slab, which it does not know is unlike its training data), case
