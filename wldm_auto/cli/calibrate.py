@@ -18,6 +18,8 @@ Steps:
   2. wldm_predict -i val_mr/ -o val_sct/ -m MODEL_FOLDER --samples 5 --save-std
   3. wldm_calibrate_std -m MODEL_FOLDER -ct val_ct/ -s val_sct/ --samples 5
   4. predict new cases with the same --samples (and folds): their std maps come scaled.
+A regression U-Net with an error head (plan regression.error_head) needs no --samples:
+its one pass gives the std map (step 2 with --save-std alone).
 
 Pairing by case name, as wldm_evaluate: CT_DIR/CASE<ending> with SCT_DIR/CASE<ending>
 and SCT_DIR/CASE_std<ending> (--std-dir if the std maps lie elsewhere). CTs without an
