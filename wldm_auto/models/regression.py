@@ -53,9 +53,7 @@ class RegressionSynthesizer:
 
         def fn(batch: torch.Tensor) -> torch.Tensor:
             with network_autocast(self.device, self.autocast):
-                if with_error:
-                    return self.net(batch, available, with_error=True).float()
-                return self.net(batch, available).float()
+                return self.net(batch, available, with_error=with_error).float()
 
         return sliding_window(mr, tile, fn, overlap=self.overlap, batch_size=self.batch_size, pad_value=-1.0,
                               device=self.device, share=self.share)

@@ -46,6 +46,11 @@ class RegressionTrainer(BaseTrainer):
                              "edit patch_size or regression.unet_channels in plans.json")
         self.model = self.wrap(self.net)
         self.opt = self.make_optimizer(self.net.parameters(), self.training_plan.learning_rate)
+        # gradient-clipping groups: an error head is clipped apart, so it cannot change how the sCT head's
+        # gradients are clipped (the sCT head then trains exactly as without it)
+        head = list(self.net.error_head.parameters()) if self.net.error_head is not None else []
+        ids = {id(p) for p in head}
+        self.clip_groups = [[p for p in self.net.parameters() if id(p) not in ids], *([head] if head else [])]
 
     def networks(self) -> dict[str, nn.Module]:
         return {"net": self.net}
@@ -65,12 +70,7 @@ class RegressionTrainer(BaseTrainer):
             metrics["l1"] = loss
             metrics["error_nll"] = laplace_nll(prediction[:, 1:], (ct - sct.detach()).abs(), valid)
             metrics["loss"] = loss + metrics["error_nll"]
-        if with_error:  # clipped apart: the error head cannot change how the sCT head's gradients are clipped
-            head = list(self.net.error_head.parameters())
-            ids = {id(p) for p in head}
-            self.optimise(metrics["loss"], self.opt, [p for p in self.net.parameters() if id(p) not in ids], head)
-        else:
-            self.optimise(metrics["loss"], self.opt, self.net.parameters())
+        self.optimise(metrics["loss"], self.opt, *self.clip_groups)
         return {k: v.item() for k, v in metrics.items()}
 
     def synthesizer(self) -> RegressionSynthesizer:
