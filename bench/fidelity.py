@@ -70,6 +70,7 @@ from wldm_auto.io.images import read_image, write_image  # noqa: E402
 from wldm_auto.models.checkpoint import load_checkpoint  # noqa: E402
 from wldm_auto.paths import PREPROCESSED, RAW, RESULTS, model_folder_name  # noqa: E402
 from wldm_auto.planners.presets import CPU_PRESET, apply_preset, merge  # noqa: E402
+from wldm_auto.planners.recipe import EDGE_STD_MM  # noqa: E402
 from wldm_auto.planners.schema import InferencePlan, Plans  # noqa: E402
 from wldm_auto.preprocessing.pipeline import plan_and_preprocess  # noqa: E402
 from wldm_auto.trainers.base import TrainerOptions  # noqa: E402
@@ -162,8 +163,10 @@ def prepare(work: Path, setup: Setup, overrides: dict) -> tuple[fidelity_data.Be
     config = plans["configurations"][CONFIGURATION]
     merge(config, setup.plan)
     merge(config, overrides)
-    # prediction settings: the package defaults (a plan written by an older planner keeps what it had)
-    config["inference"] = {**asdict(InferencePlan()), "ddim_steps": setup.ddim_steps}
+    # prediction settings: the package defaults with the planner's edge term (a plan written by an older planner
+    # keeps what it had), then --set's own "inference" section (e.g. {"edge_std_mm": 0})
+    config["inference"] = {**asdict(InferencePlan(edge_std_mm=EDGE_STD_MM)), "ddim_steps": setup.ddim_steps,
+                           **overrides.get("inference", {})}
     for section, steps in (("vae", setup.vae_steps), ("diffusion", setup.diffusion_steps),
                            ("wavelet_diffusion", setup.one_stage_steps), ("regression", setup.one_stage_steps),
                            ("residual_diffusion", setup.diffusion_steps)):

@@ -195,6 +195,14 @@ def test_new_plans_have_an_error_head_and_older_plans_do_not(preprocessed_small)
     assert section["error_head"] is True
     older = {k: v for k, v in section.items() if k != "error_head"}
     assert parse_section(RegressionPlan, older, "x.regression").error_head is False
+    # the std maps' edge term likewise: written by the planner, absent from older plans
+    from wldm_auto.planners.recipe import EDGE_STD_MM
+    from wldm_auto.planners.schema import InferencePlan
+
+    inference = plans["configurations"]["3d_wldm"]["inference"]
+    assert inference["edge_std_mm"] == EDGE_STD_MM > 0
+    older = {k: v for k, v in inference.items() if k != "edge_std_mm"}
+    assert parse_section(InferencePlan, older, "x.inference").edge_std_mm == 0.0
 
 
 @pytest.fixture(scope="module")
@@ -256,6 +264,32 @@ def test_error_head_writes_a_std_map_from_one_pass(trained, trained_with_error_h
     assert mirrored.draws == 2
     mirrored_std = sitk.GetArrayViewFromImage(mirrored.std)
     assert mirrored_std[body].min() > 0 and not np.array_equal(mirrored_std, spread)
+
+
+def test_edge_term_widens_the_std_along_edges_only(trained_with_error_head):
+    """``inference.edge_std_mm``: the std map gains edge_mm x the sCT's smoothed gradient in variance; the sCT
+    and the std away from edges stay as they were."""
+    from dataclasses import replace
+
+    from wldm_auto import Predictor
+    from wldm_auto.inference.predictor import load_model
+
+    mr = sitk.RegionOfInterest(sitk.ReadImage(str(PHANTOM_DIR / "mr_t2.nii.gz")), [97, 91, 41], [64, 64, 20])
+    model = trained_with_error_head["model"]
+    stored = load_model(model, [0], torch.device("cpu"))[0].plans.configuration("3d_wldm").inference
+    plain, edged = (Predictor(load_model(model, [0], torch.device("cpu"), inference=replace(stored, edge_std_mm=mm)),
+                              torch.device("cpu"), progress=False).predict(mr) for mm in (0.0, 4.0))
+    assert np.array_equal(sitk.GetArrayFromImage(plain.sct), sitk.GetArrayFromImage(edged.sct))
+    before, after = (sitk.GetArrayFromImage(r.std).astype(np.float64) for r in (plain, edged))
+    body = sitk.GetArrayViewFromImage(plain.sct) > -1024
+    assert np.all(after >= before - 1e-3)
+    added = np.sqrt(np.clip(after ** 2 - before ** 2, 0, None))[body]
+    sct = sitk.GetArrayFromImage(plain.sct).astype(np.float64)
+    steep = np.sqrt(sum(g ** 2 for g in np.gradient(sct)))[body]
+    # the term goes where the sCT is steep: the steepest tenth of the body gets several times the flattest's
+    order = np.argsort(steep)
+    tenth = len(order) // 10
+    assert added[order[-tenth:]].mean() > 3 * added[order[:tenth]].mean() > 0
 
 
 def test_prediction_rejects_other_stages(trained, tmp_path, capsys):

@@ -36,6 +36,7 @@ import torch
 from wldm_auto.inference.attenuation import mu_map
 from wldm_auto.inference.calibration import (STD_SCALE_FILE, check_confidence_hu, confidence_mask, describe_record,
                                              read_std_scale_record, scale_std)
+from wldm_auto.inference.edges import edge_std
 from wldm_auto.inference.export import AIR_HU, hu_int16, to_input_grid, write_dicom_series
 from wldm_auto.inference.inputs import InputCase, check_output_folder, find_cases, input_files, select_part
 from wldm_auto.inference.model_archive import extracted_model, is_model_archive
@@ -483,8 +484,10 @@ def synthesize(
                                      config.inference.export_interpolation), window)
         # the spread linearly: a cubic spline can undershoot below 0
         spread = want_spread and (len(stack) > 1 or bool(own_variances))
-        if spread:  # the draws' spread, plus the models' own predicted variance (mean over the folds)
+        if spread:  # the draws' spread, the models' own predicted variance (mean over the folds), the edge term
             variance = stack.var(0) + (np.mean(own_variances, axis=0) if own_variances else 0.0)
+            if config.inference.edge_std_mm > 0:
+                variance = variance + edge_std(mean, config.spacing, config.inference.edge_std_mm) ** 2
             std = to_input_grid(np.sqrt(variance).astype(np.float32), pre.properties, chosen[0], body, 0.0)
         else:
             std = None

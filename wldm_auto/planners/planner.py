@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from wldm_auto.planners.presets import PRESETS, apply_preset
-from wldm_auto.planners.recipe import RECIPE_NOTES, REGISTRATION_NOTES
+from wldm_auto.planners.recipe import EDGE_STD_MM, RECIPE_NOTES, REGISTRATION_NOTES
 from wldm_auto.planners.schema import (
     WDM_UNET_CHANNELS, ConfigurationPlan, DiffusionPlan, InferencePlan, Plans, PreprocessingPlan, RegistrationPlan,
     RegressionPlan, VAEPlan, residual_diffusion_plan, wavelet_diffusion_plan,
@@ -152,7 +152,8 @@ def plan_dataset(
                                             "bending-energy penalty: local soft-tissue motion without folding")
     reg.notes.update(REGISTRATION_NOTES)
 
-    vae, diffusion, inference = VAEPlan(), DiffusionPlan(), InferencePlan()
+    # edge_std_mm written out: plans without the key keep meaning no edge term
+    vae, diffusion, inference = VAEPlan(), DiffusionPlan(), InferencePlan(edge_std_mm=EDGE_STD_MM)
     median = median_cropped_shape(fingerprint, target, pre.crop_margin_mm)
     if gpu_memory_gb is None:
         memory, memory_reason = default_memory_target()
@@ -202,7 +203,8 @@ def plan_dataset(
                           "re-blended every step; the GroupNorm U-Nets see the tile size they were trained on: 2x "
                           "tiles gave the wavelet-domain model 145.5 against 109.1 HU on the fidelity benchmark, "
                           "3D-WLDM 89.0 against 88.8; latent_overlap 0 is about 2x faster at +0.8 HU for 3D-WLDM, "
-                          "see InferencePlan); 1 sample (raise for a std map)"),
+                          "see InferencePlan); 1 sample (raise for a std map); std maps gain an edge term "
+                          "(edge_std_mm, recipe note inference_edge_std)"),
             **RECIPE_NOTES,
         },
     )
