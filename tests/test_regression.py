@@ -266,19 +266,15 @@ def test_error_head_writes_a_std_map_from_one_pass(trained, trained_with_error_h
     assert mirrored_std[body].min() > 0 and not np.array_equal(mirrored_std, spread)
 
 
-def test_edge_term_widens_the_std_along_edges_only(trained_with_error_head):
-    """``inference.edge_std_mm``: the std map gains edge_mm x the sCT's smoothed gradient in variance; the sCT
-    and the std away from edges stay as they were."""
-    from dataclasses import replace
-
+def test_edge_term_widens_the_std_along_edges_only(trained_with_error_head, tmp_path, capsys):
+    """``edge_std_mm`` (plan, ``Predictor``, ``wldm_predict --edge-std-mm``): the std map gains edge_mm x the sCT's
+    smoothed gradient in variance; the sCT and the std away from edges stay as they were."""
     from wldm_auto import Predictor
-    from wldm_auto.inference.predictor import load_model
 
     mr = sitk.RegionOfInterest(sitk.ReadImage(str(PHANTOM_DIR / "mr_t2.nii.gz")), [97, 91, 41], [64, 64, 20])
     model = trained_with_error_head["model"]
-    stored = load_model(model, [0], torch.device("cpu"))[0].plans.configuration("3d_wldm").inference
-    plain, edged = (Predictor(load_model(model, [0], torch.device("cpu"), inference=replace(stored, edge_std_mm=mm)),
-                              torch.device("cpu"), progress=False).predict(mr) for mm in (0.0, 4.0))
+    plain, edged = (Predictor.from_model_folder(model, device="cpu", progress=False, edge_std_mm=mm).predict(mr)
+                    for mm in (0.0, 4.0))
     assert np.array_equal(sitk.GetArrayFromImage(plain.sct), sitk.GetArrayFromImage(edged.sct))
     before, after = (sitk.GetArrayFromImage(r.std).astype(np.float64) for r in (plain, edged))
     body = sitk.GetArrayViewFromImage(plain.sct) > -1024
@@ -290,6 +286,18 @@ def test_edge_term_widens_the_std_along_edges_only(trained_with_error_head):
     order = np.argsort(steep)
     tenth = len(order) // 10
     assert added[order[-tenth:]].mean() > 3 * added[order[:tenth]].mean() > 0
+    # the command line gives the API's map; a negative length is refused by name
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    sitk.WriteImage(mr, str(inputs / "p.nii.gz"))
+    assert predict_main(["-i", str(inputs), "-o", str(tmp_path / "out"), "-m", str(model), "--save-std",
+                         "--device", "cpu", "--edge-std-mm", "4"]) == 0
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "p_std.nii.gz"))),
+                                  sitk.GetArrayFromImage(edged.std))
+    capsys.readouterr()
+    assert predict_main(["-i", str(inputs), "-o", str(tmp_path / "bad"), "-m", str(model), "--save-std",
+                         "--device", "cpu", "--edge-std-mm", "-1"]) == 1
+    assert "--edge-std-mm must be a length >= 0" in capsys.readouterr().err
 
 
 def test_prediction_rejects_other_stages(trained, tmp_path, capsys):

@@ -110,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                              "spread enters --save-std (a regression model's only std map). Given without axes: "
                              "off. Default: the plan's inference.mirror_axes (none)")
     parser.add_argument("--save-std", action="store_true", help="write CASE_std: standard deviation over samples (HU)")
+    parser.add_argument("--edge-std-mm", type=float, metavar="MM",
+                        help="the std map's edge term: MM x the sCT's gradient (HU/mm, smoothed over 2 mm) added in "
+                             "variance, the HU change of a structure MM off; 0: off. Default: the plan's "
+                             "inference.edge_std_mm (4 in new plans, 0 in plans written before it)")
     parser.add_argument("--no-std-scale", action="store_true",
                         help="ignore the model folder's std_scale.json (wldm_calibrate_std): raw std over the draws")
     parser.add_argument("--confidence-hu", type=float, metavar="H",
@@ -135,13 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     def action() -> int:
         from wldm_auto.inference.inputs import check_input_folder
         from wldm_auto.inference.calibration import check_confidence_hu
-        from wldm_auto.inference.predictor import (check_confidence, load_model, plan_samples, predict_folder,
-                                                   prepare_prediction, resolve_device)
+        from wldm_auto.inference.predictor import (check_confidence, check_edge_std_mm, load_model, plan_samples,
+                                                   predict_folder, prepare_prediction, resolve_device)
         from wldm_auto.inference.sharding import start_ranks
 
         if (args.samples is not None and args.samples < 1) or (args.steps is not None and args.steps < 1):
             raise ValueError("--samples and --steps must be at least 1")
         check_confidence_hu(args.confidence_hu, "--confidence-hu")
+        check_edge_std_mm(args.edge_std_mm, "--edge-std-mm")
         device = resolve_device(args.device, "--device")
         check_input_folder(args.input)
         ranks, device = start_ranks(device, args.split_case, args.num_parts, args.part_id)
@@ -153,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             name = resolve_dataset_name(args.dataset, (RESULTS,))
             model = results_root() / name / model_folder_name(args.trainer, args.plans, args.configuration)
         folds = load_model(model, args.folds, device, args.overlap, args.checkpoint, precision=args.precision,
-                           std_scale=not args.no_std_scale, mirror_axes=args.mirror_axes)
+                           std_scale=not args.no_std_scale, mirror_axes=args.mirror_axes,
+                           edge_std_mm=args.edge_std_mm)
         check_confidence(folds, plan_samples(folds, args.samples), args.confidence_hu, "--confidence-hu")
         ranks.spread(folds)
         cases = prepare_prediction(args.input, args.output, args.resume, args.overwrite, args.file_ending,

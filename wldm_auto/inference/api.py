@@ -67,7 +67,8 @@ class Predictor:
     def from_model_folder(cls, path: str | os.PathLike, folds: Sequence[int] | None = (0,), device: str = "cuda",
                           checkpoint: str = CHECKPOINT, overlap: float | None = None,
                           progress: bool = True, precision: str | None = None,
-                          std_scale: bool = True, mirror_axes: Sequence[int] | None = None) -> "Predictor":
+                          std_scale: bool = True, mirror_axes: Sequence[int] | None = None,
+                          edge_std_mm: float | None = None) -> "Predictor":
         """Load ``<Trainer>__<plans>__<config>/fold_F/checkpoint`` for each fold in ``folds``; ``path`` may
         also be a model zip (``wldm_export_model``: hashes checked, unpacked to a temporary folder).
 
@@ -80,10 +81,13 @@ class Predictor:
         ``std_scale.json`` when it has one (False: ignore it, ``wldm_predict --no-std-scale``).
         ``mirror_axes``: test-time mirroring along these axes (0 z, 1 y, 2 x; [] off; None: the plan's
         ``inference.mirror_axes``): every sample is also drawn on the flipped MRs, 2 ** len(axes) draws.
+        ``edge_std_mm``: the std maps' edge term, edge_std_mm x the sCT's smoothed gradient added in variance
+        (0: off; None: the plan's ``inference.edge_std_mm``, 4 in new plans; ``wldm_predict --edge-std-mm``).
         """
         resolved = resolve_device(device)
         return cls(load_model(Path(path), list(folds) if folds is not None else None, resolved, overlap, checkpoint,
-                              precision=precision, std_scale=std_scale, mirror_axes=mirror_axes), resolved, progress)
+                              precision=precision, std_scale=std_scale, mirror_axes=mirror_axes,
+                              edge_std_mm=edge_std_mm), resolved, progress)
 
     @property
     def std_scale(self) -> float:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import shutil
 import time
 from contextlib import nullcontext
@@ -105,6 +106,15 @@ def check_precision(precision: str | None, option: str = "precision") -> None:
         raise ValueError(f"{option} {precision!r}: use one of {', '.join(PRECISIONS)}")
 
 
+def check_edge_std_mm(value: float | None, option: str = "edge_std_mm") -> float | None:
+    """``value`` as a float when it is None or a finite length >= 0 (mm), else a ValueError naming ``option``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{option} must be a length >= 0 in mm (0: no edge term), got {value!r}")
+    return float(value)
+
+
 def check_mirror_axes(axes: Sequence[int] | None, option: str = "mirror_axes") -> list[int] | None:
     """``axes`` as a sorted list (None: the plan's); one-line ValueError unless distinct axes among 0, 1, 2."""
     if axes is None:
@@ -137,15 +147,18 @@ def draws_per_sample(fold: LoadedFold) -> int:
 
 def load_fold(folder: Path, device: torch.device, overlap: float | None = None, checkpoint: str = CHECKPOINT,
               inference: InferencePlan | None = None, precision: str | None = None,
-              mirror_axes: Sequence[int] | None = None) -> LoadedFold:
+              mirror_axes: Sequence[int] | None = None, edge_std_mm: float | None = None) -> LoadedFold:
     """The synthesizer of one ``fold_F`` folder (diffusion or regression); ValueError naming the file on problems.
 
     ``inference``: prediction settings to use instead of those stored with the checkpoint (tiles, steps).
     ``precision``: "float32", "bfloat16" or "float16" instead of the plan's ``inference.precision``
     (the networks' autocast dtype, see ``models/precision.py``). ``mirror_axes``: test-time mirroring
-    along these axes instead of the plan's ``inference.mirror_axes`` ([]: off; ``models/mirroring.py``)."""
+    along these axes instead of the plan's ``inference.mirror_axes`` ([]: off; ``models/mirroring.py``).
+    ``edge_std_mm``: the std maps' edge term instead of the plan's ``inference.edge_std_mm`` (0: off;
+    ``inference/edges.py``)."""
     check_precision(precision)
     mirror_axes = check_mirror_axes(mirror_axes)
+    edge_std_mm = check_edge_std_mm(edge_std_mm)
     path = folder / checkpoint
     if not path.is_file():
         raise ValueError(f"{path}: not found (is training of {folder.name} finished? "
@@ -162,6 +175,8 @@ def load_fold(folder: Path, device: torch.device, overlap: float | None = None, 
         config = replace(config, inference=replace(config.inference, precision=precision))
     if mirror_axes is not None:
         config = replace(config, inference=replace(config.inference, mirror_axes=mirror_axes))
+    if edge_std_mm is not None:
+        config = replace(config, inference=replace(config.inference, edge_std_mm=edge_std_mm))
     # the fold carries the settings it runs with, so synthesize() reads the same ones as the synthesizer
     plans = replace(plans, configurations={**plans.configurations, stored.configuration: config})
     overlap = config.inference.tile_overlap if overlap is None else overlap
@@ -185,9 +200,10 @@ def load_fold(folder: Path, device: torch.device, overlap: float | None = None, 
 def load_model(model_folder: Path, folds: Sequence[int] | None, device: torch.device,
                overlap: float | None = None, checkpoint: str = CHECKPOINT,
                inference: InferencePlan | None = None, precision: str | None = None,
-               std_scale: bool = True, mirror_axes: Sequence[int] | None = None) -> list[LoadedFold]:
-    """The requested folds of a model folder or model zip (``inference``, ``precision``, ``mirror_axes``:
-    see load_fold).
+               std_scale: bool = True, mirror_axes: Sequence[int] | None = None,
+               edge_std_mm: float | None = None) -> list[LoadedFold]:
+    """The requested folds of a model folder or model zip (``inference``, ``precision``, ``mirror_axes``,
+    ``edge_std_mm``: see load_fold).
 
     Default: every ``fold_*`` folder holding ``checkpoint``; folders without one
     (training unfinished or failed) are skipped with a warning. Requested folds must have it.
@@ -198,7 +214,7 @@ def load_model(model_folder: Path, folds: Sequence[int] | None, device: torch.de
     if is_model_archive(model_folder):
         with extracted_model(model_folder) as folder:
             return load_model(folder, folds, device, overlap, checkpoint, inference, precision, std_scale,
-                              mirror_axes)
+                              mirror_axes, edge_std_mm)
     if not model_folder.is_dir():
         raise ValueError(f"{model_folder}: model folder not found")
     record = read_std_scale_record(model_folder) if std_scale else None  # before the slow part: fail fast
@@ -214,8 +230,9 @@ def load_model(model_folder: Path, folds: Sequence[int] | None, device: torch.de
         names = finished or names  # none finished: load_fold names the missing file
     check_precision(precision)
     mirror_axes = check_mirror_axes(mirror_axes)
-    loaded = [load_fold(model_folder / name, device, overlap, checkpoint, inference, precision, mirror_axes)
-              for name in names]
+    edge_std_mm = check_edge_std_mm(edge_std_mm)
+    loaded = [load_fold(model_folder / name, device, overlap, checkpoint, inference, precision, mirror_axes,
+                        edge_std_mm) for name in names]
     first = loaded[0]
     for other in loaded[1:]:
         if other.plans.preprocessing != first.plans.preprocessing or other.mr_channels != first.mr_channels:
