@@ -162,14 +162,14 @@ def test_calibrate_cli(tmp_path, capsys):
     dirs = synthetic_folders(tmp_path, 1.6)
     model = fake_model(tmp_path)
     argv = ["-m", str(model), "-ct", str(dirs["ct"]), "-s", str(dirs["sct"]), "--mask", str(dirs["mask"]),
-            "--samples", "5", "--steps", "20", "--mirror-axes", "2", "0"]
+            "--samples", "5", "--steps", "20", "--mirror-axes", "2", "0", "--edge-std-mm", "4"]
     assert calibrate_main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     record = json.loads((model / STD_SCALE_FILE).read_text())
     assert record["scale"] == pytest.approx(1.6, rel=0.02)
     assert f"{record['scale']:.4g}" in out and "95.4 %" in out and "before" in out
     assert record["cases"] == ["a", "b", "c"] and record["samples"] == 5 and record["steps"] == 20
-    assert record["mirror_axes"] == [0, 2] and record["folds"] is None
+    assert record["mirror_axes"] == [0, 2] and record["folds"] is None and record["edge_std_mm"] == 4.0
     assert record["coverage_2_after"] == pytest.approx(0.9545, abs=0.005)
     assert record["coverage_2_before"] < 0.9 and record["ml_scale"] > 0 and record["n_voxels"] > 10_000
     assert record["created"] and "quantile" in record["method"]
@@ -188,6 +188,8 @@ def test_calibrate_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         calibrate_main(["-h"])
     assert exit_.value.code == 0 and "0.9545" in capsys.readouterr().out
+    assert calibrate_main([*argv[:-1], "-2", "--overwrite"]) == 1
+    assert "--edge-std-mm must be a length >= 0" in capsys.readouterr().err
 
 
 # --- the confidence mask ---------------------------------------------------------------------------------------
@@ -324,4 +326,11 @@ def test_one_sample_mirrored_gives_a_std_map_and_a_scale_fitted_otherwise_is_war
         assert predict(inputs, out, scaled_model, "--samples", "1", "--mirror-axes", "2", "--save-std",
                        "--confidence-hu", "100") == 0
     assert "mirrored along axes none; this run mirrors along [2]" in caplog.text
+    # a scale fitted on maps without the edge term, applied to maps with the plan's: warned about too
+    write_std_scale(scaled_model, 2.0, {"samples": 1, "mirror_axes": [2], "edge_std_mm": 0.0}, overwrite=True)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="wldm_auto.inference.predictor"):
+        assert predict(inputs, tmp_path / "sct_edge", scaled_model, "--samples", "1", "--mirror-axes", "2",
+                       "--save-std", "--edge-std-mm", "4") == 0
+    assert "edge term of 0 mm; this run adds 4 mm" in caplog.text and "mirrored along" not in caplog.text
     assert array(out / "phantom_std.mha").max() > 0 and array(out / "phantom_confidence.mha").max() == 1

@@ -31,12 +31,13 @@ The fit: r = |sCT - CT| / std, pooled over all cases; s = quantile(r, 0.9545) / 
 that after scaling exactly 95.45 % of those voxels (a Gaussian's share) have
 |error| <= 2 * s * std, the coverage at k = 2 the project checks. The maximum-likelihood
 scale sqrt(mean(r^2)) is stored too, for information: heavy-tailed errors (registration,
-edges) inflate it. The scale holds for the number of samples, folds and mirrorings it
-was fitted with: pass --samples/--steps/--folds/--mirror-axes as used in step 2 so
-std_scale.json records them and a prediction with other settings is warned about.
+edges) inflate it. The scale holds for the number of samples, folds, mirrorings and the
+edge term it was fitted with: pass --samples/--steps/--folds/--mirror-axes/--edge-std-mm
+as used in step 2 so std_scale.json records them and a prediction with other settings is
+warned about.
 
 std_scale.json (written atomically): scale, method, ml_scale, coverage_2_before,
-coverage_2_after, cases, n_voxels, created, samples, steps, folds, mirror_axes, per-case
+coverage_2_after, cases, n_voxels, created, samples, steps, folds, mirror_axes, edge_std_mm, per-case
 figures.
 An existing one is kept unless --overwrite. Log: MODEL_FOLDER/logs/.
 
@@ -63,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mirror-axes", type=int, nargs="*", choices=[0, 1, 2], metavar="AXIS",
                         help="wldm_predict --mirror-axes the predictions were made with (recorded; without axes: "
                              "none)")
+    parser.add_argument("--edge-std-mm", type=float, metavar="MM",
+                        help="the std maps' edge term the predictions were made with (recorded): the model's plan "
+                             "inference.edge_std_mm, or wldm_predict --edge-std-mm if given there")
     parser.add_argument("--resample", action="store_true",
                         help="resample sCT/std/mask that lie on another grid onto the CT's (else an error)")
     parser.add_argument("--allow-missing", action="store_true",
@@ -74,10 +78,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def action() -> int:
         from wldm_auto.inference.calibration import fit_from_folders, std_scale_path, write_std_scale
+        from wldm_auto.inference.predictor import check_edge_std_mm
 
         for option, value in (("--samples", args.samples), ("--steps", args.steps)):
             if value is not None and value < 1:
                 raise ValueError(f"{option} must be at least 1, got {value}")
+        check_edge_std_mm(args.edge_std_mm, "--edge-std-mm")
         target = std_scale_path(args.model)
         if not args.model.is_dir():
             raise ValueError(f"{args.model}: model folder not found (install a model zip first: wldm_install_model)")
@@ -91,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         calibration = fit_from_folders(args.ct_dir, args.sct_dir, args.std_dir, args.mask_dir, args.resample,
                                        args.allow_missing)
         path = write_std_scale(args.model, calibration.scale,
-                               calibration.record(args.samples, args.steps, args.folds, args.mirror_axes), args.overwrite)
+                               calibration.record(args.samples, args.steps, args.folds, args.mirror_axes,
+                                                  args.edge_std_mm), args.overwrite)
         print(f"std scale {calibration.scale:.4g} (maximum likelihood {calibration.ml_scale:.4g}) from "
               f"{len(calibration.cases)} case(s), {calibration.n_voxels} voxels -> {path}")
         print(f"coverage of |error| <= 2 std: {100 * calibration.coverage_2_before:.1f} % before, "

@@ -248,7 +248,8 @@ def load_model(model_folder: Path, folds: Sequence[int] | None, device: torch.de
 
 
 def check_std_scale_settings(folds: Sequence[LoadedFold], samples: int) -> None:
-    """Warn when the std scale was fitted with another number of samples or folds than this run uses."""
+    """Warn when the std scale was fitted with another number of samples, mirrorings, edge term or folds than this
+    run uses."""
     record = folds[0].std_scale_record
     if record is None:
         return
@@ -263,6 +264,11 @@ def check_std_scale_settings(folds: Sequence[LoadedFold], samples: int) -> None:
         log.warning("the std scale %.4g was fitted on predictions mirrored along axes %s; this run mirrors along "
                     "%s: the spread of other mirrorings has other units, so the scaled std may be off",
                     folds[0].std_scale, fitted_axes or "none", used_axes or "none")
+    fitted_edge = record.get("edge_std_mm")
+    used_edge = folds[0].plans.configuration(folds[0].configuration).inference.edge_std_mm
+    if isinstance(fitted_edge, (int, float)) and not isinstance(fitted_edge, bool) and fitted_edge != used_edge:
+        log.warning("the std scale %.4g was fitted on std maps with an edge term of %g mm; this run adds %g mm: "
+                    "the scaled std may be off", folds[0].std_scale, fitted_edge, used_edge)
     fitted_folds = record.get("folds")
     if isinstance(fitted_folds, list) and len(fitted_folds) != len(folds):
         log.warning("the std scale %.4g was fitted with %d fold(s); this run ensembles %d",
