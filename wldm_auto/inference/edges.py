@@ -26,7 +26,7 @@ def edge_std(sct_hu: np.ndarray, spacing_xyz: Sequence[float], edge_mm: float) -
     volume = np.asarray(sct_hu, dtype=np.float32)
     if edge_mm == 0 or min(volume.shape) < 2:
         return np.zeros(volume.shape, dtype=np.float32)
-    gradients = np.gradient(volume, *spacing)
-    magnitude = np.sqrt(sum(g.astype(np.float32) ** 2 for g in gradients))
+    magnitude = np.sqrt(sum(g * g for g in np.gradient(volume, *spacing)))  # float32 throughout: no copies
     smoothed = ndimage.gaussian_filter(magnitude, [SMOOTHING_MM / s for s in spacing], mode="nearest")
-    return (float(edge_mm) * smoothed).astype(np.float32)
+    smoothed *= np.float32(edge_mm)
+    return smoothed
