@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from wldm_auto.evaluation.report import ModelRow, table_lines, verdicts, write_report
+from wldm_auto.evaluation.report import BoneShares, ModelRow, table_lines, verdicts, write_report
 from wldm_auto.trainers.progress import draw_progress, progress_panels
 
 
@@ -50,6 +50,57 @@ def test_report_headers_say_units_and_direction_and_verdicts_explain(tmp_path: P
     text = write_report(tmp_path, "title", [good, vae_limited, bulk], bulk, ["a note"])
     assert (tmp_path / "metrics.csv").read_text().startswith("model,MAE HU (lower better)")
     assert "a note" in text and (tmp_path / "README.txt").read_text() == text
+
+
+def test_bone_verdicts_tell_missing_training_bone_from_too_little_training(tmp_path: Path) -> None:
+    bulk = ModelRow("bulk density", _summary(110.0, 0.0))
+    no_bone = ModelRow("3D-WLDM", _summary(90.0, 0.0), ceiling_mae=40.0, ceiling_bone_dice=0.7)
+    # the training CT holds a tenth of the test CT's bone: more steps cannot help, and the sentence says so
+    scarce = verdicts([no_bone, bulk], bulk, BoneShares(train=0.007, test=0.074))
+    assert len(scarce) == 1 and scarce[0].startswith("3D-WLDM does NOT beat bulk density on bone Dice (0.000 vs 0.000)")
+    assert "0.7 % bone against the test CT's 7.4 %" in scarce[0] and "more steps will not" in scarce[0]
+    assert "It does beat it on MAE (90.0 vs 110.0 HU)" in scarce[0]
+    # enough bone in training: the first stage keeps it (ceiling Dice 0.7), so the diffusion stage loses it
+    kept = verdicts([no_bone, bulk], bulk, BoneShares(train=0.05, test=0.074))[0]
+    assert "first stage keeps bone (bone Dice 0.700" in kept and "train stage 2 longer" in kept
+    lost_early = ModelRow("LDM", _summary(90.0, 0.0), ceiling_mae=40.0, ceiling_bone_dice=0.0)
+    assert "first stage already loses the bone" in verdicts([lost_early, bulk], bulk, BoneShares(0.05, 0.074))[0]
+    assert "cannot tell the models apart" in verdicts([no_bone, bulk], bulk, BoneShares(0.05, 0.0))[0]
+    # a model without a first stage and no bone figures: the old advice
+    plain = ModelRow("regression U-Net", _summary(90.0, 0.0))
+    assert "needs more training" in verdicts([plain, bulk], bulk)[0]
+    # both metrics lost: one reason each
+    both = verdicts([ModelRow("LDM", _summary(130.0, 0.0), ceiling_mae=120.0), bulk], bulk,
+                    BoneShares(0.007, 0.074))[0]
+    assert "MAE (130.0 vs 110.0 HU): its first stage alone loses 120.0 HU" in both
+    assert "; nor on bone Dice (0.000 vs 0.000): its training CT holds 0.7 %" in both
+    text = write_report(tmp_path, "title", [no_bone, bulk], bulk, [], BoneShares(0.007, 0.074))
+    assert "more steps will not teach it" in text
+
+
+def test_bone_voxels_pool_cases_and_leave_padding_out(tmp_path: Path) -> None:
+    from wldm_auto.cli.demo import TEST_CASE, _bone_shares
+    from wldm_auto.evaluation.metrics import bone_voxels
+
+    ct = np.full((4, 5, 5), -1000.0)
+    ct[:, 1:4, 1:4] = 40.0  # 36 body voxels
+    ct[0, 2, 2] = 700.0  # 1 bone voxel
+    ct[3] = -2048.0  # padding is not body
+    assert bone_voxels(ct) == (1, 27)
+    mask = np.zeros(ct.shape, np.uint8)
+    mask[0] = 1
+    assert bone_voxels(ct, mask) == (1, 25)
+    train = []
+    for i, bone in enumerate((1, 3)):  # two training cases pool their voxels: 2 + 4 bone of 27 + 27 body
+        case = ct.copy()
+        case[1, 1, 1:1 + bone] = 700.0
+        train.append(tmp_path / f"train{i}.nii.gz")
+        sitk.WriteImage(sitk.GetImageFromArray(case.astype(np.float32)), str(train[-1]))
+    for sub, array in (("ct", ct.astype(np.float32)), ("mask", mask)):
+        (tmp_path / "test" / sub).mkdir(parents=True)
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / "test" / sub / f"{TEST_CASE}.nii.gz"))
+    shares = _bone_shares(train, tmp_path / "test")
+    assert shares.train == pytest.approx(6 / 54) and shares.test == pytest.approx(1 / 25)
 
 
 def test_demo_timings_survive_a_rerun_that_reuses_stages(tmp_path: Path) -> None:

@@ -83,6 +83,14 @@ def bone_dice(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray, threshold: floa
     return 1.0 if total == 0 else float(2.0 * np.count_nonzero(a & b) / total)
 
 
+def bone_voxels(ct: np.ndarray, mask: np.ndarray | None = None, threshold: float = BONE_HU) -> tuple[int, int]:
+    """(voxels of ``ct`` above ``threshold`` inside ``mask``, voxels inside ``mask``); without a mask, the body is
+    ct > -500 HU (padding below it is left out). Counts, so that several cases pool into one share."""
+    ct = np.asarray(ct)
+    inside = ct > BODY_HU if mask is None else np.asarray(mask) > 0
+    return int(np.count_nonzero((ct > threshold) & inside)), int(np.count_nonzero(inside))
+
+
 def spearman_uncertainty(ct: np.ndarray, sct: np.ndarray, std: np.ndarray, mask: np.ndarray) -> float:
     """Spearman rank correlation of |sct - ct| and ``std`` over the mask (scipy.stats.spearmanr).
 
