@@ -26,7 +26,8 @@ import torch
 
 from wldm_auto.dataset_conversion.example import install_example
 from wldm_auto.evaluation.evaluate import evaluate_folder
-from wldm_auto.inference.predictor import load_model, predict_folder
+from wldm_auto.inference.folds import load_model
+from wldm_auto.inference.predictor import predict_folder
 from wldm_auto.io.files import read_json, write_json
 from wldm_auto.paths import PREPROCESSED, RAW, RESULTS, model_folder_name
 from wldm_auto.preprocessing.pipeline import plan_and_preprocess

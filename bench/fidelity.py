@@ -64,7 +64,8 @@ from wldm_auto.evaluation.evaluate import evaluate_folder  # noqa: E402
 from wldm_auto.inference.baselines import bulk_density_sct  # noqa: E402
 from wldm_auto.inference.calibration import fit_from_folders, scale_std  # noqa: E402
 from wldm_auto.inference.first_stage import first_stage_reconstruction  # noqa: E402
-from wldm_auto.inference.predictor import check_mirror_axes, load_model, predict_folder, spread_possible  # noqa: E402
+from wldm_auto.inference.folds import check_mirror_axes, load_model  # noqa: E402
+from wldm_auto.inference.predictor import predict_folder, spread_possible  # noqa: E402
 from wldm_auto.io.files import hash_data, hash_file, read_json, write_json  # noqa: E402
 from wldm_auto.io.images import read_image, write_image  # noqa: E402
 from wldm_auto.models.checkpoint import load_checkpoint  # noqa: E402

@@ -197,7 +197,7 @@ def check_torchrun(ctx: Context) -> dict[str, Any]:
 def check_predict(ctx: Context) -> dict[str, Any]:
     """wldm_predict's per-case function on a synthetic whole-body MR; figures against the goals."""
     from wldm_auto.inference.inputs import find_cases
-    from wldm_auto.inference.predictor import load_model
+    from wldm_auto.inference.folds import load_model
 
     s = ctx.settings
     root = ctx.root / "predict"
@@ -248,7 +248,7 @@ def check_predict_precision(ctx: Context) -> dict[str, Any]:
     """The predict check's prediction again with ``inference.precision`` bfloat16 and float16 (networks under
     autocast, blending and DDIM steps float32), same seed: seconds, memory, goals, and the sCT difference
     from float32 in HU, largest and mean inside the body (random weights: an indication only)."""
-    from wldm_auto.inference.predictor import load_model
+    from wldm_auto.inference.folds import load_model
     from wldm_auto.preprocessing.case import body_mask
 
     if "predict" not in ctx.results:

@@ -33,7 +33,8 @@ import SimpleITK as sitk
 import torch
 
 from wldm_auto.inference.inputs import find_cases
-from wldm_auto.inference.predictor import load_model, predict_case, resolve_device
+from wldm_auto.inference.folds import load_model, resolve_device
+from wldm_auto.inference.predictor import predict_case
 from wldm_auto.models.checkpoint import save_checkpoint
 from wldm_auto.models.factory import build_denoiser, build_vae
 from wldm_auto.planners.schema import PRECISIONS, ConfigurationPlan, Plans, PreprocessingPlan, RegistrationPlan

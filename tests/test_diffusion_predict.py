@@ -44,7 +44,7 @@ def test_diffusion_training_writes_a_self_contained_model(trained):
 def test_prediction_settings_can_replace_those_stored_at_training(trained):
     import torch
 
-    from wldm_auto.inference.predictor import load_model
+    from wldm_auto.inference.folds import load_model
     from wldm_auto.planners.schema import InferencePlan
 
     stored = load_model(trained["model"], [0], torch.device("cpu"))[0]

@@ -223,7 +223,7 @@ def test_api_refuses_zero_steps_before_anything_is_created(preprocessed_small, t
 
 def test_failed_start_leaves_no_fold_and_prediction_skips_unfinished_folds(
         preprocessed_small, tmp_path, monkeypatch, caplog, fast_progress):
-    from wldm_auto.inference.predictor import load_model
+    from wldm_auto.inference.folds import load_model
 
     dataset = tiny_copy(preprocessed_small, tmp_path, monkeypatch)
     model = model_dir(tmp_path, dataset)
@@ -237,7 +237,7 @@ def test_failed_start_leaves_no_fold_and_prediction_skips_unfinished_folds(
     run_training(dataset, "regression", 0, options=options(num_steps=1))
     (model / "fold_1").mkdir()  # e.g. a run killed before its first checkpoint, or made by an older version
     (model / "fold_1" / "training_log_x.txt").write_text("started\n")
-    with caplog.at_level(logging.WARNING, logger="wldm_auto.inference.predictor"):
+    with caplog.at_level(logging.WARNING, logger="wldm_auto.inference"):
         folds = load_model(model, None, torch.device("cpu"))
     assert [f.fold for f in folds] == [0]
     assert "fold_1" in caplog.text and "checkpoint_final.pt" in caplog.text

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_copy
-from wldm_auto.inference.predictor import load_model
+from wldm_auto.inference.folds import load_model
 from wldm_auto.models.checkpoint import load_checkpoint
 from wldm_auto.trainers.base import TrainerOptions
 from wldm_auto.trainers.run import run_training

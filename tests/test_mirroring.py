@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from wldm_auto.diffusion.ranks import RankShare
-from wldm_auto.inference.predictor import check_mirror_axes, mirrored
+from wldm_auto.inference.folds import check_mirror_axes, mirrored
 from wldm_auto.models.factory import build_regression_unet
 from wldm_auto.models.mirroring import MirroredSynthesizer, mirrorings
 from wldm_auto.models.regression import RegressionSynthesizer
@@ -100,7 +100,7 @@ def test_axes_never_flipped_in_training_are_warned_about(caplog) -> None:
     base = PointwiseModel()
     path = Path("model/fold_0/checkpoint_final.pt")
     assert mirrored(base, config([], [0, 1, 2]), path) is base  # off: the model as it is
-    with caplog.at_level(logging.WARNING, logger="wldm_auto.inference.predictor"):
+    with caplog.at_level(logging.WARNING, logger="wldm_auto.inference"):
         assert isinstance(mirrored(base, config([1, 2], [0, 1, 2]), path), MirroredSynthesizer)
         assert not caplog.records
         mirrored(base, config([0, 2], [2]), path)

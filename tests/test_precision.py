@@ -98,16 +98,16 @@ def test_precision_reaches_the_networks_only(model, phantom):
 
 def test_cli_precision_reaches_the_predictor(model, monkeypatch, tmp_path, capsys):
     from wldm_auto.cli.predict import main
-    from wldm_auto.inference import predictor as predictor_module
+    from wldm_auto.inference import folds as folds_module
 
-    original, loaded = predictor_module.load_model, []
+    original, loaded = folds_module.load_model, []
 
     def spy(*args, **kwargs):
         folds = original(*args, **kwargs)
         loaded.append((kwargs.get("precision"), folds[0].synthesizer.autocast))
         return folds
 
-    monkeypatch.setattr(predictor_module, "load_model", spy)
+    monkeypatch.setattr(folds_module, "load_model", spy)
     (tmp_path / "in").mkdir()
     crop = sitk.RegionOfInterest(sitk.ReadImage(str(PHANTOM_DIR / "mr_t2.nii.gz")), [64, 64, 24], [96, 96, 35])
     sitk.WriteImage(crop, str(tmp_path / "in" / "case_0000.nii.gz"))

@@ -139,7 +139,7 @@ def test_predict_keeps_exact_geometry_without_std(trained, tmp_path, caplog):
     sitk.WriteImage(sitk.ReadImage(str(TEST_DATA / "totalsegmentator_examples" / "example_mr_sm.nii.gz")),
                     str(inputs / "abdomen.mha"))
     out = tmp_path / "sct"
-    with caplog.at_level(logging.INFO, logger="wldm_auto.inference.predictor"):
+    with caplog.at_level(logging.INFO, logger="wldm_auto.inference"):
         code = predict_main(["-i", str(inputs), "-o", str(out), "-m", str(trained["model"]), "--samples", "3",
                              "--save-std", "--device", "cpu"])
     assert code == 0
@@ -164,7 +164,7 @@ def test_mirroring_gives_a_deterministic_model_a_std_map(trained, tmp_path, capl
     inputs.mkdir()
     mr = sitk.RegionOfInterest(sitk.ReadImage(str(PHANTOM_DIR / "mr_t2.nii.gz")), [97, 91, 41], [64, 64, 20])
     sitk.WriteImage(mr, str(inputs / "p.nii.gz"))
-    with caplog.at_level(logging.INFO, logger="wldm_auto.inference.predictor"):
+    with caplog.at_level(logging.INFO, logger="wldm_auto.inference"):
         assert predict_main(["-i", str(inputs), "-o", str(tmp_path / "m"), "-m", str(trained["model"]),
                              "--mirror-axes", "1", "2", "--save-std", "--device", "cpu"]) == 0
     assert "test-time mirroring along axes [1, 2] (4 draws per sample)" in caplog.text

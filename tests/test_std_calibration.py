@@ -241,7 +241,7 @@ def test_std_scale_is_applied_at_prediction(model, inputs, tmp_path, capsys, cap
     scaled_model = tmp_path / model.name
     shutil.copytree(model, scaled_model)
     write_std_scale(scaled_model, 2.0, {"samples": 2})
-    with caplog.at_level(logging.INFO, logger="wldm_auto.inference.predictor"):
+    with caplog.at_level(logging.INFO, logger="wldm_auto.inference"):
         assert predict(inputs, tmp_path / "scaled", scaled_model, "--samples", "2", "--save-std") == 0
     assert sum("std maps multiplied by 2" in r.getMessage() for r in caplog.records) == 1  # logged once
     assert np.array_equal(array(tmp_path / "scaled" / "phantom_std.mha"), 2 * raw_std)
@@ -264,7 +264,8 @@ def test_std_scale_is_applied_at_prediction(model, inputs, tmp_path, capsys, cap
 
 
 def test_confidence_mask_at_prediction(model, inputs, tmp_path, capsys, caplog):
-    from wldm_auto.inference.predictor import load_model, synthesize
+    from wldm_auto.inference.folds import load_model
+    from wldm_auto.inference.predictor import synthesize
 
     import torch
 
@@ -322,14 +323,14 @@ def test_one_sample_mirrored_gives_a_std_map_and_a_scale_fitted_otherwise_is_war
     shutil.copytree(model, scaled_model)
     write_std_scale(scaled_model, 2.0, {"samples": 1, "mirror_axes": []})
     out = tmp_path / "sct"
-    with caplog.at_level(logging.WARNING, logger="wldm_auto.inference.predictor"):
+    with caplog.at_level(logging.WARNING, logger="wldm_auto.inference"):
         assert predict(inputs, out, scaled_model, "--samples", "1", "--mirror-axes", "2", "--save-std",
                        "--confidence-hu", "100") == 0
     assert "mirrored along axes none; this run mirrors along [2]" in caplog.text
     # a scale fitted on maps without the edge term, applied to maps with the plan's: warned about too
     write_std_scale(scaled_model, 2.0, {"samples": 1, "mirror_axes": [2], "edge_std_mm": 0.0}, overwrite=True)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="wldm_auto.inference.predictor"):
+    with caplog.at_level(logging.WARNING, logger="wldm_auto.inference"):
         assert predict(inputs, tmp_path / "sct_edge", scaled_model, "--samples", "1", "--mirror-axes", "2",
                        "--save-std", "--edge-std-mm", "4") == 0
     assert "edge term of 0 mm; this run adds 4 mm" in caplog.text and "mirrored along" not in caplog.text

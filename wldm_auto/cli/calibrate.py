@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def action() -> int:
         from wldm_auto.inference.calibration import fit_from_folders, std_scale_path, write_std_scale
-        from wldm_auto.inference.predictor import check_edge_std_mm
+        from wldm_auto.inference.folds import check_edge_std_mm
 
         for option, value in (("--samples", args.samples), ("--steps", args.steps)):
             if value is not None and value < 1:

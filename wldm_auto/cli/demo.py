@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         from wldm_auto.evaluation.report import ModelRow, write_report
         from wldm_auto.inference.baselines import bulk_density_sct
         from wldm_auto.inference.first_stage import first_stage_of, first_stage_reconstruction
-        from wldm_auto.inference.predictor import load_model, predict_folder, spread_possible
+        from wldm_auto.inference.folds import load_model
+        from wldm_auto.inference.predictor import predict_folder, spread_possible
         from wldm_auto.io.files import hash_file, read_json, write_json
         from wldm_auto.io.images import read_image, write_image
         from wldm_auto.paths import PREPROCESSED, RAW, RESULTS, model_folder_name, raw_root

@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     def action() -> int:
         from wldm_auto.inference.inputs import check_input_folder
         from wldm_auto.inference.calibration import check_confidence_hu
-        from wldm_auto.inference.predictor import (check_confidence, check_edge_std_mm, load_model, plan_samples,
-                                                   predict_folder, prepare_prediction, resolve_device)
+        from wldm_auto.inference.folds import check_edge_std_mm, load_model, resolve_device
+        from wldm_auto.inference.predictor import check_confidence, plan_samples, predict_folder, prepare_prediction
         from wldm_auto.inference.sharding import start_ranks
 
         if (args.samples is not None and args.samples < 1) or (args.steps is not None and args.steps < 1):

@@ -31,8 +31,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from wldm_auto.inference.predictor import (CHECKPOINT, LoadedFold, channel_flags, check_std_scale_settings,
-                                           load_model, plan_samples, resolve_device, synthesize)
+from wldm_auto.inference.folds import CHECKPOINT, LoadedFold, check_std_scale_settings, load_model, resolve_device
+from wldm_auto.inference.predictor import channel_flags, plan_samples, synthesize
 from wldm_auto.io.images import check_image, read_image
 
 log = logging.getLogger(__name__)

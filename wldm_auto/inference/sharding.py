@@ -24,9 +24,8 @@ import torch
 import torch.distributed as dist
 
 from wldm_auto.inference.inputs import InputCase, input_files
-from wldm_auto.inference.predictor import (
-    LoadedFold, PredictionOutcome, check_case, synthesize,
-)
+from wldm_auto.inference.folds import LoadedFold
+from wldm_auto.inference.predictor import PredictionOutcome, check_case, synthesize
 from wldm_auto.io.images import ImageReadError, read_image
 from wldm_auto.models.distributed import (
     ProcessRanks, RankShare, init_process_group, launched_by_torchrun, ranks_from_env, share_tiles,
