@@ -22,7 +22,7 @@ from conftest import PHANTOM_DIR
 from wldm_auto.cli.predict import main as predict_main
 from wldm_auto.inference.inputs import InputCase, select_part
 from wldm_auto.models.checkpoint import save_checkpoint
-from wldm_auto.models.factory import build_denoiser, build_vae
+from wldm_auto.models.factory import build_denoiser, build_regression_unet, build_vae
 from wldm_auto.planners.schema import ConfigurationPlan, InferencePlan, Plans, PreprocessingPlan, RegistrationPlan
 
 # (x, y, z) crop sizes of the phantom MR (1 x 1 x 2.5 mm): three cases, latents of 2-3 tiles per axis at 2 mm
@@ -143,3 +143,39 @@ def test_split_case_on_two_gloo_ranks_equals_one_process(model, inputs, referenc
     assert done.returncode == 0, done.stderr[-3000:]
     assert "over 2 ranks" in done.stderr
     assert_same_outputs(out, reference)
+
+
+@pytest.fixture(scope="module")
+def regression_model(tmp_path_factory) -> Path:
+    """A regression U-Net with an error head (random weights, 16^3 patches): its std comes from a second output."""
+    config = ConfigurationPlan(data_identifier="ranks", spacing=[2.0, 2.0, 2.0], median_shape=[16, 16, 16],
+                               patch_size=[16, 16, 16], batch_size=2, estimated_memory_gb=0.0,
+                               inference=InferencePlan(edge_std_mm=4.0))
+    config.regression.unet_channels, config.regression.error_head = [8, 16], True
+    plans = Plans("ranks", "wldmPlans", {"0": "MR"}, RegistrationPlan(), PreprocessingPlan(), {"3d_wldm": config})
+    torch.manual_seed(0)
+    net = build_regression_unet(1, config.regression)
+    folder = tmp_path_factory.mktemp("ranks_regression") / "model"
+    save_checkpoint({"trainer": "RegressionTrainer", "stage": "regression", "step": 0, "fold": 0, "mr_channels": 1,
+                     "configuration": "3d_wldm", "plans": plans.to_dict(), "networks": {"net": net.state_dict()}},
+                    folder / "fold_0" / "checkpoint_final.pt")
+    return folder
+
+
+def test_split_case_with_an_error_head_std_equals_one_process(regression_model, inputs, tmp_path):
+    """Rank 0 runs the U-Net's two-output pass for --save-std; the other ranks must run the same pass (they
+    used to run the one-output pass: tiles of another size in the same all_gather, an error under Gloo and
+    undefined under NCCL)."""
+    args = ["-m", str(regression_model), "--save-std", "--device", "cpu", "--confidence-hu", "150"]
+    reference = tmp_path / "one"
+    with one_thread():
+        assert predict_main(["-i", str(inputs), "-o", str(reference), *args]) == 0
+    out = tmp_path / "two"
+    done = torchrun(2, 29537, "-i", str(inputs), "-o", str(out), *args, "--split-case")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "backend gloo, rank 1 of 2" in done.stderr
+    got, expected = voxels(out), voxels(reference)
+    assert sorted(got) == sorted(expected) and len(expected) == 3 * len(CROPS)  # sCT, std, confidence per case
+    for name in expected:
+        assert np.array_equal(got[name], expected[name]), name
+    assert all(got[f"{n}_std.nii.gz"].max() > 0 for n in CROPS)

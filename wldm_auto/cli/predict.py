@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                                           confidence_hu=args.confidence_hu)
             else:  # --split-case, ranks > 0: compute with rank 0, which writes
                 outcomes = ranks.follow(folds, cases, args.output, args.steps, args.samples, args.seed, args.eta,
-                                        args.file_ending)
+                                        args.file_ending, args.save_std, args.confidence_hu)
         finally:
             logging.getLogger().removeHandler(handler)
             handler.close()

@@ -89,11 +89,14 @@ class PredictionRanks:
         return str(message[0])
 
     def follow(self, folds: list[LoadedFold], cases: list[InputCase], output: Path, steps: int | None,
-               samples: int | None, seed: int, eta: float | None, ending: str | None = None) -> list[PredictionOutcome]:
+               samples: int | None, seed: int, eta: float | None, ending: str | None = None, save_std: bool = False,
+               confidence_hu: float | None = None) -> list[PredictionOutcome]:
         """Ranks > 0 of a ``--split-case`` run: compute every case rank 0 predicts, write nothing.
 
         Every check rank 0 makes before sampling is made here too (same input, same result), so all
-        ranks enter the shared passes of a case, or none does."""
+        ranks enter the shared passes of a case, or none does. ``save_std`` and ``confidence_hu`` must be
+        rank 0's: they decide which passes run (a posterior-mean model samples only for a std map; a
+        regression U-Net with an error head runs its two-output pass), and every rank must run the same ones."""
         protected = input_files(cases)
         outcomes = []
         for case in cases:
@@ -105,8 +108,9 @@ class PredictionRanks:
             try:
                 present, available = check_case(folds, case, output, ending, protected)
                 images = {c: read_image(case.channels[c], sitk.sitkFloat32) for c in present}
-                synthesize(folds, images, available, steps, samples, seed, eta, want_std=False,
-                           names=[str(case.channels[c]) for c in present], progress=False)
+                synthesize(folds, images, available, steps, samples, seed, eta, want_std=save_std,
+                           names=[str(case.channels[c]) for c in present], progress=False,
+                           confidence_hu=confidence_hu)
                 outcomes.append(PredictionOutcome(case.name, "done", "computed with rank 0, which writes"))
             except (ImageReadError, CaseError, ValueError, OSError) as exc:
                 log.error("%s failed: %s", case.name, exc)
