@@ -62,7 +62,7 @@ from predict import model_folder, sct_difference, synthetic_mr  # noqa: E402
 from sampler import parse_args as sampler_args, run_child_process  # noqa: E402
 from train import DATASET, build_dataset, load_plans, time_trainer  # noqa: E402
 from wldm_auto.inference.predictor import predict_case  # noqa: E402
-from wldm_auto.models.precision import DTYPES, autocast_works  # noqa: E402
+from wldm_auto.models.precision import DTYPES, autocast_works, cuda_bf16_native  # noqa: E402
 
 log = logging.getLogger("bench.gpu_check")
 
@@ -125,7 +125,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         info.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(), gpu=props.name,
                     gpu_memory_gb=round(props.total_memory / 2**30, 2), gpus=torch.cuda.device_count(),
                     capability=".".join(map(str, torch.cuda.get_device_capability(device))),
-                    bf16_supported=torch.cuda.is_bf16_supported(),
+                    bf16_supported=torch.cuda.is_bf16_supported(), bf16_native=cuda_bf16_native(device),
                     nccl=str(torch.cuda.nccl.version()) if torch.distributed.is_nccl_available() else None)
     return info
 
@@ -233,8 +233,8 @@ def precisions(device: torch.device) -> tuple[list[str], dict[str, str]]:
     """(half precisions the device's autocast runs, those it does not and why)."""
     run, skipped = [], {}
     for name in ("bfloat16", "float16"):
-        if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            skipped[name] = "this GPU has no bfloat16 (wldm_predict --precision bfloat16 runs float16 here)"
+        if name == "bfloat16" and device.type == "cuda" and not cuda_bf16_native(device):
+            skipped[name] = "this GPU has no native bfloat16 (wldm_predict --precision bfloat16 runs float16 here)"
         elif name == "float16" and device.type == "cpu":
             skipped[name] = "CPU float16 autocast runs (about 19x slower than float32: no native kernels); not timed"
         elif not autocast_works(device.type, DTYPES[name]):
@@ -366,7 +366,7 @@ def plan(ctx: Context) -> tuple[list[tuple[str, Callable[[Context], dict[str, An
     checks: list[tuple[str, Callable[[Context], dict[str, Any]]]] = [("dataset", check_dataset)]
     checks += [(f"train_{name}", check_train(name)) for name in TRAINERS]
     not_run: dict[str, str] = {}
-    if ctx.cuda and torch.cuda.is_bf16_supported():
+    if ctx.cuda and cuda_bf16_native():
         checks.append(("train_VAETrainer_fp16", check_train("VAETrainer", fp16=True)))
     else:
         not_run["train_VAETrainer_fp16"] = ("the trainers already use fp16 + GradScaler on this GPU"

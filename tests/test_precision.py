@@ -150,3 +150,20 @@ def test_regression_unet_under_bfloat16_blends_in_float32():
     half = RegressionSynthesizer(net, [8, 8, 16], autocast=torch.bfloat16).predict(mr)
     assert half.dtype == torch.float32 and plain.dtype == torch.float32
     assert 0 < (half - plain).abs().max() < 0.05
+
+
+def test_bfloat16_counts_only_where_the_gpu_runs_it_natively(monkeypatch):
+    """``torch.cuda.is_bf16_supported()`` says yes on GPUs that only emulate bfloat16 (V100, T4): there the
+    trainers' AMP and ``--precision bfloat16`` must take float16 (+ GradScaler) instead."""
+    from wldm_auto.models import precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert precision.cuda_bf16_native() is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation counts there
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    for capability, native in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert precision.cuda_bf16_native("cuda:0") is native
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert precision.autocast_dtype("bfloat16", "cuda") is torch.float16  # a V100: float16, with a warning

@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -50,6 +51,9 @@ def ranks_from_env() -> ProcessRanks:
                         int(os.environ.get("LOCAL_RANK", "0")))
 
 
+PROCESS_GROUP_TIMEOUT = timedelta(hours=2)  # how long a rank waits in a collective before the run fails
+
+
 def init_process_group(use_cuda: bool) -> ProcessRanks:
     """Join the default process group when launched by torchrun (NCCL with ``use_cuda``, else Gloo; the
     CUDA device is set to LOCAL_RANK first); rank 0 of 1 otherwise. Idempotent."""
@@ -62,7 +66,9 @@ def init_process_group(use_cuda: bool) -> ProcessRanks:
                 raise ValueError(f"LOCAL_RANK {local_rank}: this node has {torch.cuda.device_count()} CUDA "
                                  "device(s); start at most that many processes per node (--nproc_per_node)")
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # rank 0 validates whole volumes alone while the others wait in a collective: NCCL's default 10 minutes
+        # would end a long validation as a "collective timeout"
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
         log.info("process group: backend %s, rank %d of %d (local rank %d)", dist.get_backend(),
                  dist.get_rank(), dist.get_world_size(), local_rank)
     return ProcessRanks(dist.get_rank(), dist.get_world_size(), local_rank)

@@ -41,6 +41,18 @@ def autocast_works(device_type: str, dtype: torch.dtype) -> bool:
             return False
 
 
+def cuda_bf16_native(device: torch.device | str | int | None = None) -> bool:
+    """Whether this CUDA GPU runs bfloat16 natively (compute capability 8.0, Ampere, or later; ROCm: torch's
+    own answer). ``torch.cuda.is_bf16_supported()`` also says yes on older GPUs that only emulate it
+    (V100, T4), where bfloat16 is slow and float16 with a GradScaler is the right half precision."""
+    if not torch.cuda.is_available():
+        return False
+    if getattr(torch.version, "hip", None):
+        return bool(torch.cuda.is_bf16_supported())
+    index = None if device is None else torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    return torch.cuda.get_device_capability(index)[0] >= 8
+
+
 @functools.lru_cache(maxsize=None)
 def _warn_no_bf16() -> None:
     log.warning("precision bfloat16: this GPU has no bfloat16; predicting with float16 autocast instead")
@@ -55,7 +67,7 @@ def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | 
     if dtype is None:
         return None
     device_type = torch.device(device).type
-    if dtype is torch.bfloat16 and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+    if dtype is torch.bfloat16 and device_type == "cuda" and not cuda_bf16_native(device):
         _warn_no_bf16()
         return torch.float16
     if not autocast_works(device_type, dtype):

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from wldm_auto.io.files import read_json, write_json
 from wldm_auto.models.checkpoint import Checkpoint, disk_full_guard, load_checkpoint, save_checkpoint
 from wldm_auto.models.distributed import init_process_group
+from wldm_auto.models.precision import cuda_bf16_native
 from wldm_auto.planners.schema import ConfigurationPlan, Plans, TrainingPlan
 from wldm_auto.trainers.data import PreprocessedDataset, StepBatches, validation_box
 from wldm_auto.trainers.loader import default_num_workers, make_loader
@@ -348,14 +349,24 @@ class BaseTrainer:
         )
 
     def save(self, name: str, barrier: bool = True) -> None:
-        """Rank 0 writes ``name``; with ``barrier`` every rank waits for it."""
+        """Rank 0 writes ``name``; with ``barrier`` every rank waits for it. With several ranks (and
+        ``barrier``: every rank is here) the checkpoint also holds each rank's RNG state, so a resumed
+        run continues every rank's own random stream."""
+        rank_rngs: list[Any] | None = None
+        if barrier and self.world_size > 1:
+            rank_rngs = [None] * self.world_size
+            dist.all_gather_object(rank_rngs, rng_state())
         if self.is_main:
-            save_checkpoint(self.state(), self.output / name)
+            state = self.state()
+            if rank_rngs is not None:
+                state.extra["rng_ranks"] = rank_rngs
+            save_checkpoint(state, self.output / name)
         if barrier and self.world_size > 1:
             dist.barrier()
 
     def load(self, path: Path) -> None:
-        state = load_checkpoint(path, map_location=self.device)
+        # on the CPU: RNG states must stay CPU tensors; load_state_dict moves weights and optimizer moments
+        state = load_checkpoint(path, map_location="cpu")
         if state.trainer != type(self).__name__:
             raise ValueError(f"{path}: written by {state.trainer}, not {type(self).__name__}")
         extra = state.extra
@@ -371,7 +382,15 @@ class BaseTrainer:
         self.best_value = extra["best_value"]
         best_step = extra.get("best_step")  # absent in checkpoints of older versions
         self.best_step = None if best_step is None else int(best_step)
-        set_rng_state(extra["rng"])
+        own = extra.get("rng_ranks")
+        if isinstance(own, list) and len(own) == self.world_size and self.world_size > 1:
+            set_rng_state(own[self.rank])
+        else:
+            set_rng_state(extra["rng"])  # rank 0's
+            if self.rank > 0:  # no state of this rank saved (another world size): a stream of its own
+                self._seed_everything(self.options.seed + self.rank + 1_000_003 * self.step)
+                log.info("rank %d: no RNG state of its own in %s; reseeded from the seed, rank and step",
+                         self.rank, path.name)
         self.restore_extra(state)
         log.info("resumed from %s at step %d", path, self.step)
 
@@ -397,7 +416,7 @@ class BaseTrainer:
     def _amp_dtype(self) -> torch.dtype | None:
         if self.device.type != "cuda" or not self.training_plan.amp:
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_bf16_native(self.device) else torch.float16
 
     @staticmethod
     def _seed_everything(seed: int) -> None:

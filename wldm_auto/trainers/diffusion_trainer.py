@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from wldm_auto.models.checkpoint import Checkpoint
@@ -171,6 +172,26 @@ class DiffusionTrainer(BaseTrainer):
         if float(self.latent_scale) == 0.0:
             self._measure_latent_scale()
 
+    def scale_values(self) -> dict[str, Any]:
+        """The measured scales as plain data (what :meth:`agree_on_scales` sends)."""
+        return {"latent_scale": float(self.latent_scale), "latent_shift": self.latent_shift.tolist()}
+
+    def set_scale_values(self, values: dict[str, Any]) -> None:
+        self.latent_scale = torch.tensor(float(values["latent_scale"]))
+        self.latent_shift = torch.tensor(values["latent_shift"], dtype=torch.float32)
+
+    def agree_on_scales(self) -> None:
+        """Every rank diffuses at rank 0's scales: each measured them on batches of its own, and only rank 0's
+        are saved with the model."""
+        if self.world_size < 2:
+            return
+        message = [self.scale_values()]
+        dist.broadcast_object_list(message, src=0)
+        if self.rank > 0:
+            log.info("rank %d: using rank 0's scales %s (measured here: %s)", self.rank, message[0],
+                     self.scale_values())
+            self.set_scale_values(message[0])
+
     def training_latents(self, mr: torch.Tensor, ct: torch.Tensor, available: torch.Tensor,
                          cases: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """(clean latent to diffuse, denoiser condition, context for :meth:`decode_clean`) of a batch
@@ -186,6 +207,7 @@ class DiffusionTrainer(BaseTrainer):
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
         if self.needs_scales():
             self.measure_scales()
+            self.agree_on_scales()
         mr = batch["mr"].to(self.device, non_blocking=True)
         ct = batch["ct"].to(self.device, non_blocking=True)
         valid = batch["valid"].to(self.device, non_blocking=True)

@@ -142,6 +142,13 @@ class ResidualDiffusionTrainer(DiffusionTrainer):
         super().restore_extra(state)
         self.residual_scale = torch.tensor(float(state.extra["residual_scale"]))
 
+    def scale_values(self) -> dict[str, Any]:
+        return {**super().scale_values(), "residual_scale": float(self.residual_scale)}
+
+    def set_scale_values(self, values: dict[str, Any]) -> None:
+        super().set_scale_values(values)
+        self.residual_scale = torch.tensor(float(values["residual_scale"]))
+
     def needs_scales(self) -> bool:
         return super().needs_scales() or float(self.residual_scale) == 0.0
 
