@@ -24,6 +24,18 @@ from wldm_auto.trainers.base import TrainerOptions
 from wldm_auto.trainers.run import run_training
 
 
+def test_haar_first_stage_stays_exact_inside_a_training_autocast():
+    """A training step runs under bf16 autocast; the fixed Haar first stage must not (it rounded CT targets and
+    decoded images to bf16: 5e-3 of the [-1, 1] range, ~10 HU)."""
+    stage, x = HaarFirstStage(1), torch.rand(1, 1, 8, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = stage.encode(x, "ct").mode()
+        again = stage.decode(z, "ct")
+    assert z.dtype == again.dtype == torch.float32
+    assert torch.allclose(again, x, atol=1e-6)
+    assert torch.equal(z, haar_encode(x)) and torch.equal(again, haar_decode(haar_encode(x)))
+
+
 @pytest.mark.parametrize("shape", [(6, 10, 4), (12, 4, 8), (2, 2, 2)])
 def test_haar_first_stage_round_trips_exactly_in_any_axis_order(shape):
     generator = torch.Generator().manual_seed(0)

@@ -101,7 +101,14 @@ def main(argv: list[str] | None = None) -> int:
                                  steps_per_epoch=args.steps_per_epoch, num_workers=args.num_workers,
                                  compile=args.compile, deterministic=args.deterministic,
                                  vae_trainer=args.vae_trainer, prior_trainer=args.prior_trainer)
-        path = run_training(args.dataset, args.stage, args.fold, args.trainer, args.configuration, args.resume, options)
+        try:
+            path = run_training(args.dataset, args.stage, args.fold, args.trainer, args.configuration, args.resume,
+                                options)
+        finally:  # leave the process group a torchrun launch joined (NCCL warns at exit otherwise)
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
         print(f"training stopped at {path}")
         return 0
 

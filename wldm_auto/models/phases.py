@@ -18,7 +18,7 @@ class Phases:
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         self.seconds: dict[str, float] = {}
-        self._cuda = device is not None and torch.device(device).type == "cuda"
+        self._cuda = torch.device(device) if device is not None and torch.device(device).type == "cuda" else None
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -26,8 +26,8 @@ class Phases:
         try:
             yield
         finally:
-            if self._cuda:
-                torch.cuda.synchronize()
+            if self._cuda is not None:
+                torch.cuda.synchronize(self._cuda)  # this device's queue (not GPU 0's)
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
     def update(self, seconds: dict[str, float]) -> None:

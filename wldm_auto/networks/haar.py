@@ -38,8 +38,19 @@ class _Exact:
         return self.z
 
 
+def _full_precision(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when it is half precision (float64 stays)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def haar_encode(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, D, H, W), even sizes -> (B, 8C, D/2, H/2, W/2), low band scaled by 1/sqrt(8)."""
+    """(B, C, D, H, W), even sizes -> (B, 8C, D/2, H/2, W/2), low band scaled by 1/sqrt(8). In float32 even
+    inside a training step's autocast: the first stage is exact, so its targets and decoded images must be."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _haar_encode(_full_precision(x))
+
+
+def _haar_encode(x: torch.Tensor) -> torch.Tensor:
     bands = dwt3d(x)
     scale = torch.ones(8, device=x.device, dtype=x.dtype)
     scale[0] = LOW_BAND_SCALE
@@ -47,9 +58,15 @@ def haar_encode(x: torch.Tensor) -> torch.Tensor:
 
 
 def haar_decode(z: torch.Tensor) -> torch.Tensor:
-    """Exact inverse of :func:`haar_encode`: (B, 8C, d, h, w) -> (B, C, 2d, 2h, 2w)."""
+    """Exact inverse of :func:`haar_encode`: (B, 8C, d, h, w) -> (B, C, 2d, 2h, 2w), in float32 even inside
+    an autocast (as :func:`haar_encode`)."""
     if z.dim() != 5 or z.shape[1] % 8:
         raise ValueError(f"Haar coefficients must be (B, 8*C, d, h, w), got shape {tuple(z.shape)}")
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        return _haar_decode(_full_precision(z))
+
+
+def _haar_decode(z: torch.Tensor) -> torch.Tensor:
     bands = z.unflatten(1, (8, z.shape[1] // 8))
     scale = torch.ones(8, device=z.device, dtype=z.dtype)
     scale[0] = 1.0 / LOW_BAND_SCALE

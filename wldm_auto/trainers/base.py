@@ -374,7 +374,8 @@ class BaseTrainer:
             module.load_state_dict(state.networks[name])
         for name, (optimizer, _, scaler) in self._optimizers.items():
             optimizer.load_state_dict(extra["optimizers"][name])
-            scaler.load_state_dict(extra["scalers"][name])
+            if extra["scalers"][name] and scaler.is_enabled():  # a scaler off when saved (bf16, CPU) saved {}
+                scaler.load_state_dict(extra["scalers"][name])
         self.step = int(state.step)
         self.history = list(extra["history"])
         self.epoch_sums = dict(extra["epoch_sums"])
