@@ -279,6 +279,8 @@ def check_predict_precision(ctx: Context) -> dict[str, Any]:
                           and peak < GOALS["predict_peak_gpu_gb"])
         figures[name] = result
     figures["note"] = "random weights; measure a trained model before making half precision the default"
+    if ctx.cuda:  # cuDNN's default: float32 convolutions on Ampere and later run in TF32 (10-bit mantissa)
+        figures["float32_reference_cudnn_tf32"] = bool(torch.backends.cudnn.allow_tf32)
     return figures
 
 
