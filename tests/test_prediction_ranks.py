@@ -30,24 +30,27 @@ CROPS = {"caseA": (96, 96, 40), "caseB": (80, 96, 36), "caseC": (96, 72, 40)}
 ARGS = ["--steps", "2", "--samples", "2", "--save-std", "--device", "cpu", "--seed", "5"]
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
+def diffusion_model(folder: Path, sct_estimate: str = "sample_mean") -> Path:
     """A diffusion model folder: tiny VAE (factor 4) and U-Net, random weights, 16^3 patches, small tiles."""
     config = ConfigurationPlan(data_identifier="ranks", spacing=[2.0, 2.0, 2.0], median_shape=[16, 16, 16],
                                patch_size=[16, 16, 16], batch_size=2, estimated_memory_gb=0.0,
                                inference=InferencePlan(image_tile_scale=2, latent_tile_scale=2))
     config.vae.channels, config.vae.group_width, config.vae.latent_channels = [8, 8, 16], 4, 4
-    config.diffusion.unet_channels = [8, 16]
+    config.diffusion.unet_channels, config.diffusion.sct_estimate = [8, 16], sct_estimate
     plans = Plans("ranks", "wldmPlans", {"0": "MR"}, RegistrationPlan(), PreprocessingPlan(), {"3d_wldm": config})
     torch.manual_seed(0)
     vae = build_vae(1, config.vae)
     unet = build_denoiser(config.diffusion, vae)
-    folder = tmp_path_factory.mktemp("ranks_model") / "model"
     save_checkpoint({"trainer": "DiffusionTrainer", "stage": "diffusion", "step": 0, "fold": 0, "mr_channels": 1,
                      "configuration": "3d_wldm", "plans": plans.to_dict(), "latent_scale": 1.0,
                      "networks": {"vae": vae.state_dict(), "ema": unet.state_dict(), "unet": unet.state_dict()}},
                     folder / "fold_0" / "checkpoint_final.pt")
     return folder
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return diffusion_model(tmp_path_factory.mktemp("ranks_model") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -162,20 +165,26 @@ def regression_model(tmp_path_factory) -> Path:
     return folder
 
 
-def test_split_case_with_an_error_head_std_equals_one_process(regression_model, inputs, tmp_path):
-    """Rank 0 runs the U-Net's two-output pass for --save-std; the other ranks must run the same pass (they
-    used to run the one-output pass: tiles of another size in the same all_gather, an error under Gloo and
-    undefined under NCCL)."""
-    args = ["-m", str(regression_model), "--save-std", "--device", "cpu", "--confidence-hu", "150"]
+@pytest.mark.parametrize(("kind", "port"), [("error_head", 29537), ("posterior_mean", 29539)])
+def test_split_case_std_passes_equal_one_process(kind, port, regression_model, inputs, tmp_path):
+    """With --save-std, rank 0 runs passes the sCT alone does not need: a regression U-Net's two-output pass
+    (error head), or a posterior-mean model's samples. The other ranks must run the same passes (they used to
+    run the sCT's only: tiles of another size in the same all_gather, or collectives rank 0 never joined; an
+    error under Gloo, undefined or a hang under NCCL)."""
+    model = regression_model if kind == "error_head" else diffusion_model(tmp_path / "pm", "posterior_mean")
+    args = ["-m", str(model), "--save-std", "--device", "cpu", "--confidence-hu", "150"]
+    if kind == "posterior_mean":
+        args += ["--steps", "2", "--samples", "2", "--seed", "5"]
     reference = tmp_path / "one"
     with one_thread():
         assert predict_main(["-i", str(inputs), "-o", str(reference), *args]) == 0
     out = tmp_path / "two"
-    done = torchrun(2, 29537, "-i", str(inputs), "-o", str(out), *args, "--split-case")
+    done = torchrun(2, port, "-i", str(inputs), "-o", str(out), *args, "--split-case")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "backend gloo, rank 1 of 2" in done.stderr
     got, expected = voxels(out), voxels(reference)
     assert sorted(got) == sorted(expected) and len(expected) == 3 * len(CROPS)  # sCT, std, confidence per case
     for name in expected:
         assert np.array_equal(got[name], expected[name]), name
-    assert all(got[f"{n}_std.nii.gz"].max() > 0 for n in CROPS)
+    if kind == "error_head":  # the head's std: the two-output pass ran
+        assert all(got[f"{n}_std.nii.gz"].max() > 0 for n in CROPS)
