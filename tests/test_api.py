@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -200,6 +201,15 @@ def test_bad_inputs_are_one_line_value_errors(models, inputs, tmp_path):
     one_line_value_error(lambda: predictor.predict({"T1": volume}, spacing=(1, 1, 1)), r"'T1': not a channel.*0 \(MR\)")
     one_line_value_error(lambda: predictor.predict([]), "no MR image given")
     one_line_value_error(lambda: predictor.predict(inputs / "phantom.mha", samples=0), "at least 1")
+    one_line_value_error(lambda: predictor.predict(volume, spacing=(1, 1, 1), eta=float("nan")), "eta must be a finite")
+    one_line_value_error(lambda: predictor.predict(volume, spacing=(1, 1, 1), seed=1.5), "seed must be a whole number")
+    one_line_value_error(lambda: predictor.predict(volume, spacing=(1, 1, 1), seed=2**70), "seed must be a whole")
+    one_line_value_error(lambda: predictor.predict(volume, spacing=(1, 1, 1), direction=(2, 0, 0, 0, 2, 0, 0, 0, 2)),
+                         "not orthonormal")
+    one_line_value_error(lambda: predictor.predict(sitk.Image([8, 8, 8], sitk.sitkComplexFloat32)),
+                         "expected real voxel values")
+    one_line_value_error(lambda: Predictor.from_model_folder(models["regression"], device="cpu", overlap=1.0),
+                         r"overlap must be in \[0, 1\)")
     one_line_value_error(lambda: Predictor.from_model_folder(tmp_path / "no_model", device="cpu"),
                          "model folder not found")
     one_line_value_error(lambda: Predictor.from_model_folder(models["regression"], folds=(3,), device="cpu"),
@@ -214,6 +224,50 @@ def test_bad_inputs_are_one_line_value_errors(models, inputs, tmp_path):
 
 def listing(*folders: Path) -> dict[str, tuple[int, int]]:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for folder in folders for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize(("option", "message"), [(["--eta", "nan"], "--eta must be a finite number"),
+                                               (["--eta", "inf"], "--eta must be a finite number"),
+                                               (["--overlap", "1.0"], r"--overlap must be in \[0, 1\)"),
+                                               (["--overlap", "nan"], r"--overlap must be in \[0, 1\)")])
+def test_cli_refuses_bad_sampling_settings_before_creating_anything(models, inputs, tmp_path, capsys, option,
+                                                                    message):
+    """--eta nan used to give an sCT of 0 HU in the whole body (and exit 0); a bad --overlap was silently ignored
+    (diffusion) or failed every case after the output folder was made (regression)."""
+    out = tmp_path / "sct"
+    code = predict_main(["-i", str(inputs), "-o", str(out), "-m", str(models["diffusion"]), "--device", "cpu",
+                         *option])
+    assert code == 1 and not out.exists() and not (tmp_path / "sct_logs").exists()
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_cli_names_an_output_path_that_is_a_file(models, inputs, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    assert predict_main(["-i", str(inputs), "-o", str(afile), "-m", str(models["regression"]), "--device", "cpu"]) == 1
+    assert "is a file, not a folder" in capsys.readouterr().err and afile.read_text() == "keep me"
+
+
+def test_non_finite_sct_is_never_written_as_water():
+    from wldm_auto.inference.export import hu_int16
+
+    image = sitk.GetImageFromArray(np.full((4, 4, 4), np.nan, np.float32))
+    with pytest.raises(ValueError, match="64 NaN/inf voxels"):
+        hu_int16(image, (-1024.0, 3071.0))
+
+
+def test_half_precision_and_big_endian_arrays_predict_like_float32(models, inputs):
+    """float16 and big-endian arrays are no SimpleITK pixel types: they are read as float32, like any array."""
+    from wldm_auto import Predictor
+
+    predictor = Predictor.from_model_folder(models["regression"], device="cpu", progress=False)
+    mr = sitk.ReadImage(str(inputs / "phantom.mha"))
+    array = np.clip(np.round(sitk.GetArrayFromImage(mr)), 0, 2048).astype(np.float32)  # exact in float16
+    geometry = dict(spacing=mr.GetSpacing(), origin=mr.GetOrigin(), direction=mr.GetDirection())
+    reference = sitk.GetArrayFromImage(predictor.predict(array, **geometry).sct)
+    for variant in (array.astype(np.float16), array.astype(">f4")):
+        got = sitk.GetArrayFromImage(predictor.predict(variant, **geometry).sct)
+        assert np.array_equal(got, reference), variant.dtype
 
 
 def test_prediction_writes_no_file(models, inputs, tmp_path, monkeypatch):

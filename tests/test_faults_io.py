@@ -409,3 +409,51 @@ def test_evaluate_summary_counts_non_finite_values(small_phantom, tmp_path):
     spearman = written["metrics"]["spearman_error_std"]  # no std map: NaN, counted
     assert spearman["n_nan"] == 1 and spearman["mean"] is None
     assert os.path.getsize(tmp_path / "out" / "metrics.csv") > 0
+
+
+def test_a_dicom_series_with_missing_slices_is_refused_by_name(tmp_path):
+    """Slices deleted from the middle of a series: ITK would stack the rest at one mean spacing and misplace every
+    slice after the gap (by up to 6 mm in a 20-slice series missing 5); the read fails naming the gap."""
+    import shutil
+
+    source = Path(__file__).parent / "data" / "totalsegmentator_examples" / "example_ct_dicom"
+    whole = read_image(source)  # the complete series reads as before
+    assert whole.GetSize()[2] == 20
+    gapped = tmp_path / "gapped"
+    shutil.copytree(source, gapped)
+    order = images_module.dicom_series_files(gapped, quiet=True)
+    for name in order[8:11]:  # three slices from the middle
+        Path(name).unlink()
+    before = {p.name: hash_file(p) for p in gapped.iterdir()}
+    with pytest.raises(ImageReadError, match=r"not evenly spaced: .* between slices 8 and 9 of 17 .*missing slices"):
+        read_image(gapped)
+    assert {p.name: hash_file(p) for p in gapped.iterdir()} == before  # the input untouched
+
+
+def test_evaluate_refuses_a_file_as_output_a_disjoint_resampled_sct_and_a_negative_std(small_phantom, tmp_path,
+                                                                                         capsys):
+    ct = small_phantom[1]
+    ct_dir, sct_dir = tmp_path / "ct", tmp_path / "sct"
+    ct_dir.mkdir()
+    sct_dir.mkdir()
+    sitk.WriteImage(ct, str(ct_dir / "a.nii.gz"))
+    sitk.WriteImage(sitk.Cast(ct + 1, sitk.sitkInt16), str(sct_dir / "a.nii.gz"))
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    assert evaluate_main(["-r", str(ct_dir), "-p", str(sct_dir), "-o", str(afile), "--no-figures"]) == 1
+    assert "is a file, not a folder" in one_line(capsys.readouterr().err)
+    assert afile.read_text() == "not a folder"
+    # a std map below zero is no std map (wldm_calibrate_std refuses it too)
+    std = sitk.Image(ct.GetSize(), sitk.sitkFloat32) - 50.0
+    std.CopyInformation(ct)
+    sitk.WriteImage(std, str(sct_dir / "a_std.nii.gz"))
+    assert evaluate_main(["-r", str(ct_dir), "-p", str(sct_dir), "-o", str(tmp_path / "e1"), "--no-figures"]) == 1
+    assert "negative voxels inside the mask" in capsys.readouterr().err
+    (sct_dir / "a_std.nii.gz").unlink()
+    # an sCT 1 m away from its CT: resampling would score pure air as if it were a prediction
+    moved = sitk.Cast(ct + 1, sitk.sitkInt16)
+    moved.SetOrigin([o + 1000.0 for o in ct.GetOrigin()])
+    sitk.WriteImage(moved, str(sct_dir / "a.nii.gz"))
+    assert evaluate_main(["-r", str(ct_dir), "-p", str(sct_dir), "-o", str(tmp_path / "e2"), "--no-figures",
+                          "--resample"]) == 1
+    assert "does not overlap the CT at all" in capsys.readouterr().err

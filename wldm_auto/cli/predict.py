@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     def action() -> int:
         from wldm_auto.inference.inputs import check_input_folder
         from wldm_auto.inference.calibration import check_confidence_hu
-        from wldm_auto.inference.folds import check_edge_std_mm, load_model, resolve_device
+        from wldm_auto.inference.folds import (check_edge_std_mm, check_eta, check_overlap, check_seed, load_model,
+                                               resolve_device)
         from wldm_auto.inference.predictor import check_confidence, plan_samples, predict_folder, prepare_prediction
         from wldm_auto.inference.sharding import start_ranks
 
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--samples and --steps must be at least 1")
         check_confidence_hu(args.confidence_hu, "--confidence-hu")
         check_edge_std_mm(args.edge_std_mm, "--edge-std-mm")
+        check_eta(args.eta, "--eta")
+        check_overlap(args.overlap, "--overlap")
+        check_seed(args.seed, "--seed")
         device = resolve_device(args.device, "--device")
         check_input_folder(args.input)
         ranks, device = start_ranks(device, args.split_case, args.num_parts, args.part_id)

@@ -91,8 +91,8 @@ class DDIMSampler(Sampler):
         total = schedule.timesteps
         if not 1 <= num_steps <= total:
             raise ValueError(f"num_steps must be in [1, {total}], got {num_steps}")
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        if not math.isfinite(eta) or eta < 0:
+            raise ValueError(f"eta must be a finite number >= 0, got {eta}")
         self.num_steps = int(num_steps)
         self.eta = float(eta)
         if num_steps == 1:

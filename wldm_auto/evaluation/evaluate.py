@@ -78,6 +78,10 @@ def evaluate_case(files: CaseFiles, resample: bool = False, figure: Path | None 
         std_image = on_ct_grid(read_image(files.std, sitk.sitkFloat32), ct_image, case, "std map", resample,
                                sitk.sitkLinear, 0.0)
         std = sitk.GetArrayViewFromImage(std_image)
+        negative = int(np.count_nonzero(std[mask] < 0))
+        if negative:
+            raise ValueError(f"case {case}: the std map {files.std} holds {negative} negative voxels inside the "
+                             "mask (a standard deviation is >= 0)")
         row["spearman_error_std"] = M.spearman_uncertainty(ct, sct, std, mask)
         report = U.uncertainty_report(ct, sct, std, mask)
         row.update(report.values)
@@ -148,7 +152,10 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 def check_output_folder(out_dir: Path, ct_dir: Path, sct_dir: Path, mask_dir: Path | None = None,
                         mr_dir: Path | None = None) -> None:
-    """ValueError if ``out_dir`` is one of the input folders (the evaluation would write among its inputs)."""
+    """ValueError if ``out_dir`` is a file or one of the input folders (the evaluation would write among its
+    inputs)."""
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"{out_dir}: is a file, not a folder; choose an output folder (-o)")
     for what, folder in (("CT", ct_dir), ("sCT", sct_dir), ("mask", mask_dir), ("MR", mr_dir)):
         if folder is not None and Path(folder).resolve() == Path(out_dir).resolve():
             raise ValueError(f"{out_dir}: the output folder is the {what} folder; choose another (-o)")

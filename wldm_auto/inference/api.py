@@ -202,14 +202,20 @@ def _from_array(array: np.ndarray, label: str, spacing: Sequence[float] | None, 
     origin = _numbers(origin, 3, "origin", label) if origin is not None else (0.0, 0.0, 0.0)
     direction = _numbers(direction, 9, "direction", label) if direction is not None else \
         (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-    if abs(np.linalg.det(np.reshape(direction, (3, 3)))) < 1e-6:
+    matrix = np.reshape(direction, (3, 3))
+    if abs(np.linalg.det(matrix)) < 1e-6:
         raise ValueError(f"{label}: direction {direction} is not an invertible 3x3 matrix (row-major)")
-    image = sitk.GetImageFromArray(np.ascontiguousarray(array))  # copies: the caller's array is not touched
+    if not np.allclose(matrix @ matrix.T, np.eye(3), atol=1e-4):
+        raise ValueError(f"{label}: direction {direction} is not orthonormal (unit, perpendicular axes; a scale "
+                         "belongs in spacing)")
+    # float32 first (as the model reads it): float16 or big-endian arrays are no SimpleITK pixel types; a copy, so
+    # the caller's array is not touched
+    image = sitk.GetImageFromArray(np.array(array, dtype=np.float32, order="C"))
     image.SetSpacing(spacing)
     image.SetOrigin(origin)
     image.SetDirection(direction)
     check_image(image, label)
-    return image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
+    return image
 
 
 def _numbers(values: Sequence[float], count: int, what: str, label: str) -> tuple[float, ...]:

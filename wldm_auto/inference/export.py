@@ -39,8 +39,14 @@ def to_input_grid(values: np.ndarray, properties: dict[str, Any], reference: sit
 
 
 def hu_int16(image: sitk.Image, window: tuple[float, float]) -> sitk.Image:
-    """Round and clip HU to the CT window and int16."""
-    array = np.clip(np.rint(sitk.GetArrayViewFromImage(image)), window[0], window[1]).astype(np.int16)
+    """Round and clip HU to the CT window and int16; ValueError if any voxel is NaN or infinite (casting would
+    write it as 0 HU, water, without a word)."""
+    values = sitk.GetArrayViewFromImage(image)
+    bad = np.count_nonzero(~np.isfinite(values))
+    if bad:
+        raise ValueError(f"the sCT holds {bad} NaN/inf voxels (a network or setting produced non-finite values); "
+                         "nothing was written")
+    array = np.clip(np.rint(values), window[0], window[1]).astype(np.int16)
     out = sitk.GetImageFromArray(array)
     out.CopyInformation(image)
     return out

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from wldm_auto.inference.calibration import STD_SCALE_FILE, describe_record, read_std_scale_record
@@ -75,6 +76,32 @@ def check_edge_std_mm(value: float | None, option: str = "edge_std_mm") -> float
     return float(value)
 
 
+def check_eta(eta: float | None, option: str = "eta") -> float | None:
+    """``eta`` (DDIM noise, 0 deterministic, 1 DDPM-like) as a float when None or finite and >= 0, else a
+    one-line ValueError naming ``option`` (NaN made every sCT voxel 0 HU without an error)."""
+    if eta is None:
+        return None
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+        raise ValueError(f"{option} must be a finite number >= 0 (0: deterministic DDIM), got {eta!r}")
+    return float(eta)
+
+
+def check_overlap(overlap: float | None, option: str = "overlap") -> float | None:
+    """``overlap`` (share of a tile shared with its neighbour) when None or in [0, 1), else a ValueError."""
+    if overlap is None:
+        return None
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
+        raise ValueError(f"{option} must be in [0, 1) (the share of a tile its neighbour overlaps), got {overlap!r}")
+    return float(overlap)
+
+
+def check_seed(seed: int, option: str = "seed") -> int:
+    """``seed`` as an int when it is a whole number in [0, 2**62), else a one-line ValueError."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**62:
+        raise ValueError(f"{option} must be a whole number in [0, 2**62), got {seed!r}")
+    return int(seed)
+
+
 def check_mirror_axes(axes: Sequence[int] | None, option: str = "mirror_axes") -> list[int] | None:
     """``axes`` as a sorted list (None: the plan's); one-line ValueError unless distinct axes among 0, 1, 2."""
     if axes is None:
@@ -117,6 +144,7 @@ def load_fold(folder: Path, device: torch.device, overlap: float | None = None, 
     ``edge_std_mm``: the std maps' edge term instead of the plan's ``inference.edge_std_mm`` (0: off;
     ``inference/edges.py``)."""
     check_precision(precision)
+    check_overlap(overlap)
     mirror_axes = check_mirror_axes(mirror_axes)
     edge_std_mm = check_edge_std_mm(edge_std_mm)
     path = folder / checkpoint
@@ -171,6 +199,7 @@ def load_model(model_folder: Path, folds: Sequence[int] | None, device: torch.de
     ``std_scale``: multiply std maps by the scale in the folder's ``std_scale.json`` when there is one
     (False: ignore it, e.g. to measure the calibration); a malformed file is a ValueError naming it."""
     model_folder = Path(model_folder)
+    check_overlap(overlap)
     if is_model_archive(model_folder):
         with extracted_model(model_folder) as folder:
             return load_model(folder, folds, device, overlap, checkpoint, inference, precision, std_scale,

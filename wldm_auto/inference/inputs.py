@@ -42,6 +42,8 @@ def check_output_folder(input_dir: str | Path, output_dir: str | Path) -> None:
     next run, and with ``--overwrite`` could replace an input MR.
     """
     source, target = Path(input_dir).resolve(), Path(output_dir).resolve()
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{output_dir}: is a file, not a folder; give a folder for the output")
     if target == source:
         raise ValueError(f"{output_dir}: the output folder is the input folder; choose another output folder")
     if source in target.parents:

@@ -37,7 +37,7 @@ import torch
 from wldm_auto.inference.attenuation import mu_map
 from wldm_auto.inference.calibration import check_confidence_hu, confidence_mask, scale_std
 from wldm_auto.inference.edges import edge_std
-from wldm_auto.inference.folds import LoadedFold, check_std_scale_settings, draws_per_sample
+from wldm_auto.inference.folds import LoadedFold, check_eta, check_seed, check_std_scale_settings, draws_per_sample
 from wldm_auto.inference.export import AIR_HU, hu_int16, to_input_grid, write_dicom_series
 from wldm_auto.inference.inputs import InputCase, check_output_folder, find_cases, input_files, select_part
 from wldm_auto.io.files import is_disk_full
@@ -237,6 +237,7 @@ def synthesize(
         raise ValueError(f"samples ({samples}) and steps ({steps}) must be at least 1")
     confidence_hu = check_confidence(folds, samples, confidence_hu)
     first = folds[0]
+    eta, seed = check_eta(eta), check_seed(seed)
     plans, config = first.plans, first.plans.configuration(first.configuration)
     present = sorted(images)
     chosen = [images[c] for c in present]

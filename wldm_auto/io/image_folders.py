@@ -96,4 +96,15 @@ def on_ct_grid(image: sitk.Image, ct: sitk.Image, case: str, what: str, resample
     if not resample:
         raise ValueError(f"{mismatch_message(case, what, geometry, reference)} (--resample resamples it onto the CT grid)")
     pixel = sitk.sitkUInt8 if interpolator == sitk.sitkNearestNeighbor else sitk.sitkFloat32
+    # how much of the CT grid the image covers at all: none means a wrong origin or direction, not a bad sCT
+    footprint = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+    footprint.CopyInformation(image)
+    covered = sitk.GetArrayFromImage(sitk.Resample(footprint, ct, sitk.Transform(), sitk.sitkNearestNeighbor,
+                                                   0, sitk.sitkUInt8)).mean()  # a copy: a view dies with its image
+    if covered == 0:
+        raise ValueError(f"case {case}: the {what} does not overlap the CT at all (its origin {tuple(round(v, 1) for v in geometry.origin)} "
+                         f"and extent lie outside the CT's; wrong origin or direction?)")
+    if covered < 0.5:
+        log.warning("case %s: the %s covers only %.0f %% of the CT grid; the rest is scored as %g",
+                    case, what, 100 * covered, default)
     return sitk.Resample(image, ct, sitk.Transform(), interpolator, default, pixel)

@@ -99,11 +99,45 @@ def dicom_series_files(folder: str | os.PathLike, quiet: bool = False) -> list[s
     return list(files_per_series[chosen])
 
 
+SLICE_GAP_TOLERANCE = 0.05  # a slice step this far (relative) from the series' median step is a gap
+
+
 def read_dicom_series(folder: str | os.PathLike) -> sitk.Image:
-    """Read the DICOM series with the most files in ``folder`` (logging which)."""
+    """Read the DICOM series with the most files in ``folder`` (logging which). ImageReadError when its slices
+    are not evenly spaced (missing slices): the volume's grid would put every slice after a gap in the wrong
+    place."""
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(dicom_series_files(folder))
-    return reader.Execute()
+    files = dicom_series_files(folder)
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    image = reader.Execute()
+    check_slice_steps(reader, len(files), folder)
+    return image
+
+
+def check_slice_steps(reader: sitk.ImageSeriesReader, count: int, folder: str | os.PathLike) -> None:
+    """ImageReadError naming the largest gap when the slice positions (0020,0032) along the slice normal
+    (0020,0037) do not step evenly; nothing when there are fewer than 3 slices or the tags are missing."""
+    if count < 3:
+        return
+    try:
+        cosines = [float(v) for v in reader.GetMetaData(0, "0020|0037").split("\\")]
+        positions = np.array([[float(v) for v in reader.GetMetaData(k, "0020|0032").split("\\")]
+                              for k in range(count)])
+    except (RuntimeError, ValueError):  # a tag absent or malformed: nothing to check with
+        return
+    if len(cosines) != 6 or positions.shape[1] != 3:
+        return
+    normal = np.cross(cosines[:3], cosines[3:])
+    steps = np.diff(positions @ normal)
+    median = float(np.median(np.abs(steps)))
+    if median <= 0:
+        return
+    worst = int(np.argmax(np.abs(np.abs(steps) - median)))
+    if abs(abs(steps[worst]) - median) > max(SLICE_GAP_TOLERANCE * median, 0.01):
+        raise ImageReadError(f"{folder}: slices are not evenly spaced: {abs(steps[worst]):.2f} mm between slices "
+                             f"{worst + 1} and {worst + 2} of {count} where the others are {median:.2f} mm apart "
+                             "(missing slices?); the volume would misplace every slice after the gap")
 
 
 def read_image(path: str | os.PathLike, pixel_type: int | None = None, check_values: bool = True) -> sitk.Image:
@@ -374,6 +408,9 @@ def check_image(image: sitk.Image, name: str | os.PathLike, check_values: bool =
         raise ImageReadError(f"{name}: expected a 3D image, got {image.GetDimension()}D of size {size}")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ImageReadError(f"{name}: expected one value per voxel, got {image.GetNumberOfComponentsPerPixel()} (vector/RGB image)")
+    if "complex" in image.GetPixelIDTypeAsString().lower():
+        raise ImageReadError(f"{name}: expected real voxel values, got {image.GetPixelIDTypeAsString()} (take the "
+                             "magnitude image)")
     if min(size) < 2:
         raise ImageReadError(f"{name}: image is empty or flat (size {size}); a 3D volume needs at least 2 voxels per axis")
     if check_values:
