@@ -151,3 +151,13 @@ def test_validation_uses_a_bounded_crop(preprocessed_small, tmp_path, monkeypatc
     assert "training.validation_max_voxels" in caplog.text
     history = json.loads((fold_dir(tmp_path, dataset, "RegressionTrainer") / "history.json").read_text())
     assert all(np.isfinite(h["val_mae_ct_hu"]) for h in history)
+
+
+def test_deterministic_sets_the_cublas_workspace(preprocessed_small, tmp_path, monkeypatch):
+    """--deterministic: cuBLAS is deterministic only with a fixed workspace, read when its handle is made."""
+    dataset = tiny_copy(preprocessed_small, tmp_path, monkeypatch)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **k: None)  # not for the whole session
+    run_training(dataset, "regression", 0, options=TrainerOptions(device="cpu", num_workers=0, num_steps=1,
+                                                                  steps_per_epoch=1, deterministic=True))
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"

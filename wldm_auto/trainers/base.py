@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -94,7 +95,12 @@ class BaseTrainer:
         self.is_main = self.rank == 0
         self._seed_everything(self.options.seed + self.rank)
         if self.options.deterministic:
+            # cuBLAS needs a fixed workspace to be deterministic (read when its handle is made: before any CUDA work)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+            log.info("--deterministic: operations without a deterministic CUDA kernel (e.g. the backward of "
+                     "trilinear interpolation) warn and run anyway, so GPU runs may still differ slightly")
         schedule = self.training_plan
         # "is None", not "or": an explicit 0 must never fall back to the plan (options.check refuses it)
         self.steps_per_epoch = schedule.steps_per_epoch if self.options.steps_per_epoch is None \
