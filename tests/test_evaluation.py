@@ -185,7 +185,7 @@ def folders(phantom_ct: sitk.Image, tmp_path_factory: pytest.TempPathFactory) ->
         sitk.WriteImage(phantom_ct, str(root / "ct" / f"{case}.nii.gz"))
         sitk.WriteImage(sitk.ShiftScale(phantom_ct, 1000, 0.5), str(root / "mr" / f"{case}_0000.nii.gz"))
     sitk.WriteImage(like(ct + noise, phantom_ct), str(root / "sct" / "noise.nii.gz"))
-    std = np.abs(noise) + rng.normal(0, 5, ct.shape).astype(np.float32)
+    std = np.abs(np.abs(noise) + rng.normal(0, 5, ct.shape).astype(np.float32))  # a std map is >= 0
     sitk.WriteImage(like(std, phantom_ct), str(root / "sct" / "noise_std.nii.gz"))
     sitk.WriteImage(like(np.where(body, 0, -1024).astype(np.int16), phantom_ct), str(root / "sct" / "bulk.nii.gz"))
     return root
