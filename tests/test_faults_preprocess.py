@@ -394,3 +394,37 @@ def test_validation_problem_names_the_source_file(raw_dir, pair, small_phantom):
     assert ".partial-" not in message
     assert list(raw_dir.iterdir()) == []
     assert _input_hash(pair) == before
+
+
+def test_fingerprint_warns_about_a_ct_without_its_offset_or_with_one_value(small_phantom, tmp_path, caplog):
+    """A CT stored as raw scanner values (0..4095, no -1024 offset) or a blank CT goes through conversion and
+    preprocessing (they are valid images) but would train on wrong HU: the fingerprint says so by case."""
+    from wldm_auto.io.raw_dataset import RawCase
+    from wldm_auto.planners.fingerprint import compute_fingerprint
+
+    mr, ct = small_phantom
+    sitk.WriteImage(mr, str(tmp_path / "mr.nii.gz"))
+    cts = {"good": ct, "offset": sitk.Cast(sitk.Cast(ct, sitk.sitkInt32) + 1024, sitk.sitkUInt16),
+           "blank": sitk.Cast(ct * 0 - 1024, sitk.sitkInt16)}
+    cases = []
+    for name, image in cts.items():
+        sitk.WriteImage(image, str(tmp_path / f"{name}_ct.nii.gz"))
+        cases.append(RawCase(name, [tmp_path / "mr.nii.gz"], tmp_path / f"{name}_ct.nii.gz"))
+    with caplog.at_level(logging.WARNING, logger="wldm_auto.planners.fingerprint"):
+        result = compute_fingerprint(cases, {c.name: {} for c in cases})
+    warned = {r.getMessage().split(":")[0]: r.getMessage() for r in caplog.records}
+    assert sorted(result["cases"]) == ["blank", "good", "offset"]  # warnings, not failures
+    assert set(warned) == {"case offset", "case blank"}
+    assert "without the -1024 HU offset" in warned["case offset"] and "one value everywhere" in warned["case blank"]
+
+
+def test_an_empty_provided_mask_is_named_as_the_problem(small_phantom):
+    from wldm_auto.planners.schema import Plans, PreprocessingPlan, RegistrationPlan
+    from wldm_auto.preprocessing.case import CaseError, body_mask
+
+    mr = sitk.Cast(small_phantom[0], sitk.sitkFloat32)
+    empty = sitk.Image(mr.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(mr)
+    plans = Plans("x", "wldmPlans", {"0": "MR"}, RegistrationPlan(), PreprocessingPlan(), {})
+    with pytest.raises(CaseError, match=r"provided body mask \(masksTr\) is empty"):
+        body_mask(mr, plans, empty)

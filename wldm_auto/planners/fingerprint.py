@@ -87,6 +87,20 @@ def fingerprint_case(case: RawCase) -> dict[str, Any]:
     return result
 
 
+def ct_warnings(ct: dict[str, Any] | None) -> list[str]:
+    """What looks wrong with a training CT's intensities (fingerprint statistics), as sentences: no air at all
+    (stored without the -1024 HU offset, raw scanner values 0..4095?) or one value everywhere."""
+    if not ct:
+        return []
+    low, high = ct["min"], ct["max"]
+    if high - low < 1.0:
+        return [f"the CT holds one value everywhere ({low:g} HU): nothing to learn from this target"]
+    if low > CT_BODY_HU:
+        return [f"the CT has no voxel below {CT_BODY_HU:g} HU (its minimum is {low:g}): no air at all; is it stored "
+                "without the -1024 HU offset (raw scanner values 0..4095)? Its HU would be wrong for training"]
+    return []
+
+
 def _safe(case: RawCase) -> tuple[str, dict[str, Any] | None, str]:
     try:
         return case.name, fingerprint_case(case), ""
@@ -105,4 +119,7 @@ def compute_fingerprint(cases: list[RawCase], hashes: dict[str, dict[str, Any]],
     failed = {name: reason for name, data, reason in results if data is None}
     for name, reason in failed.items():
         log.error("case %s: %s", name, reason)
+    for name, data in per_case.items():
+        for warning in ct_warnings(data.get("ct")):
+            log.warning("case %s: %s", name, warning)
     return {"version": FINGERPRINT_VERSION, "key": fingerprint_key(hashes), "cases": per_case, "failed": failed}

@@ -46,6 +46,9 @@ def body_mask(mr0: sitk.Image, plans: Plans, provided: sitk.Image | None = None)
     """The provided mask on the MR grid (nearest neighbour), or one derived from the MR."""
     if provided is not None and plans.preprocessing.use_provided_masks:
         mask = resample_onto(sitk.Cast(provided > 0, sitk.sitkUInt8), mr0, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        if not sitk.GetArrayViewFromImage(mask).any():
+            raise CaseError("the provided body mask (masksTr) is empty on the MR grid (no voxel > 0 where the MR "
+                            "is): check that mask file, or set preprocessing.use_provided_masks false")
     else:
         mask = body_mask_from_mr(mr0, plans.preprocessing.body_mask)
     if not sitk.GetArrayViewFromImage(mask).any():
