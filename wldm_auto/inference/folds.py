@@ -11,7 +11,7 @@ import logging
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -67,32 +67,33 @@ def check_precision(precision: str | None, option: str = "precision") -> None:
         raise ValueError(f"{option} {precision!r}: use one of {', '.join(PRECISIONS)}")
 
 
-def check_edge_std_mm(value: float | None, option: str = "edge_std_mm") -> float | None:
-    """``value`` as a float when it is None or a finite length >= 0 (mm), else a ValueError naming ``option``."""
+def _optional_number(value: float | None, valid: Callable[[float], bool], message: str) -> float | None:
+    """``value`` as a float when it is None or a real, finite number ``valid`` accepts; else a ValueError of
+    ``message`` (formatted with ``value``)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{option} must be a length >= 0 in mm (0: no edge term), got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not valid(value):
+        raise ValueError(message.format(value=value))
     return float(value)
+
+
+def check_edge_std_mm(value: float | None, option: str = "edge_std_mm") -> float | None:
+    """``value`` as a float when it is None or a finite length >= 0 (mm), else a ValueError naming ``option``."""
+    return _optional_number(value, lambda v: v >= 0,
+                            f"{option} must be a length >= 0 in mm (0: no edge term), got {{value!r}}")
 
 
 def check_eta(eta: float | None, option: str = "eta") -> float | None:
     """``eta`` (DDIM noise, 0 deterministic, 1 DDPM-like) as a float when None or finite and >= 0, else a
     one-line ValueError naming ``option`` (NaN made every sCT voxel 0 HU without an error)."""
-    if eta is None:
-        return None
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"{option} must be a finite number >= 0 (0: deterministic DDIM), got {eta!r}")
-    return float(eta)
+    return _optional_number(eta, lambda v: v >= 0,
+                            f"{option} must be a finite number >= 0 (0: deterministic DDIM), got {{value!r}}")
 
 
 def check_overlap(overlap: float | None, option: str = "overlap") -> float | None:
     """``overlap`` (share of a tile shared with its neighbour) when None or in [0, 1), else a ValueError."""
-    if overlap is None:
-        return None
-    if isinstance(overlap, bool) or not isinstance(overlap, (int, float)) or not 0 <= overlap < 1:
-        raise ValueError(f"{option} must be in [0, 1) (the share of a tile its neighbour overlaps), got {overlap!r}")
-    return float(overlap)
+    return _optional_number(overlap, lambda v: 0 <= v < 1,
+                            f"{option} must be in [0, 1) (the share of a tile its neighbour overlaps), got {{value!r}}")
 
 
 def check_seed(seed: int, option: str = "seed") -> int:
