@@ -237,6 +237,24 @@ def test_link_makes_symlinks(raw_dir, paired_dirs):
     assert_same_image(converted, ct_dir / "c2.mha")
 
 
+def test_overwrite_refuses_a_dataset_another_one_links_into(raw_dir, paired_dirs):
+    """--overwrite of dataset A while dataset B holds --link symlinks into A would leave B's links dangling:
+    refused, A and B kept as they were; once B no longer links into A, A can be replaced."""
+    mr_dir, ct_dir = paired_dirs
+    first = convert_paired(mr_dir, ct_dir, 3, "First")
+    case = common.SourceCase("c1", [first / "imagesTr" / "c1_0000.nii.gz"], first / "targetsTr" / "c1.nii.gz")
+    second = common.build_dataset([case], 7, "Linked", link=True)
+    link = second / "imagesTr" / "c1_0000.nii.gz"
+    assert link.is_symlink() and link.resolve().parent == first.resolve() / "imagesTr"
+    before = hash_file(first / "imagesTr" / "c1_0000.nii.gz")
+    with pytest.raises(ValueError, match="another dataset links into it.*c1_0000"):
+        convert_paired(mr_dir, ct_dir, 3, "First", overwrite=True)
+    assert hash_file(link) == before and hash_file(first / "imagesTr" / "c1_0000.nii.gz") == before
+    common.build_dataset([case], 7, "Linked", overwrite=True)  # copies instead of links
+    assert not (second / "imagesTr" / "c1_0000.nii.gz").is_symlink()
+    assert convert_paired(mr_dir, ct_dir, 3, "First", overwrite=True) == first
+
+
 def test_install_example(raw_dir):
     out = install_example(12)
     assert out == raw_dir / "Dataset012_MRIDIRPhantom"

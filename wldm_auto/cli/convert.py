@@ -30,7 +30,8 @@ def _add_common(parser: argparse.ArgumentParser, link: bool = True) -> None:
                             help="symlink input files instead of copying them (files that need format "
                                  "conversion are still written); the inputs must then stay where they are")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing dataset with the same id (only if it looks like a dataset)")
+                        help="replace an existing dataset with the same id (only if it looks like a dataset and no other "
+                             "dataset links into it)")
 
 
 def _done(path: Path) -> int:

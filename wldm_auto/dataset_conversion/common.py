@@ -140,6 +140,30 @@ def _is_inside(path: Path, folder: Path) -> bool:
         return False
 
 
+LINKED_SUBFOLDERS = ("imagesTr", "targetsTr", "masksTr")
+
+
+def links_into(folder: Path, raw: Path, limit: int = 3) -> list[Path]:
+    """Up to ``limit`` symlinks in the other raw datasets under ``raw`` (made by ``--link``) whose target lies
+    inside ``folder``: replacing ``folder`` would leave them dangling."""
+    if folder.is_symlink() or not folder.is_dir():
+        return []  # replacing a link removes only the link, not what it points to
+    target = folder.resolve()
+    found: list[Path] = []
+    for other in sorted(raw.iterdir()):
+        if other == folder or not other.name.startswith("Dataset") or not other.is_dir():
+            continue
+        for sub in LINKED_SUBFOLDERS:
+            if not (other / sub).is_dir():
+                continue
+            for entry in sorted((other / sub).iterdir()):
+                if entry.is_symlink() and _is_inside(entry, target):
+                    found.append(entry)
+                    if len(found) >= limit:
+                        return found
+    return found
+
+
 def output_folder(dataset_id: int, name: str, overwrite: bool, inputs: Sequence[Path] = ()) -> tuple[Path, list[Path]]:
     """The final dataset folder and the existing ones it replaces; refuse unsafe cases.
 
@@ -163,6 +187,11 @@ def output_folder(dataset_id: int, name: str, overwrite: bool, inputs: Sequence[
             inside = [str(p) for p in inputs if _is_inside(Path(p), folder)]
             if inside:
                 raise ValueError(f"{folder}: cannot be replaced, the input(s) {', '.join(inside)} lie inside it")
+        linked = links_into(folder, final.parent)
+        if linked:
+            raise ValueError(f"{folder}: cannot be replaced, another dataset links into it (made with --link), e.g. "
+                             f"{', '.join(map(str, linked))}: those links would break; convert that dataset "
+                             f"again without --link (or remove it) first")
     return final, existing
 
 
