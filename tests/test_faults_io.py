@@ -448,7 +448,17 @@ def test_evaluate_refuses_a_file_as_output_a_disjoint_resampled_sct_and_a_negati
     std.CopyInformation(ct)
     sitk.WriteImage(std, str(sct_dir / "a_std.nii.gz"))
     assert evaluate_main(["-r", str(ct_dir), "-p", str(sct_dir), "-o", str(tmp_path / "e1"), "--no-figures"]) == 1
-    assert "negative voxels inside the mask" in capsys.readouterr().err
+    assert "holds" in (err := capsys.readouterr().err) and "negative voxels inside the mask" in err
+    # and one with NaN voxels (refused when read)
+    std = sitk.Image(ct.GetSize(), sitk.sitkFloat32) + 10.0
+    std.CopyInformation(ct)
+    array = sitk.GetArrayFromImage(std)
+    array[array.shape[0] // 2] = np.nan
+    nan_std = sitk.GetImageFromArray(array)
+    nan_std.CopyInformation(ct)
+    sitk.WriteImage(nan_std, str(sct_dir / "a_std.nii.gz"))
+    assert evaluate_main(["-r", str(ct_dir), "-p", str(sct_dir), "-o", str(tmp_path / "e2"), "--no-figures"]) == 1
+    assert "a_std.nii.gz: holds" in (err := capsys.readouterr().err) and "NaN/inf voxels" in err
     (sct_dir / "a_std.nii.gz").unlink()
     # an sCT 1 m away from its CT: resampling would score pure air as if it were a prediction
     moved = sitk.Cast(ct + 1, sitk.sitkInt16)

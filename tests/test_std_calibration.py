@@ -117,6 +117,9 @@ def test_fit_from_folders_errors(tmp_path):
     write(np.zeros((30, 40, 40), np.float32), std_path)
     with pytest.raises(ValueError, match="0 everywhere inside the masks"):
         fit_from_folders(dirs["ct"], dirs["sct"])
+    write(np.full((30, 40, 40), -5.0, np.float32), std_path)  # wldm_evaluate refuses it with the same words
+    with pytest.raises(ValueError, match="case a: .*a_std.nii.gz: the std map holds [1-9][0-9]* negative voxels"):
+        fit_from_folders(dirs["ct"], dirs["sct"])
     std_path.unlink()
     with pytest.raises(ValueError, match="std map"):
         fit_from_folders(dirs["ct"], dirs["sct"])

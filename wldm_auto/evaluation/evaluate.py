@@ -28,7 +28,7 @@ from wldm_auto.evaluation.figures import save_case_figure, save_reliability_figu
 from wldm_auto.evaluation.pairing import CaseFiles, check_geometries, pair_cases
 from wldm_auto.io import hu
 from wldm_auto.io.files import atomic_path, write_json
-from wldm_auto.io.image_folders import on_ct_grid
+from wldm_auto.io.image_folders import check_std_values, on_ct_grid
 from wldm_auto.io.images import read_image
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,7 @@ def evaluate_case(files: CaseFiles, resample: bool = False, figure: Path | None 
         std_image = on_ct_grid(read_image(files.std, sitk.sitkFloat32), ct_image, case, "std map", resample,
                                sitk.sitkLinear, 0.0)
         std = sitk.GetArrayViewFromImage(std_image)
-        negative = int(np.count_nonzero(std[mask] < 0))
-        if negative:
-            raise ValueError(f"case {case}: the std map {files.std} holds {negative} negative voxels inside the "
-                             "mask (a standard deviation is >= 0)")
+        check_std_values(std, mask, f"case {case}: {files.std}")
         row["spearman_error_std"] = M.spearman_uncertainty(ct, sct, std, mask)
         report = U.uncertainty_report(ct, sct, std, mask)
         row.update(report.values)

@@ -44,7 +44,7 @@ from wldm_auto.io.body_mask import ct_body_mask
 from wldm_auto.io.files import read_json, write_json
 from wldm_auto.io.geometry import Geometry
 from wldm_auto.io.hu import AIR_HU, BODY_THRESHOLD_HU
-from wldm_auto.io.image_folders import list_images, on_ct_grid, short_list, split_predictions
+from wldm_auto.io.image_folders import check_std_values, list_images, on_ct_grid, short_list, split_predictions
 from wldm_auto.io.images import read_image
 
 log = logging.getLogger(__name__)
@@ -221,8 +221,7 @@ def case_ratios(files: CalibrationCase, resample: bool = False) -> tuple[np.ndar
     if not mask.any():
         raise ValueError(f"case {files.case}: the mask ({files.mask or DEFAULT_MASK}) is empty")
     std = sitk.GetArrayViewFromImage(std_image)
-    if np.any(std[mask] < 0) or not np.all(np.isfinite(std[mask])):
-        raise ValueError(f"{files.std}: a std map with negative or non-finite values")
+    check_std_values(std, mask, f"case {files.case}: {files.std}")
     used = mask & (std > 0)
     error = np.abs(sitk.GetArrayViewFromImage(sct_image)[used].astype(np.float64) - ct[used])
     spread = std[used].astype(np.float64)

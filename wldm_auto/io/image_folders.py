@@ -10,6 +10,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 
 from wldm_auto.io.geometry import Geometry
@@ -108,3 +109,13 @@ def on_ct_grid(image: sitk.Image, ct: sitk.Image, case: str, what: str, resample
         log.warning("case %s: the %s covers only %.0f %% of the CT grid; the rest is scored as %g",
                     case, what, 100 * covered, default)
     return sitk.Resample(image, ct, sitk.Transform(), interpolator, default, pixel)
+
+
+def check_std_values(std: np.ndarray, mask: np.ndarray, where: str) -> None:
+    """Refuse a std map with negative or non-finite voxels inside ``mask`` (``where`` names case and file)."""
+    values = std[mask]
+    negative = int(np.count_nonzero(values < 0))
+    non_finite = int(np.count_nonzero(~np.isfinite(values)))
+    if negative or non_finite:
+        raise ValueError(f"{where}: the std map holds {negative} negative voxels inside the mask and {non_finite} "
+                         "non-finite ones (a standard deviation is a finite number >= 0)")
