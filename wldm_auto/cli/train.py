@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="background augmentation workers (default: CPU cores - 1, max 8)")
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the networks")
     parser.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower on GPU)")
-    parser.add_argument("--vae-trainer", help="stage 2: take the VAE of this stage-1 trainer (default: the one the diffusion trainer pairs with: VAETrainer, or the matching ablation VAE for the ablation trainers)")
+    parser.add_argument("--vae-trainer",
+                        help="stage 2: take the VAE of this stage-1 trainer (default: the one the diffusion trainer "
+                             "pairs with: VAETrainer, or the matching ablation VAE for the ablation trainers)")
     parser.add_argument("--prior-trainer",
                         help="residual_diffusion: the regression trainer whose U-Net is the prior (default "
                              "RegressionTrainer)")
