@@ -1,6 +1,7 @@
 """Fidelity benchmark: every model trained on training cases and graded on cases it never saw.
 
-    python bench/fidelity.py [--work DIR] [--quick] [--threads N] [--rows ROW,ROW] [--vae-steps N] [--seed N] [--fresh]
+    python bench/fidelity.py [--work DIR] [--quick] [--threads N] [--rows ROW,ROW] [--vae-steps N] [--seed N]
+                             [--folds N] [--fresh]
 
 Data (``fidelity_data.py``): the MRI-DIR phantom cut into a training slab and a held-out test
 slab along its long axis (a gap of at least one training patch between them), and MR-like
@@ -24,6 +25,10 @@ std maps are graded too (AUSE, coverage, calibration: ``wldm_evaluate``); the re
 comes from its error head (plan ``regression.error_head``) and is graded with any number of samples.
 ``--mirror-axes 0 1 2``: test-time mirroring (plan ``inference.mirror_axes``), each sample drawn on the 8
 flipped MRs, whose spread adds to every std map. Both are prediction settings: trained models are reused.
+``--folds N`` (N > 1): a fold ensemble, as ``wldm_predict -f 0 1 ..`` makes one: every network of a row is also
+trained on the cross-fitting folds 1..N-1 (each on the training cases less a third of them), the row predicts
+with folds 0..N-1 (their mean; their spread adds to every std map) and its budget and training seconds count
+every fold. The validation case, on which the std scale is fitted, is held out by every fold.
 
 Columns: MAE (HU), PSNR (dB), SSIM, MS-SSIM, bone Dice (> 250 HU), all computed by
 ``wldm_evaluate``'s code inside the test masks and averaged over the test cases; for latent models
@@ -83,7 +88,7 @@ CONFIGURATION = "3d_wldm"
 PLANS_NAME = "wldmPlans"
 SEED = 12345
 # folds 1..N of splits_final.json partition the training cases, for residual diffusion's out-of-fold priors
-# (plan residual_diffusion.prior_folds "out_of_fold"); every row trains and is graded on fold 0
+# (plan residual_diffusion.prior_folds "out_of_fold") and fold ensembles (--folds); every row trains on fold 0
 CROSS_FIT_FOLDS = 3
 
 
@@ -213,18 +218,18 @@ def splits(train: list[str], val: list[str]) -> list[dict[str, list[str]]]:
     return folds
 
 
-def prior_folds(row: Row, plans: Plans, data: fidelity_data.BenchData) -> list[int]:
-    """The folds of ``row``'s regression prior to train: 0, and the cross-fitting folds when its plan asks
-    for out-of-fold priors."""
+def prior_folds(row: Row, plans: Plans, data: fidelity_data.BenchData, folds: list[int]) -> list[int]:
+    """The folds of ``row``'s regression prior to train: the row's own ``folds`` (each fold's model builds on
+    its fold's prior), and every cross-fitting fold when its plan asks for out-of-fold priors."""
     if not row.prior:
         return []
     if plans.configuration(CONFIGURATION).residual_diffusion.prior_folds != "out_of_fold":
-        return [0]
+        return list(folds)
     return list(range(len(splits(data.cases("train"), data.cases("val")))))
 
 
-def prior_label(trainer: str, fold: int) -> str:
-    """How a prior's training run is named in the budget and the seconds: the trainer, plus its fold if not 0."""
+def run_label(trainer: str, fold: int) -> str:
+    """How a training run is named in the budget and the seconds: the trainer, plus its fold if not 0."""
     return trainer + (f" fold {fold}" if fold else "")
 
 
@@ -252,48 +257,54 @@ def train(work: Path, stage: str, trainer: str, steps: int, setup: Setup, worker
     return float(sum(h.get("epoch_seconds", 0.0) for h in read_json(fold / "history.json")))
 
 
-def budget(row: str, setup: Setup, plans: Plans, data: fidelity_data.BenchData) -> dict[str, Any]:
-    """Steps, batch and patch of every stage a row trains, and their voxels in total."""
+def budget(row: str, setup: Setup, plans: Plans, data: fidelity_data.BenchData, folds: list[int]) -> dict[str, Any]:
+    """Steps, batch and patch of every stage a row trains (each fold of ``folds`` a run of its own), and their
+    voxels in total."""
     config = plans.configuration(CONFIGURATION)
     patch, batch = list(config.patch_size), config.batch_size
     spec = ROWS[row]
     stages = []
     if spec.vae:
-        stages.append({"stage": "vae", "trainer": spec.vae, "steps": setup.vae_steps})
-    for fold in prior_folds(spec, plans, data):
-        stages.append({"stage": "regression", "trainer": prior_label(spec.prior, fold), "steps": setup.one_stage_steps})
+        stages += [{"stage": "vae", "trainer": run_label(spec.vae, f), "steps": setup.vae_steps} for f in folds]
+    for fold in prior_folds(spec, plans, data, folds):
+        stages.append({"stage": "regression", "trainer": run_label(spec.prior, fold), "steps": setup.one_stage_steps})
     if spec.stage:
-        stages.append({"stage": spec.stage, "trainer": spec.trainer, "steps": setup.steps(spec)})
+        stages += [{"stage": spec.stage, "trainer": run_label(spec.trainer, f), "steps": setup.steps(spec)}
+                   for f in folds]
     for s in stages:
         s.update(batch=batch, patch=patch, voxels=s["steps"] * batch * int(np.prod(patch)))
     return {"stages": stages, "voxels": sum(s["voxels"] for s in stages)}
 
 
 # -- prediction, first-stage ceiling, bulk density -------------------------------------------------
-def predict(work: Path, row: str, test_mr: Path, plans: Plans, samples: int = 1, name: str | None = None
-            ) -> tuple[Path, float]:
+def predict(work: Path, row: str, test_mr: Path, plans: Plans, samples: int = 1, name: str | None = None,
+            folds: list[int] | None = None) -> tuple[Path, float]:
     """Predict every MR of ``test_mr`` with the row's model (seed 0; ``samples`` > 1: their mean, and their
-    std map ``CASE_std`` for a stochastic model) into ``predictions/<name or row>``; returns (folder, mean
-    seconds per case).
+    std map ``CASE_std`` for a stochastic model; ``folds``: the ensemble of those folds, default fold 0) into
+    ``predictions/<name or row>``; returns (folder, mean seconds per case).
 
-    Reused when the model's checkpoint, its configuration as this code reads it (a new plan key's default
+    Reused when the model's checkpoints, its configuration as this code reads it (a new plan key's default
     changes what a stored plan means) and the prediction settings are unchanged (stored with the timings)."""
     trainer = ROWS[row].trainer
-    checkpoint = model_folder(trainer) / "fold_0" / "checkpoint_final.pt"
+    folds = list(folds or [0])
+    checkpoints = [model_folder(trainer) / f"fold_{f}" / "checkpoint_final.pt" for f in folds]
+    checkpoint = checkpoints[0]
     out = work / "predictions" / (name or row)
     inference = plans.configuration(CONFIGURATION).inference  # the benchmark's, not the one stored at training
     stored = load_checkpoint(checkpoint, map_location="cpu")
     as_read = Plans.from_dict(stored.plans, str(checkpoint)).configuration(stored.configuration)
     stamp = {"checkpoint": hash_file(checkpoint), "configuration": asdict(replace(as_read, inference=inference)),
              "samples": samples}
+    if len(folds) > 1:  # (a single fold 0 keeps the stamp of the runs before ensembles could be asked for)
+        stamp["folds"] = {str(f): hash_file(c) for f, c in zip(folds, checkpoints)}
     timing_path = work / "predictions" / f"{name or row}.json"
     if timing_path.is_file() and read_json(timing_path).get("stamp") == stamp and out.is_dir():
         return out, float(read_json(timing_path)["seconds_per_case"])
     shutil.rmtree(out, ignore_errors=True)
-    folds = load_model(model_folder(trainer), [0], torch.device("cuda" if torch.cuda.is_available() else "cpu"),
-                       inference=inference)
-    outcomes = predict_folder(test_mr, out, folds, steps=inference.ddim_steps, samples=samples, seed=0,
-                              save_std=spread_possible(folds, samples))
+    loaded = load_model(model_folder(trainer), folds, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                        inference=inference)
+    outcomes = predict_folder(test_mr, out, loaded, steps=inference.ddim_steps, samples=samples, seed=0,
+                              save_std=spread_possible(loaded, samples))
     failed = [o for o in outcomes if o.status != "done"]
     if failed:
         raise SystemExit(f"{name or row}: prediction failed for {failed[0].case}: {failed[0].message}")
@@ -304,7 +315,7 @@ def predict(work: Path, row: str, test_mr: Path, plans: Plans, samples: int = 1,
 
 
 def calibrated_std(work: Path, data: fidelity_data.BenchData, row: str, plans: Plans, samples: int,
-                   test_predictions: Path) -> tuple[Path, float]:
+                   test_predictions: Path, folds: list[int] | None = None) -> tuple[Path, float]:
     """The std scale fitted on the validation cases (``wldm_calibrate_std``'s fit: 2 x std covers 95.45 %
     of their voxels) and a copy of the test predictions with their std maps multiplied by it."""
     val_mr = work / "data" / "val_mr"
@@ -313,7 +324,7 @@ def calibrated_std(work: Path, data: fidelity_data.BenchData, row: str, plans: P
         target = val_mr / f"{case}_0000.nii.gz"
         if not target.is_file():
             shutil.copy2(data.raw / "imagesTr" / target.name, target)
-    val_predictions, _ = predict(work, row, val_mr, plans, samples, name=f"{row}_val")
+    val_predictions, _ = predict(work, row, val_mr, plans, samples, name=f"{row}_val", folds=folds)
     scale = fit_from_folders(data.raw / "targetsTr", val_predictions).scale
     out = work / "predictions" / f"{row}_calibrated"
     shutil.rmtree(out, ignore_errors=True)
@@ -415,7 +426,8 @@ def learning_curves(work: Path, rows: list[str], path: Path) -> None:
         ax.set_xlabel("training step")
         ax.set_ylabel("validation MAE (HU, lower is better)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # (a row set without a first stage leaves the left panel empty)
+            ax.legend(fontsize=8)
     fig.suptitle("validation case: simulated MR (a proxy, not patients); one curve per trainer", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -481,6 +493,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=SEED, metavar="N",
                         help=f"training seed of every stage (default {SEED}); another seed trains every model anew in "
                              "its own results folder (for the spread of a row over seeds)")
+    parser.add_argument("--folds", type=int, default=1, metavar="N",
+                        help="fold ensemble of N models per row (default 1: fold 0 alone): every network also trains "
+                             f"on cross-fitting folds 1..N-1 (N at most {1 + CROSS_FIT_FOLDS}; each fold trains on the "
+                             "training cases less a third of them) and the row predicts with all N, whose spread adds "
+                             "to the std maps; the budget counts every fold")
     parser.add_argument("--fresh", action="store_true", help="retrain and repredict everything (keeps the data)")
     parser.add_argument("--no-figures", action="store_true", help="skip the per-case evaluation figures (--quick: "
                         "always skipped)")
@@ -496,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if args.ddim_steps is not None and args.ddim_steps < 1:
         parser.error("--ddim-steps must be >= 1")
+    if not 1 <= args.folds <= 1 + CROSS_FIT_FOLDS:
+        parser.error(f"--folds must be between 1 and {1 + CROSS_FIT_FOLDS} (fold 0 and the {CROSS_FIT_FOLDS} "
+                     "cross-fitting folds)")
     if args.threads:
         torch.set_num_threads(args.threads)
     setup = QUICK if args.quick else FULL
@@ -520,18 +540,27 @@ def main(argv: list[str] | None = None) -> int:
     if mirror_axes:  # a prediction setting: trained models are reused, predictions redone
         plans.configuration(CONFIGURATION).inference.mirror_axes = mirror_axes
     test_cases = data.cases("test")
+    available = len(splits(data.cases("train"), data.cases("val")))
+    if args.folds > available:
+        parser.error(f"--folds {args.folds}: this data set's training cases make {available} folds")
+    folds = list(range(args.folds))
 
     seconds: dict[str, float] = {}
     vaes = sorted({ROWS[r].vae for r in rows if ROWS[r].vae})
     for trainer in vaes:
-        seconds[trainer] = train(work, "vae", trainer, setup.vae_steps, setup, args.workers)
-    for trainer, fold in sorted({(ROWS[r].prior, f) for r in rows for f in prior_folds(ROWS[r], plans, data)}):
-        seconds[prior_label(trainer, fold)] = train(work, "regression", trainer, setup.one_stage_steps, setup,
+        for fold in folds:
+            seconds[run_label(trainer, fold)] = train(work, "vae", trainer, setup.vae_steps, setup, args.workers,
+                                                        fold)
+    priors = {(ROWS[r].prior, f) for r in rows for f in prior_folds(ROWS[r], plans, data, folds)}
+    for trainer, fold in sorted(priors):
+        seconds[run_label(trainer, fold)] = train(work, "regression", trainer, setup.one_stage_steps, setup,
                                                     args.workers, fold)
     for row in rows:
         spec = ROWS[row]
         if spec.trainer:
-            seconds[spec.trainer] = train(work, spec.stage, spec.trainer, setup.steps(spec), setup, args.workers)
+            for fold in folds:
+                seconds[run_label(spec.trainer, fold)] = train(work, spec.stage, spec.trainer, setup.steps(spec),
+                                                                 setup, args.workers, fold)
 
     results: dict[str, dict] = {}
     floor = first_stage_ceilings(data, plans, None)
@@ -540,12 +569,12 @@ def main(argv: list[str] | None = None) -> int:
         if spec.trainer is None:
             folder, predict_seconds = bulk_density(data, plans, work / "predictions" / row), 0.0
         else:
-            folder, predict_seconds = predict(work, row, data.test / "mr", plans, args.samples)
+            folder, predict_seconds = predict(work, row, data.test / "mr", plans, args.samples, folds=folds)
         per_case = evaluate(work, data, row, folder, figures=not (args.no_figures or args.quick))
         result: dict[str, Any] = {key: float(np.nanmean([per_case[c][key] for c in test_cases])) for key in METRIC_KEYS}
         result["uncertainty"] = uncertainty(work, row, per_case)
         if result["uncertainty"] is not None:  # again with the std scale fitted on the validation case(s)
-            scaled, scale = calibrated_std(work, data, row, plans, args.samples, folder)
+            scaled, scale = calibrated_std(work, data, row, plans, args.samples, folder, folds)
             calibrated = evaluate(work, data, f"{row}_calibrated", scaled, figures=False)
             result["uncertainty_calibrated"] = {**uncertainty(work, f"{row}_calibrated", calibrated),
                                                 "std_scale": scale}
@@ -554,10 +583,11 @@ def main(argv: list[str] | None = None) -> int:
             result["first_stage_mae_hu"] = float(np.mean(list(ceilings.values())))
             for case in test_cases:
                 per_case[case]["first_stage_mae_hu"] = ceilings[case]
-        trained = [spec.vae, spec.trainer] + [prior_label(spec.prior, f) for f in prior_folds(spec, plans, data)]
-        result["train_seconds"] = float(sum(seconds.get(t, 0.0) for t in trained if t))
+        trained = [run_label(t, f) for t in (spec.vae, spec.trainer) if t for f in folds]
+        trained += [run_label(spec.prior, f) for f in prior_folds(spec, plans, data, folds)]
+        result["train_seconds"] = float(sum(seconds.get(t, 0.0) for t in trained))
         result["predict_seconds"] = predict_seconds
-        result["budget"] = budget(row, setup, plans, data) if spec.trainer else None
+        result["budget"] = budget(row, setup, plans, data, folds) if spec.trainer else None
         result["per_case"] = per_case
         results[row] = result
 
@@ -573,8 +603,8 @@ def main(argv: list[str] | None = None) -> int:
                 writer.writerow([row, case, *[f"{values[k]:.6g}" for k in METRIC_KEYS],
                                  f"{values['first_stage_mae_hu']:.6g}" if "first_stage_mae_hu" in values else ""])
 
-    print(f"\nfidelity benchmark ({'quick: machinery check only' if args.quick else 'full'}); test cases: "
-          f"{', '.join(test_cases)}")
+    print(f"\nfidelity benchmark ({'quick: machinery check only' if args.quick else 'full'}"
+          f"{f'; fold ensembles of {len(folds)}' if len(folds) > 1 else ''}); test cases: {', '.join(test_cases)}")
     print(f"NOTE: {PROXY_NOTE}; phantom_test is the real phantom's held-out slab.")
     for row in rows:
         b = results[row]["budget"]
@@ -597,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         "samples": args.samples,
         "mirror_axes": mirror_axes,
         "seed": setup.seed,
+        "folds": folds,
         "seconds": round(_timer() - start, 1),
         "note": PROXY_NOTE,
     }

@@ -206,3 +206,32 @@ def test_quick_out_of_fold_priors_train_the_cross_fitting_folds(quick_run: tuple
     assert result.returncode == 0, result.stderr[-3000:]
     plans = json.loads(next(work.glob("preprocessed/*/plans.json")).read_text())
     assert plans["configurations"]["3d_wldm"]["residual_diffusion"]["prior_folds"] == "own"
+
+
+def test_quick_folds_ensemble_trains_the_cross_fitting_folds(quick_run: tuple[Path, dict], tmp_path: Path) -> None:
+    """--folds N: the row's network is also trained on cross-fitting folds 1..N-1 (fold 0 reused), its budget and
+    seconds count every fold, and it predicts with their ensemble, whose spread gives the regression a std map."""
+    work = copy_work(quick_run, tmp_path)
+    bad = run_bench(work, "--folds", "5", timeout=120)
+    assert bad.returncode == 2 and "--folds must be between 1 and 4" in bad.stderr
+    bad = run_bench(work, "--rows", "bulk_density", "--folds", "4", timeout=300)  # quick: 2 training cases
+    assert bad.returncode == 2 and "training cases make 3 folds" in bad.stderr
+    fold_0 = next(work.glob("results/*/*/RegressionTrainer__*/fold_0/checkpoint_final.pt"))
+    before = fold_0.stat().st_mtime_ns
+    result = run_bench(work, "--rows", "regression", "--folds", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["folds"] == [0, 1] and quick_run[1]["folds"] == [0]
+    assert fold_0.stat().st_mtime_ns == before  # reused, not retrained
+    assert (fold_0.parent.parent / "fold_1" / "checkpoint_final.pt").is_file()
+    values = summary["models"]["regression"]
+    assert [s["trainer"] for s in values["budget"]["stages"]] == ["RegressionTrainer", "RegressionTrainer fold 1"]
+    single = quick_run[1]["models"]["regression"]
+    assert values["budget"]["voxels"] == 2 * single["budget"]["voxels"]
+    assert values["train_seconds"] > single["train_seconds"]
+    assert values["uncertainty"] is not None and values["uncertainty"]["mean_std"] > 0
+    assert values["uncertainty"]["mean_std"] != pytest.approx((single["uncertainty"] or {}).get("mean_std", 0.0),
+                                                              rel=1e-6)  # the folds' spread is in it
+    stamp = json.loads((work / "predictions" / "regression.json").read_text())["stamp"]
+    assert sorted(stamp["folds"]) == ["0", "1"]
+    assert values["mae_hu"] != pytest.approx(single["mae_hu"], rel=1e-6)  # the mean of two U-Nets
