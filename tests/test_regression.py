@@ -308,3 +308,45 @@ def test_prediction_rejects_other_stages(trained, tmp_path, capsys):
     code = predict_main(["-i", str(tmp_path), "-o", str(tmp_path / "out"), "-m", str(tmp_path / "model"),
                          "--device", "cpu"])
     assert code == 1 and "'vae' checkpoint" in capsys.readouterr().err
+
+
+def test_prediction_settings_are_read_from_the_model_folders_plans(trained, tmp_path):
+    """The model folder's plans.json ``inference`` section (prediction settings) may be edited after training and
+    is what prediction uses; an unreadable one is named."""
+    import shutil
+
+    from wldm_auto.inference.folds import draws_per_sample, load_model
+
+    model = tmp_path / "model"
+    shutil.copytree(trained["model"], model)
+    fold = load_model(model, [0], torch.device("cpu"))[0]
+    assert fold.plans.configuration("3d_wldm").inference.mirror_axes == [] and draws_per_sample(fold) == 1
+    plans = json.loads((model / "plans.json").read_text())
+    plans["configurations"]["3d_wldm"]["inference"].update(mirror_axes=[2], ddim_steps=7)
+    (model / "plans.json").write_text(json.dumps(plans))
+    fold = load_model(model, [0], torch.device("cpu"))[0]
+    inference = fold.plans.configuration("3d_wldm").inference
+    assert inference.mirror_axes == [2] and inference.ddim_steps == 7 and draws_per_sample(fold) == 2
+    # an explicit argument still wins over the folder's setting
+    assert draws_per_sample(load_model(model, [0], torch.device("cpu"), mirror_axes=[])[0]) == 1
+    (model / "plans.json").write_text("{")
+    with pytest.raises(ValueError, match="plans.json"):
+        load_model(model, [0], torch.device("cpu"))
+
+
+def test_more_folds_train_after_an_edit_of_the_prediction_settings_only(preprocessed_small, tmp_path, monkeypatch):
+    """An edit of the preprocessed plans' ``inference`` section does not block training another fold (it does not
+    change what is trained); an edit of a training setting still does."""
+    dataset = tiny_copy(preprocessed_small, tmp_path, monkeypatch)
+    options = TrainerOptions(device="cpu", num_workers=0, num_steps=2, steps_per_epoch=2)
+    run_training(dataset, "regression", 0, options=options)
+    plans_path = tmp_path / "pre" / dataset / "plans.json"
+    plans = json.loads(plans_path.read_text())
+    plans["configurations"]["3d_wldm"]["inference"]["ddim_steps"] = 9
+    plans_path.write_text(json.dumps(plans))
+    assert run_training(dataset, "regression", 1, options=options).is_file()
+    plans["configurations"]["3d_wldm"]["regression"]["bone_weight"] = 2.0
+    plans_path.write_text(json.dumps(plans))
+    with pytest.raises(ValueError, match="differs from the plans this model was trained with"):
+        run_training(dataset, "regression", 2, options=options)
+    assert not (tmp_path / "results" / dataset / "RegressionTrainer__wldmPlans__3d_wldm" / "fold_2").exists()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -18,7 +18,7 @@ import torch
 
 from wldm_auto.inference.calibration import STD_SCALE_FILE, describe_record, read_std_scale_record
 from wldm_auto.inference.model_archive import extracted_model, is_model_archive
-from wldm_auto.io.files import sha256_file
+from wldm_auto.io.files import read_json, sha256_file
 from wldm_auto.models.checkpoint import CheckpointError
 from wldm_auto.models.loading import build_synthesizer, load_synthesis_checkpoint
 from wldm_auto.models.mirroring import MirroredSynthesizer
@@ -133,12 +133,35 @@ def draws_per_sample(fold: LoadedFold) -> int:
     return int(getattr(fold.synthesizer, "draws_per_sample", 1))
 
 
+def folder_inference(model_folder: Path, configuration: str, stored: InferencePlan) -> InferencePlan:
+    """The prediction settings (``inference`` section) of the model folder's ``plans.json``: they do not change
+    the trained weights, so a user may edit them there after training (tiles, DDIM steps, mirroring, edge term).
+    ``stored`` (the checkpoint's own) when the folder has no ``plans.json`` or no such configuration; ValueError
+    naming the file when it cannot be read."""
+    path = Path(model_folder) / "plans.json"
+    if not path.is_file():
+        return stored
+    try:
+        plans = Plans.from_dict(read_json(path), str(path))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    if configuration not in plans.configurations:
+        return stored
+    edited = plans.configuration(configuration).inference
+    if edited != stored:
+        before, after = asdict(stored), asdict(edited)
+        changed = sorted(k for k in after if before.get(k) != after[k])
+        log.info("%s: prediction settings edited since training (%s): using the folder's", path, ", ".join(changed))
+    return edited
+
+
 def load_fold(folder: Path, device: torch.device, overlap: float | None = None, checkpoint: str = CHECKPOINT,
               inference: InferencePlan | None = None, precision: str | None = None,
               mirror_axes: Sequence[int] | None = None, edge_std_mm: float | None = None) -> LoadedFold:
     """The synthesizer of one ``fold_F`` folder (diffusion or regression); ValueError naming the file on problems.
 
-    ``inference``: prediction settings to use instead of those stored with the checkpoint (tiles, steps).
+    ``inference``: prediction settings to use instead of the model folder's (``plans.json`` beside the fold
+    folders, editable after training: see :func:`folder_inference`).
     ``precision``: "float32", "bfloat16" or "float16" instead of the plan's ``inference.precision``
     (the networks' autocast dtype, see ``models/precision.py``). ``mirror_axes``: test-time mirroring
     along these axes instead of the plan's ``inference.mirror_axes`` ([]: off; ``models/mirroring.py``).
@@ -158,8 +181,9 @@ def load_fold(folder: Path, device: torch.device, overlap: float | None = None, 
         raise ValueError(str(exc)) from None
     plans = Plans.from_dict(stored.plans, str(path))
     config = plans.configuration(stored.configuration)
-    if inference is not None:
-        config = replace(config, inference=inference)
+    if inference is None:
+        inference = folder_inference(folder.parent, stored.configuration, config.inference)
+    config = replace(config, inference=inference)
     if precision is not None:
         config = replace(config, inference=replace(config.inference, precision=precision))
     if mirror_axes is not None:

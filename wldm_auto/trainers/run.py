@@ -28,13 +28,30 @@ def model_folder(dataset_name: str, trainer: str, plans_name: str, configuration
     return results_root(create=True) / dataset_name / model_folder_name(trainer, plans_name, configuration)
 
 
+def _training_part(plans: dict) -> dict:
+    """``plans`` without each configuration's ``inference`` section (prediction settings: they do not change what
+    is trained, and prediction reads them from the model folder's plans.json)."""
+    configurations = plans.get("configurations")
+    if not isinstance(configurations, dict):
+        return plans
+    return {**plans, "configurations": {name: {k: v for k, v in c.items() if k != "inference"}
+                                        if isinstance(c, dict) else c for name, c in configurations.items()}}
+
+
 def _check_metadata(preprocessed: Path, model_dir: Path) -> None:
-    """Refuse (without writing anything) if the plans changed since this model folder was started."""
+    """Refuse (without writing anything) if the plans changed since this model folder was started; an edit of
+    the prediction settings only (``inference``) is not a change of what is trained."""
     source, target = preprocessed / "plans.json", model_dir / "plans.json"
-    if source.is_file() and target.is_file() and read_json(source) != read_json(target):
+    if not (source.is_file() and target.is_file()):
+        return
+    new, old = read_json(source), read_json(target)
+    if _training_part(new) != _training_part(old):
         raise ValueError(
             f"{source} differs from the plans this model was trained with ({target}); "
             "train the changed plan under a new results folder (move the old one) or restore the plan")
+    if new != old:
+        log.info("%s: prediction settings (inference) differ from %s; prediction uses the model folder's (edit "
+                 "them there)", source, target)
 
 
 def _copy_metadata(preprocessed: Path, model_dir: Path) -> None:
