@@ -530,9 +530,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     setup = replace(setup, seed=args.seed)
     work = args.work.resolve()
-    if args.fresh:
-        for sub in ("results", "predictions", "evaluation", "report"):
-            shutil.rmtree(work / sub, ignore_errors=True)
     start = _timer()
     data, preprocessed, plans = prepare(work, setup, json.loads(args.overrides))
     ddim_steps = args.ddim_steps or setup.ddim_steps
@@ -544,17 +541,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.folds > available:
         parser.error(f"--folds {args.folds}: this data set's training cases make {available} folds")
     folds = list(range(args.folds))
+    if args.fresh:  # (after every check: a refused run deletes nothing)
+        for sub in ("results", "predictions", "evaluation", "report"):
+            shutil.rmtree(work / sub, ignore_errors=True)
+        Path(os.environ[RESULTS]).mkdir(parents=True)  # this run's results folder, made by prepare()
 
     seconds: dict[str, float] = {}
     vaes = sorted({ROWS[r].vae for r in rows if ROWS[r].vae})
     for trainer in vaes:
         for fold in folds:
             seconds[run_label(trainer, fold)] = train(work, "vae", trainer, setup.vae_steps, setup, args.workers,
-                                                        fold)
+                                                      fold)
     priors = {(ROWS[r].prior, f) for r in rows for f in prior_folds(ROWS[r], plans, data, folds)}
     for trainer, fold in sorted(priors):
         seconds[run_label(trainer, fold)] = train(work, "regression", trainer, setup.one_stage_steps, setup,
-                                                    args.workers, fold)
+                                                  args.workers, fold)
     for row in rows:
         spec = ROWS[row]
         if spec.trainer:

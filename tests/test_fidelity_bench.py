@@ -214,8 +214,10 @@ def test_quick_folds_ensemble_trains_the_cross_fitting_folds(quick_run: tuple[Pa
     work = copy_work(quick_run, tmp_path)
     bad = run_bench(work, "--folds", "5", timeout=120)
     assert bad.returncode == 2 and "--folds must be between 1 and 4" in bad.stderr
-    bad = run_bench(work, "--rows", "bulk_density", "--folds", "4", timeout=300)  # quick: 2 training cases
+    trained = sorted(work.glob("results/*/*/*/fold_0/checkpoint_final.pt"))
+    bad = run_bench(work, "--rows", "bulk_density", "--folds", "4", "--fresh", timeout=300)  # quick: 2 training cases
     assert bad.returncode == 2 and "training cases make 3 folds" in bad.stderr
+    assert trained and sorted(work.glob("results/*/*/*/fold_0/checkpoint_final.pt")) == trained  # nothing deleted
     fold_0 = next(work.glob("results/*/*/RegressionTrainer__*/fold_0/checkpoint_final.pt"))
     before = fold_0.stat().st_mtime_ns
     result = run_bench(work, "--rows", "regression", "--folds", "2")

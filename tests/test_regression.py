@@ -310,9 +310,9 @@ def test_prediction_rejects_other_stages(trained, tmp_path, capsys):
     assert code == 1 and "'vae' checkpoint" in capsys.readouterr().err
 
 
-def test_prediction_settings_are_read_from_the_model_folders_plans(trained, tmp_path):
+def test_prediction_settings_are_read_from_the_model_folders_plans(trained, tmp_path, caplog):
     """The model folder's plans.json ``inference`` section (prediction settings) may be edited after training and
-    is what prediction uses; an unreadable one is named."""
+    is what prediction uses; another model's plan is not used; an unreadable one is named (once)."""
     import shutil
 
     from wldm_auto.inference.folds import draws_per_sample, load_model
@@ -329,9 +329,15 @@ def test_prediction_settings_are_read_from_the_model_folders_plans(trained, tmp_
     assert inference.mirror_axes == [2] and inference.ddim_steps == 7 and draws_per_sample(fold) == 2
     # an explicit argument still wins over the folder's setting
     assert draws_per_sample(load_model(model, [0], torch.device("cpu"), mirror_axes=[])[0]) == 1
+    # another model's plan (here: another dataset) is not taken for this one's
+    (model / "plans.json").write_text(json.dumps({**plans, "dataset_name": "Dataset999_Other"}))
+    with caplog.at_level(logging.WARNING, logger="wldm_auto.inference"):
+        fold = load_model(model, [0], torch.device("cpu"))[0]
+    assert draws_per_sample(fold) == 1 and "is not the plan this checkpoint was trained with" in caplog.text
     (model / "plans.json").write_text("{")
-    with pytest.raises(ValueError, match="plans.json"):
+    with pytest.raises(ValueError, match="plans.json") as error:
         load_model(model, [0], torch.device("cpu"))
+    assert str(error.value).count("plans.json") == 1
 
 
 def test_more_folds_train_after_an_edit_of_the_prediction_settings_only(preprocessed_small, tmp_path, monkeypatch):

@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -209,11 +210,13 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.time()
             target = out / "predictions" / trainer
             model = results / model_folder_name(trainer)
-            stamp = {"checkpoint": hash_file(model / "fold_0" / "checkpoint_final.pt"), "samples": samples}
-            stamp_path = out / "predictions" / f"{trainer}.json"
-            if not stamp_path.is_file() or read_json(stamp_path) != stamp:  # a retrained model: predict again
-                shutil.rmtree(target, ignore_errors=True)
             folds = load_model(model, [0], device)
+            settings = folds[0].plans.configuration(folds[0].configuration).inference  # editable after training
+            stamp = {"checkpoint": hash_file(model / "fold_0" / "checkpoint_final.pt"), "samples": samples,
+                     "inference": asdict(settings)}
+            stamp_path = out / "predictions" / f"{trainer}.json"
+            if not stamp_path.is_file() or read_json(stamp_path) != stamp:  # retrained or re-set: predict again
+                shutil.rmtree(target, ignore_errors=True)
             outcomes = predict_folder(mr_dir, target, folds, samples=samples, seed=0,
                                       save_std=spread_possible(folds, samples), resume=True)
             write_json(stamp, stamp_path)

@@ -133,23 +133,31 @@ def draws_per_sample(fold: LoadedFold) -> int:
     return int(getattr(fold.synthesizer, "draws_per_sample", 1))
 
 
-def folder_inference(model_folder: Path, configuration: str, stored: InferencePlan) -> InferencePlan:
+def folder_inference(model_folder: Path, configuration: str, stored: Plans) -> InferencePlan:
     """The prediction settings (``inference`` section) of the model folder's ``plans.json``: they do not change
     the trained weights, so a user may edit them there after training (tiles, DDIM steps, mirroring, edge term).
-    ``stored`` (the checkpoint's own) when the folder has no ``plans.json`` or no such configuration; ValueError
-    naming the file when it cannot be read."""
+    The checkpoint's own (from its ``stored`` plans) when the folder has no ``plans.json``, no such configuration,
+    or a plan of another dataset, plans name or preprocessing (not this model's: warned); ValueError naming the
+    file when it cannot be read."""
+    own = stored.configuration(configuration).inference
     path = Path(model_folder) / "plans.json"
     if not path.is_file():
-        return stored
+        return own
     try:
         plans = Plans.from_dict(read_json(path), str(path))
     except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: {exc}") from None
+        message = str(exc)
+        raise ValueError(message if str(path) in message else f"{path}: {message}") from None
     if configuration not in plans.configurations:
-        return stored
+        return own
+    if (plans.dataset_name, plans.plans_name, plans.preprocessing) != (stored.dataset_name, stored.plans_name,
+                                                                       stored.preprocessing):
+        log.warning("%s is not the plan this checkpoint was trained with (dataset, plans name or preprocessing "
+                    "differ): using the prediction settings stored with the checkpoint", path)
+        return own
     edited = plans.configuration(configuration).inference
-    if edited != stored:
-        before, after = asdict(stored), asdict(edited)
+    if edited != own:
+        before, after = asdict(own), asdict(edited)
         changed = sorted(k for k in after if before.get(k) != after[k])
         log.info("%s: prediction settings edited since training (%s): using the folder's", path, ", ".join(changed))
     return edited
@@ -182,7 +190,7 @@ def load_fold(folder: Path, device: torch.device, overlap: float | None = None, 
     plans = Plans.from_dict(stored.plans, str(path))
     config = plans.configuration(stored.configuration)
     if inference is None:
-        inference = folder_inference(folder.parent, stored.configuration, config.inference)
+        inference = folder_inference(folder.parent, stored.configuration, plans)
     config = replace(config, inference=inference)
     if precision is not None:
         config = replace(config, inference=replace(config.inference, precision=precision))
