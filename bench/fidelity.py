@@ -293,10 +293,11 @@ def predict(work: Path, row: str, test_mr: Path, plans: Plans, samples: int = 1,
     inference = plans.configuration(CONFIGURATION).inference  # the benchmark's, not the one stored at training
     stored = load_checkpoint(checkpoint, map_location="cpu")
     as_read = Plans.from_dict(stored.plans, str(checkpoint)).configuration(stored.configuration)
-    stamp = {"checkpoint": hash_file(checkpoint), "configuration": asdict(replace(as_read, inference=inference)),
+    hashes = {str(f): hash_file(c) for f, c in zip(folds, checkpoints)}
+    stamp = {"checkpoint": hashes[str(folds[0])], "configuration": asdict(replace(as_read, inference=inference)),
              "samples": samples}
     if len(folds) > 1:  # (a single fold 0 keeps the stamp of the runs before ensembles could be asked for)
-        stamp["folds"] = {str(f): hash_file(c) for f, c in zip(folds, checkpoints)}
+        stamp["folds"] = hashes
     timing_path = work / "predictions" / f"{name or row}.json"
     if timing_path.is_file() and read_json(timing_path).get("stamp") == stamp and out.is_dir():
         return out, float(read_json(timing_path)["seconds_per_case"])

@@ -55,8 +55,8 @@ def _check_metadata(preprocessed: Path, model_dir: Path) -> None:
 
 
 def _copy_metadata(preprocessed: Path, model_dir: Path) -> None:
-    """Copy plans/dataset/fingerprint into the model folder; refuse if the plans changed since."""
-    _check_metadata(preprocessed, model_dir)
+    """Copy plans/dataset/fingerprint into the model folder (the caller has run :func:`_check_metadata`); a file
+    already there is kept."""
     model_dir.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
         source, target = preprocessed / name, model_dir / name
