@@ -464,6 +464,6 @@ def test_evaluate_refuses_a_file_as_output_a_disjoint_resampled_sct_and_a_negati
     moved = sitk.Cast(ct + 1, sitk.sitkInt16)
     moved.SetOrigin([o + 1000.0 for o in ct.GetOrigin()])
     sitk.WriteImage(moved, str(sct_dir / "a.nii.gz"))
-    assert evaluate_main(["-r", str(ct_dir), "-p", str(sct_dir), "-o", str(tmp_path / "e2"), "--no-figures",
+    assert evaluate_main(["-r", str(ct_dir), "-p", str(sct_dir), "-o", str(tmp_path / "e3"), "--no-figures",
                           "--resample"]) == 1
     assert "does not overlap the CT at all" in capsys.readouterr().err

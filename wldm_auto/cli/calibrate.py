@@ -77,16 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def action() -> int:
-        from wldm_auto.inference.calibration import fit_from_folders, std_scale_path, write_std_scale
+        from wldm_auto.inference.calibration import (check_model_folder, fit_from_folders, std_scale_path,
+                                                     write_std_scale)
         from wldm_auto.inference.folds import check_edge_std_mm
 
         for option, value in (("--samples", args.samples), ("--steps", args.steps)):
             if value is not None and value < 1:
                 raise ValueError(f"{option} must be at least 1, got {value}")
         check_edge_std_mm(args.edge_std_mm, "--edge-std-mm")
-        target = std_scale_path(args.model)
-        if not args.model.is_dir():
-            raise ValueError(f"{args.model}: model folder not found (install a model zip first: wldm_install_model)")
+        target = std_scale_path(check_model_folder(args.model))
         if target.exists() and not args.overwrite:  # before the (slow) fit
             raise FileExistsError(f"{target}: exists; --overwrite replaces it")
         for what, folder in (("CT", args.ct_dir), ("sCT", args.sct_dir), ("std", args.std_dir),

@@ -42,7 +42,18 @@ def run_cli(action: Callable[[], int], interrupted: str = "interrupted") -> int:
     except (ValueError, PathNotSetError, OSError) as exc:
         # ImageReadError, PlanError and DatasetInvalidError are ValueErrors; FileExistsError is an OSError
         print(f"error: {exc}", file=sys.stderr)
+        log_to_files(f"error: {exc}")
         return 1
     except KeyboardInterrupt:
         print(f"error: {interrupted}", file=sys.stderr)
+        log_to_files(f"error: {interrupted}")
         return 130
+
+
+def log_to_files(message: str) -> None:
+    """``message`` at ERROR into the run's log files only (the console has it already): a log file that a run
+    opened says why the run ended."""
+    record = logging.LogRecord("wldm_auto", logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)

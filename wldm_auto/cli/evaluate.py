@@ -34,6 +34,8 @@ and CASE_reliability.png, logs/.
 
 A sCT on another grid than its CT is an error unless --resample (linear, air -1024 outside).
 A case present on one side only is an error unless --allow-missing.
+An OUT holding an earlier evaluation is refused unless --overwrite (which first deletes
+that evaluation's figures); the CT, sCT and mask folders must differ.
 A case that cannot be evaluated (unreadable or truncated image, empty mask) is reported by
 name and the others are evaluated; the failed ones are listed at the end (exit status 1).
 
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-missing", action="store_true",
                         help="evaluate the cases present on both sides (with a warning) instead of failing")
     parser.add_argument("--no-figures", action="store_true", help="skip the per-case PNG figures")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier evaluation in OUT (its metrics.csv, summary.json and figures); "
+                             "without it such an OUT is refused")
     parser.add_argument("--label", help="model name for figure titles and summary.json (e.g. 'regression U-Net')")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
@@ -72,13 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         for what, folder in inputs:  # checked before anything is created
             if folder is not None and not folder.is_dir():
                 raise ValueError(f"{what} folder {folder} not found" + (" (it is a file)" if folder.is_file() else ""))
-        check_output_folder(out, args.ct_dir, args.sct_dir, args.mask_dir, args.mr_dir)
+        check_output_folder(out, args.ct_dir, args.sct_dir, args.mask_dir, args.mr_dir, args.overwrite)
         out.mkdir(parents=True, exist_ok=True)
         add_log_file(out, "evaluate")
         failed: dict[str, str] = {}
         try:
             summary = evaluate_folder(args.ct_dir, args.sct_dir, out, args.mask_dir, args.mr_dir, args.resample,
-                                      args.allow_missing, not args.no_figures, args.label)
+                                      args.allow_missing, not args.no_figures, args.label, args.overwrite)
         except EvaluationError as exc:
             summary, failed = exc.summary, exc.failed
         print(f"{summary['n_cases']} case(s) evaluated -> {out}")

@@ -27,7 +27,7 @@ from wldm_auto.evaluation import uncertainty as U
 from wldm_auto.evaluation.figures import save_case_figure, save_reliability_figure, save_sparsification_figure
 from wldm_auto.evaluation.pairing import CaseFiles, check_geometries, pair_cases
 from wldm_auto.io import hu
-from wldm_auto.io.files import atomic_path, write_json
+from wldm_auto.io.files import atomic_path, read_json, write_json
 from wldm_auto.io.image_folders import check_std_values, on_ct_grid
 from wldm_auto.io.images import read_image
 
@@ -45,10 +45,7 @@ def evaluate_case(files: CaseFiles, resample: bool = False, figure: Path | None 
     """Metrics of one case (a CSV row); writes its figure to ``figure`` when given (titled with ``label``)."""
     case = files.case
     ct_image = read_image(files.ct, sitk.sitkFloat32)
-    sct_image = on_ct_grid(read_image(files.sct, sitk.sitkFloat32), ct_image, case, "sCT", resample,
-                           sitk.sitkLinear, AIR_HU)
     ct = sitk.GetArrayViewFromImage(ct_image)
-    sct = sitk.GetArrayViewFromImage(sct_image)
     if files.mask is not None:
         mask_image = sitk.Cast(read_image(files.mask) > 0, sitk.sitkUInt8)
         mask_image = on_ct_grid(mask_image, ct_image, case, "mask", resample, sitk.sitkNearestNeighbor, 0)
@@ -60,6 +57,10 @@ def evaluate_case(files: CaseFiles, resample: bool = False, figure: Path | None 
         source = "default body mask (CT > -500 HU)"
     if not mask.any():
         raise ValueError(f"case {case}: the {source} is empty")
+    check_hu_range(ct, mask, case, files.ct)
+    sct_image = on_ct_grid(read_image(files.sct, sitk.sitkFloat32), ct_image, case, "sCT", resample,
+                           sitk.sitkLinear, AIR_HU, within=mask)
+    sct = sitk.GetArrayViewFromImage(sct_image)
     row: dict[str, Any] = {
         "case": case,
         "mae": M.mae(ct, sct, mask),
@@ -76,7 +77,7 @@ def evaluate_case(files: CaseFiles, resample: bool = False, figure: Path | None 
     report = None
     if files.std is not None:
         std_image = on_ct_grid(read_image(files.std, sitk.sitkFloat32), ct_image, case, "std map", resample,
-                               sitk.sitkLinear, 0.0)
+                               sitk.sitkLinear, 0.0, within=mask)
         std = sitk.GetArrayViewFromImage(std_image)
         check_std_values(std, mask, f"case {case}: {files.std}")
         row["spearman_error_std"] = M.spearman_uncertainty(ct, sct, std, mask)
@@ -88,14 +89,31 @@ def evaluate_case(files: CaseFiles, resample: bool = False, figure: Path | None 
             mask_image = sitk.GetImageFromArray(mask.astype(np.uint8))
             mask_image.CopyInformation(ct_image)
         mr_image = None
-        if files.mr is not None:  # display only: always brought onto the CT grid
-            mr_image = on_ct_grid(read_image(files.mr, sitk.sitkFloat32), ct_image, case, "MR", True,
-                                  sitk.sitkLinear, 0.0)
+        if files.mr is not None:  # display only: always brought onto the CT grid, and never a reason to fail
+            try:
+                mr_image = on_ct_grid(read_image(files.mr, sitk.sitkFloat32), ct_image, case, "MR", True,
+                                      sitk.sitkLinear, 0.0)
+            except (ValueError, RuntimeError) as exc:  # ImageReadError is a ValueError
+                log.warning("case %s: figure without the MR: %s", case, str(exc).strip().splitlines()[-1][:300])
         save_case_figure(figure, case, ct_image, sct_image, mask_image, mr_image, std_image, row, label)
         if report is not None:
             save_sparsification_figure(figure.parent / f"{case}_sparsification.png", case, report, label)
             save_reliability_figure(figure.parent / f"{case}_reliability.png", case, report, label)
     return row
+
+
+SOFT_TISSUE_MEDIAN_AT_MOST = 500.0  # HU: a body's median is soft tissue (about 0-60 HU); HU + 1024 puts it near 1060
+
+
+def check_hu_range(ct: np.ndarray, mask: np.ndarray, case: str, path: Path) -> None:
+    """Warn when the reference CT looks as if it were not in HU (e.g. stored values without their rescale
+    slope/intercept, HU + 1024): no voxel below 0 (no air at about -1000 HU), or a median inside the mask above
+    500 HU. A warning: every metric would carry the offset as a bias, but the data may be unusual on purpose."""
+    low, median = float(ct.min()), float(np.median(ct[mask]))
+    if low >= 0 or median > SOFT_TISSUE_MEDIAN_AT_MOST:
+        log.warning("case %s: the reference CT %s does not look like HU (minimum %.0f, median inside the mask %.0f; "
+                    "air is about -1000 HU and soft tissue 0-60): stored values without their rescale "
+                    "slope/intercept (HU + 1024?) would bias every metric", case, path, low, median)
 
 
 class EvaluationError(ValueError):
@@ -147,20 +165,56 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
             writer.writerow([cell(row[c]) for c in COLUMNS])
 
 
+RESULT_FILES = ("metrics.csv", "summary.json")  # what marks a folder as holding an evaluation
+FIGURE_SUFFIXES = ("", "_sparsification", "_reliability")  # CASE<suffix>.png
+
+
 def check_output_folder(out_dir: Path, ct_dir: Path, sct_dir: Path, mask_dir: Path | None = None,
-                        mr_dir: Path | None = None) -> None:
+                        mr_dir: Path | None = None, overwrite: bool = True) -> None:
     """ValueError if ``out_dir`` is a file or one of the input folders (the evaluation would write among its
-    inputs)."""
+    inputs), or if two of the CT, sCT and mask roles are given one folder (the sCT would be scored against
+    itself); FileExistsError if it holds an earlier evaluation and not ``overwrite``."""
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise ValueError(f"{out_dir}: is a file, not a folder; choose an output folder (-o)")
     for what, folder in (("CT", ct_dir), ("sCT", sct_dir), ("mask", mask_dir), ("MR", mr_dir)):
         if folder is not None and Path(folder).resolve() == Path(out_dir).resolve():
             raise ValueError(f"{out_dir}: the output folder is the {what} folder; choose another (-o)")
+    roles = [(what, Path(folder)) for what, folder in (("CT", ct_dir), ("sCT", sct_dir), ("mask", mask_dir))
+             if folder is not None]
+    for i, (first, folder) in enumerate(roles):
+        for second, other in roles[i + 1:]:
+            if folder.resolve() == other.resolve():
+                raise ValueError(f"{other}: given as both the {first} and the {second} folder; the {second} images "
+                                 f"would be scored as {first} images (sCT against itself: a perfect score)")
+    if not overwrite:
+        earlier = [name for name in RESULT_FILES if (Path(out_dir) / name).exists()]
+        if earlier:
+            raise FileExistsError(f"{out_dir}: holds an earlier evaluation ({', '.join(earlier)}); choose another "
+                                  "output folder (-o) or replace it with --overwrite")
+
+
+def clear_earlier_figures(out_dir: Path) -> None:
+    """Delete the figures of the evaluation whose summary.json is in ``out_dir`` (its cases, failed ones too),
+    so the folder never mixes two runs' figures; nothing else is touched."""
+    summary = out_dir / "summary.json"
+    if not summary.is_file():
+        return
+    try:
+        earlier = read_json(summary)
+        cases = [*earlier.get("cases", []), *earlier.get("failed", {})]
+    except (ValueError, OSError, AttributeError, TypeError):  # not one of ours: leave the folder as it is
+        return
+    for case in cases:
+        if not isinstance(case, str) or Path(case).name != case:
+            continue
+        for suffix in FIGURE_SUFFIXES:
+            (out_dir / f"{case}{suffix}.png").unlink(missing_ok=True)
 
 
 def evaluate_folder(ct_dir: str | Path, sct_dir: str | Path, out_dir: str | Path | None = None,
                     mask_dir: str | Path | None = None, mr_dir: str | Path | None = None, resample: bool = False,
-                    allow_missing: bool = False, figures: bool = True, label: str | None = None) -> dict[str, Any]:
+                    allow_missing: bool = False, figures: bool = True, label: str | None = None,
+                    overwrite: bool = True) -> dict[str, Any]:
     """Evaluate every sCT in ``sct_dir`` against its CT in ``ct_dir``; returns the summary.
 
     Writes to ``out_dir`` (default ``<sct_dir>_evaluation`` beside the sCT
@@ -170,14 +224,16 @@ def evaluate_folder(ct_dir: str | Path, sct_dir: str | Path, out_dir: str | Path
     differ without ``resample``, an output folder that is an input folder)
     are ValueErrors before anything is written. A case that fails (unreadable
     or truncated image, empty mask) is logged by name and the others are
-    evaluated; then :class:`EvaluationError` lists the failed cases.
+    evaluated; then :class:`EvaluationError` lists the failed cases. An earlier evaluation in ``out_dir`` is
+    replaced, its figures deleted first (``overwrite``; False: a FileExistsError instead).
     """
     ct_dir, sct_dir = Path(ct_dir), Path(sct_dir)
     out_dir = Path(out_dir) if out_dir is not None else default_output(sct_dir)
-    check_output_folder(out_dir, ct_dir, sct_dir, mask_dir, mr_dir)
+    check_output_folder(out_dir, ct_dir, sct_dir, mask_dir, mr_dir, overwrite)
     cases = pair_cases(ct_dir, sct_dir, mask_dir, mr_dir, allow_missing, exclude=(out_dir,))
     resampled = check_geometries(cases, resample)
     out_dir.mkdir(parents=True, exist_ok=True)
+    clear_earlier_figures(out_dir)
     log.info("evaluating %d case(s); mask: %s", len(cases), mask_dir or DEFAULT_MASK)
     rows = []
     failed: dict[str, str] = {}

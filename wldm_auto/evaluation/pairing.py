@@ -16,6 +16,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from wldm_auto.io.geometry import Geometry
+from wldm_auto.io.images import ImageReadError, itk_path
 from wldm_auto.io.image_folders import list_images, mismatch_message, split_predictions
 from wldm_auto.io.image_folders import short_list as _names
 
@@ -97,10 +98,10 @@ def header_geometry(path: Path) -> Geometry | None:
     if not path.is_file():
         return None
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
     try:
+        reader.SetFileName(itk_path(path))
         reader.ReadImageInformation()
-    except RuntimeError:
+    except (RuntimeError, ImageReadError):
         return None  # read_image reports the problem when the case is evaluated
     if reader.GetDimension() != 3:
         return None

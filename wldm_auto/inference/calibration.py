@@ -207,10 +207,6 @@ def calibration_cases(ct_dir: str | os.PathLike, sct_dir: str | os.PathLike, std
 def case_ratios(files: CalibrationCase, resample: bool = False) -> tuple[np.ndarray, CaseStats]:
     """(|sCT - CT| / std over the mask voxels with std > 0 as float32, the case's stats) of one case."""
     ct_image = read_image(files.ct, sitk.sitkFloat32)
-    sct_image = on_ct_grid(read_image(files.sct, sitk.sitkFloat32), ct_image, files.case, "sCT", resample,
-                            sitk.sitkLinear, float(AIR_HU))
-    std_image = on_ct_grid(read_image(files.std, sitk.sitkFloat32), ct_image, files.case, "std map", resample,
-                            sitk.sitkLinear, 0.0)
     ct = sitk.GetArrayViewFromImage(ct_image)
     if files.mask is not None:
         mask_image = on_ct_grid(sitk.Cast(read_image(files.mask) > 0, sitk.sitkUInt8), ct_image, files.case, "mask",
@@ -220,6 +216,10 @@ def case_ratios(files: CalibrationCase, resample: bool = False) -> tuple[np.ndar
         mask = ct_body_mask(ct, BODY_THRESHOLD_HU)
     if not mask.any():
         raise ValueError(f"case {files.case}: the mask ({files.mask or DEFAULT_MASK}) is empty")
+    sct_image = on_ct_grid(read_image(files.sct, sitk.sitkFloat32), ct_image, files.case, "sCT", resample,
+                            sitk.sitkLinear, float(AIR_HU), within=mask)
+    std_image = on_ct_grid(read_image(files.std, sitk.sitkFloat32), ct_image, files.case, "std map", resample,
+                            sitk.sitkLinear, 0.0, within=mask)
     std = sitk.GetArrayViewFromImage(std_image)
     check_std_values(std, mask, f"case {files.case}: {files.std}")
     used = mask & (std > 0)
@@ -279,6 +279,18 @@ def _check_scale(value: Any, where: str) -> float:
     return float(value)
 
 
+def check_model_folder(model_folder: str | os.PathLike) -> Path:
+    """``model_folder`` as a Path; ValueError when it is missing or holds no ``fold_*`` folder (not a model)."""
+    folder = Path(model_folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: model folder not found (a model zip must be installed first: "
+                         "wldm_install_model)")
+    if not any(p.is_dir() for p in folder.glob("fold_*")):
+        raise ValueError(f"{folder}: not a model folder (it holds no fold_* folder; -m takes the folder that "
+                         "wldm_train wrote, TRAINER__PLANS__CONFIGURATION)")
+    return folder
+
+
 def write_std_scale(model_folder: str | os.PathLike, scale: float, record: Mapping[str, Any] | None = None,
                     overwrite: bool = False) -> Path:
     """Write ``MODEL_FOLDER/std_scale.json`` atomically: ``{"scale": scale, **record}``; returns its path.
@@ -287,12 +299,7 @@ def write_std_scale(model_folder: str | os.PathLike, scale: float, record: Mappi
     is not a model folder (no ``fold_*``) or a scale that is not finite and
     positive; FileExistsError when the file exists and not ``overwrite``.
     """
-    folder = Path(model_folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder}: model folder not found (a model zip must be installed first: "
-                         "wldm_install_model)")
-    if not any(p.is_dir() for p in folder.glob("fold_*")):
-        raise ValueError(f"{folder}: not a model folder (it holds no fold_* folder)")
+    folder = check_model_folder(model_folder)
     path = std_scale_path(folder)
     scale = _check_scale(scale, str(path))
     if path.exists() and not overwrite:

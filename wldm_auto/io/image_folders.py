@@ -14,7 +14,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from wldm_auto.io.geometry import Geometry
-from wldm_auto.io.images import file_ending, is_dicom_folder, strip_ending
+from wldm_auto.io.images import file_ending, is_dicom_folder, itk_path, strip_ending
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,13 @@ def list_images(folder: str | Path, what: str, exclude: Iterable[Path] = ()) -> 
         if path.name.startswith("."):
             continue
         if path.is_file() and file_ending(path):
+            itk_path(path)  # a name that is not UTF-8 stops the run here, in words (SimpleITK would abort later)
             name = strip_ending(path)
             if name in files:
                 raise ValueError(f"{what} folder {folder}: two files for {name} ({files[name].name}, {path.name})")
             files[name] = path
         elif path.is_dir() and path.resolve() not in skip and is_dicom_folder(path):
+            itk_path(path)
             name = path.name.removesuffix(DICOM_SUFFIX)
             dicoms.setdefault(name, path)
     for name, path in dicoms.items():
@@ -88,9 +90,15 @@ def mismatch_message(case: str, what: str, geometry: Geometry, ct: Geometry) -> 
     return f"case {case}: {what} {describe(geometry)} vs CT {describe(ct)}"
 
 
+UNCOVERED_WARNING = 0.001  # share of the scored voxels outside a resampled image's extent that is worth a warning
+
+
 def on_ct_grid(image: sitk.Image, ct: sitk.Image, case: str, what: str, resample: bool,
-               interpolator: int = sitk.sitkLinear, default: float = -1024.0) -> sitk.Image:
-    """``image`` on ``ct``'s grid: as is when the geometries match, else resampled (``resample``) or a ValueError."""
+               interpolator: int = sitk.sitkLinear, default: float = -1024.0,
+               within: np.ndarray | None = None) -> sitk.Image:
+    """``image`` on ``ct``'s grid: as is when the geometries match, else resampled (``resample``) or a ValueError.
+    Resampled, the voxels outside its extent get ``default``: a warning says how many of the voxels that count
+    (``within``, a boolean array on the CT grid, e.g. the evaluation mask; else the whole grid) that is."""
     geometry, reference = Geometry.of(image), Geometry.of(ct)
     if geometry.is_close(reference):
         return image
@@ -100,14 +108,21 @@ def on_ct_grid(image: sitk.Image, ct: sitk.Image, case: str, what: str, resample
     # how much of the CT grid the image covers at all: none means a wrong origin or direction, not a bad sCT
     footprint = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
     footprint.CopyInformation(image)
-    covered = sitk.GetArrayFromImage(sitk.Resample(footprint, ct, sitk.Transform(), sitk.sitkNearestNeighbor,
-                                                   0, sitk.sitkUInt8)).mean()  # a copy: a view dies with its image
-    if covered == 0:
+    inside = sitk.GetArrayFromImage(sitk.Resample(footprint, ct, sitk.Transform(), sitk.sitkNearestNeighbor,
+                                                  0, sitk.sitkUInt8)) > 0  # a copy: a view dies with its image
+    if not inside.any():
         raise ValueError(f"case {case}: the {what} does not overlap the CT at all (its origin {tuple(round(v, 1) for v in geometry.origin)} "
                          f"and extent lie outside the CT's; wrong origin or direction?)")
-    if covered < 0.5:
-        log.warning("case %s: the %s covers only %.0f %% of the CT grid; the rest is scored as %g",
-                    case, what, 100 * covered, default)
+    if within is None:
+        if inside.mean() < 0.5:
+            log.warning("case %s: the %s covers only %.0f %% of the CT grid; the rest is scored as %g",
+                        case, what, 100 * inside.mean(), default)
+    elif within.any():
+        outside = int(np.count_nonzero(within & ~inside))
+        if outside > UNCOVERED_WARNING * np.count_nonzero(within):
+            log.warning("case %s: %d of the %d voxels inside the mask (%.1f %%) lie outside the %s's extent and are "
+                        "scored as %g", case, outside, int(np.count_nonzero(within)),
+                        100 * outside / np.count_nonzero(within), what, default)
     return sitk.Resample(image, ct, sitk.Transform(), interpolator, default, pixel)
 
 

@@ -35,6 +35,23 @@ class ImageWriteError(WriteError, RuntimeError):
     """An image could not be written completely (an OSError; a RuntimeError too, as SimpleITK's errors are)."""
 
 
+def itk_path(path: str | os.PathLike, writing: bool = False) -> str:
+    """``path`` as the string SimpleITK takes. An ImageReadError (ImageWriteError when ``writing``) naming it when
+    it is not valid UTF-8 (a name with bytes of another encoding, e.g. from an archive made on Windows): SimpleITK
+    cannot take such a name and aborts the whole process."""
+    text = os.fspath(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        name = os.fsencode(text).decode("utf-8", "backslashreplace")
+        reason = ("the name holds bytes that are not UTF-8 (made on a system with another encoding?), which the "
+                  "image library cannot open; rename it")
+        if writing:
+            raise ImageWriteError(name, reason) from None
+        raise ImageReadError(f"{name}: {reason}") from None
+    return text
+
+
 def file_ending(path: str | os.PathLike) -> str | None:
     """The supported ending of ``path`` (``.nii.gz`` counts as one), or None."""
     name = Path(path).name.lower()
@@ -151,6 +168,7 @@ def read_image(path: str | os.PathLike, pixel_type: int | None = None, check_val
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"{path}: file not found")
+    itk_path(path)
     try:
         if path.is_dir():
             image = read_dicom_series(path)
@@ -432,6 +450,7 @@ def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = Tru
     ending = file_ending(path)
     if ending is None:
         raise ValueError(f"{path}: unsupported file ending (use one of {', '.join(FILE_ENDINGS)})")
+    itk_path(path, writing=True)
     if ending in (".mhd", ".nhdr"):
         # header + separate data file: atomic rename of one file is not enough
         try:

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from wldm_auto.io.files import read_json
 from wldm_auto.io.geometry import Geometry
-from wldm_auto.io.images import FILE_ENDINGS, ImageReadError, check_complete, file_ending
+from wldm_auto.io.images import FILE_ENDINGS, ImageReadError, check_complete, file_ending, itk_path
 from wldm_auto.io.raw_dataset import CHANNEL_RE, REQUIRED_KEYS, RawDataset
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,10 @@ def _guess_ending(folder: Path) -> str | None:
 def read_header(path: Path) -> tuple[Geometry | None, str | None]:
     """Geometry from the image header only, or the reason it cannot be used."""
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
+    try:
+        reader.SetFileName(itk_path(path))
+    except ImageReadError as exc:
+        return None, str(exc).split(": ", 1)[-1]
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
