@@ -334,6 +334,93 @@ def test_predict_keeps_logs_out_and_evaluate_probes_quietly(model, mr_dir, tmp_p
     assert "No Series" not in captured.err and "2 case(s) evaluated" in captured.out
 
 
+def test_predict_keeps_every_existing_output_and_refuses_colliding_names(model, mr_dir, tmp_path, capsys):
+    out = tmp_path / "sct"
+    out.mkdir()
+    (out / "a_std.nii.gz").write_bytes(b"an earlier std map")  # its sCT was deleted, its std map was not
+    (out / "b_dicom").mkdir()
+    (out / "b_dicom" / "notes.txt").write_text("keep me")
+    before = hash_file(out)
+    assert predict(model, mr_dir, out, "--save-std", "--dicom-out") == 1
+    assert "predictions exist for a, b: use --continue" in one_line(capsys.readouterr().err)
+    assert hash_file(out) == before
+    # case p's std map would be case p_std's sCT: refused before anything is read
+    collide = tmp_path / "collide"
+    collide.mkdir()
+    for name in ("p", "p_std"):
+        (collide / f"{name}_0000.nii.gz").write_bytes((mr_dir / "a_0000.nii.gz").read_bytes())
+    assert predict(model, collide, tmp_path / "out2") == 1
+    assert "cases p and p_std would both write p_std.nii.gz" in one_line(capsys.readouterr().err)
+    assert not (tmp_path / "out2").exists()
+
+
+def test_predict_refuses_a_fold_twice_and_continue_with_overwrite(model, mr_dir, tmp_path, capsys):
+    assert predict(model, mr_dir, tmp_path / "o1", "-f", "0", "0", "--save-std") == 1
+    assert "fold(s) 0 given more than once" in one_line(capsys.readouterr().err)
+    assert predict(model, mr_dir, tmp_path / "o2", "--continue", "--overwrite") == 1
+    assert "exclude each other" in one_line(capsys.readouterr().err)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_predict_a_library_error_or_an_absurd_spacing_fails_that_case_only(model, mr_dir, tmp_path, capsys,
+                                                                             monkeypatch):
+    from wldm_auto.inference import predictor
+
+    real = predictor.synthesize
+
+    def itk_fails_on_a(folds, images, *args, names=(), **kwargs):
+        if "a_0000" in names[0]:
+            raise RuntimeError("Exception thrown in SimpleITK Resample: /src/itk.cxx:42:\nITK ERROR: "
+                               "ResampleImageFilter: Failed to allocate memory for image.")
+        return real(folds, images, *args, names=names, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(predictor, "synthesize", itk_fails_on_a)
+        assert predict(model, mr_dir, tmp_path / "o1") == 1
+    captured = capsys.readouterr()
+    assert "1 predicted, 0 skipped (existing), 1 failed" in captured.out
+    failed = [line for line in captured.err.splitlines() if line.startswith("failed:")]
+    assert failed == ["failed: a: RuntimeError: ResampleImageFilter: Failed to allocate memory for image."]
+    # a header spacing of 0.5 x 0.5 x 1 m would ask for billions of voxels on the plan grid: named, not attempted
+    huge = read_image(mr_dir / "a_0000.nii.gz")
+    huge.SetSpacing((500.0, 500.0, 1000.0))
+    sitk.WriteImage(huge, str(mr_dir / "a_0000.nii.gz"))
+    assert predict(model, mr_dir, tmp_path / "o2") == 1
+    failed = [line for line in capsys.readouterr().err.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 1 and "is the spacing in its header right?" in failed[0]
+    assert listing(tmp_path / "o2") == ["b.nii.gz"]
+
+
+def test_mr_body_mask_takes_any_intensity_scale_and_a_tiny_spacing(mr_volume):
+    from wldm_auto.io.body_mask import mr_body_mask
+
+    reference = sitk.GetArrayFromImage(mr_body_mask(mr_volume, 0.1, 6.0, True, True))
+    scaled = sitk.Cast(mr_volume, sitk.sitkFloat32) * 1e35  # ITK's threshold filter stopped at 1e30
+    assert np.array_equal(sitk.GetArrayFromImage(mr_body_mask(scaled, 0.1, 6.0, True, True)), reference)
+    tiny = sitk.Image(mr_volume)
+    tiny.SetSpacing((0.01, 0.01, 0.01))  # a 600-voxel closing ball exhausted the memory before
+    assert sitk.GetArrayFromImage(mr_body_mask(tiny, 0.1, 6.0, True, True)).any()
+
+
+def test_export_of_a_grid_thinner_than_a_bspline_is_finite_and_in_range():
+    from wldm_auto.inference.export import to_input_grid
+    from wldm_auto.io.geometry import Geometry
+
+    # 2 slices on the plan grid (a thin MR): a cubic B-spline needs 4 and ITK extrapolated values of ~1e11 there
+    values = np.random.default_rng(0).uniform(0.0, 100.0, (2, 101, 149)).astype(np.float32)
+    grid = sitk.GetImageFromArray(values)
+    grid.SetSpacing((3.0, 3.0, 3.0))
+    reference = sitk.Image(447, 303, 6, sitk.sitkFloat32)
+    reference.SetSpacing((1.0, 1.0, 1.0))
+    body = sitk.Image(reference.GetSize(), sitk.sitkUInt8) + 1
+    body.CopyInformation(reference)
+    properties = {"preprocessed_geometry": Geometry.of(grid).to_dict()}
+    out = sitk.GetArrayFromImage(to_input_grid(values, properties, reference, body, -1024.0, "bspline"))
+    inside = out[out != -1024.0]
+    assert inside.size > 0.6 * out.size and np.isfinite(out).all()
+    assert inside.min() >= 0.0 and inside.max() <= 100.0  # interpolated, so within the values
+
+
 # --------------------------------------------------------------------------- evaluation faults
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """Put a prediction made on the preprocessed grid back onto the input MR's grid; int16 HU; DICOM series."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,9 +15,14 @@ from wldm_auto.io.files import atomic_folder, write_error
 from wldm_auto.io import hu
 from wldm_auto.io.images import ImageWriteError, write_image
 
+log = logging.getLogger(__name__)
+
 AIR_HU = hu.AIR_HU
 # plan inference.export_interpolation -> SimpleITK interpolator (planners.schema.EXPORT_INTERPOLATIONS)
 EXPORT_INTERPOLATORS = {"bspline": sitk.sitkBSpline, "linear": sitk.sitkLinear}
+
+
+BSPLINE_MIN_SAMPLES = 4  # a cubic B-spline's support: fewer samples along an axis and ITK's result is undefined
 
 
 def to_input_grid(values: np.ndarray, properties: dict[str, Any], reference: sitk.Image, body: sitk.Image,
@@ -29,6 +35,11 @@ def to_input_grid(values: np.ndarray, properties: dict[str, Any], reference: sit
     """
     grid = Geometry.from_dict(properties["preprocessed_geometry"])
     image = grid.apply_to(sitk.GetImageFromArray(values.astype(np.float32)))
+    if interpolation == "bspline" and min(values.shape) < BSPLINE_MIN_SAMPLES:
+        # a cubic B-spline needs 4 samples along every axis: on fewer ITK returns garbage (huge values, NaN)
+        log.info("export: %s voxels on the plan grid, fewer than %d along an axis: linear instead of B-spline",
+                 tuple(values.shape), BSPLINE_MIN_SAMPLES)
+        interpolation = "linear"
     out = sitk.Resample(image, reference, sitk.Transform(), EXPORT_INTERPOLATORS[interpolation], float(outside),
                         sitk.sitkFloat32)
     array = sitk.GetArrayFromImage(out)

@@ -233,6 +233,9 @@ def load_model(model_folder: Path, folds: Sequence[int] | None, device: torch.de
     (False: ignore it, e.g. to measure the calibration); a malformed file is a ValueError naming it."""
     model_folder = Path(model_folder)
     check_overlap(overlap)
+    repeated = sorted({f for f in folds or () if list(folds).count(f) > 1})
+    if repeated:  # a fold twice would pass for an ensemble of two: its zero spread would look like certainty
+        raise ValueError(f"fold(s) {', '.join(map(str, repeated))} given more than once (-f); give each fold once")
     if is_model_archive(model_folder):
         with extracted_model(model_folder) as folder:
             return load_model(folder, folds, device, overlap, checkpoint, inference, precision, std_scale,

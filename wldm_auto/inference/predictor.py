@@ -81,6 +81,24 @@ def confidence_path(case: InputCase, output: Path, ending: str | None) -> Path:
     return output / f"{case.name}{CONFIDENCE_SUFFIX}{sct.name[len(case.name):]}"
 
 
+def case_outputs(case: InputCase, output: Path, ending: str | None) -> list[Path]:
+    """Every path a prediction of ``case`` may write: sCT, std map, DICOM folder, mu-map, confidence mask."""
+    return [*output_paths(case, output, ending), output / f"{case.name}_dicom", mumap_path(case, output, ending),
+            confidence_path(case, output, ending)]
+
+
+def check_output_collisions(cases: Sequence[InputCase], output: Path, ending: str | None) -> None:
+    """ValueError when two cases would write the same file (case ``p``'s std map ``p_std`` and a case named
+    ``p_std``): one would silently replace the other."""
+    owners: dict[Path, str] = {}
+    for case in cases:
+        for path in case_outputs(case, output, ending):
+            other = owners.setdefault(path, case.name)
+            if other != case.name:
+                raise ValueError(f"cases {other} and {case.name} would both write {path.name} (an output of one is "
+                                 f"named like the other); rename one of them")
+
+
 def dicom_labels(folds: Sequence[LoadedFold], draws: int, seed: int) -> tuple[str, str, list[str]]:
     """(series description, derivation description, model identity) of the sCT DICOM series ``folds`` make."""
     first = folds[0]
@@ -142,8 +160,7 @@ def check_case(folds: list[LoadedFold], case: InputCase, output: Path, ending: s
     Returns (channels present, availability vector)."""
     first = folds[0]
     present, available = usable_channels(case, first, first.plans.configuration(first.configuration))
-    _refuse_inputs([*output_paths(case, output, ending), output / f"{case.name}_dicom",
-                    mumap_path(case, output, ending), confidence_path(case, output, ending)], protected)
+    _refuse_inputs(case_outputs(case, output, ending), protected)
     return present, available
 
 
@@ -366,6 +383,14 @@ def predict_case(
     return PredictionOutcome(case.name, "done", seconds=time.time() - start, outputs=outputs, phases=phases.seconds)
 
 
+def library_error(exc: BaseException) -> str:
+    """One line for an error raised inside a library (ITK's are several lines of C++ context)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    detail = [line.split("ERROR:", 1)[-1].strip() for line in lines if "ERROR:" in line] or lines[-1:]
+    kind = "out of memory" if isinstance(exc, MemoryError) else type(exc).__name__
+    return f"{kind}: {detail[-1][:300] if detail else 'no message'}"
+
+
 def expects_std(folds: list[LoadedFold], samples: int, save_std: bool) -> bool:
     """Whether ``predict_case`` writes a std map with these settings (more than one draw)."""
     return save_std and spread_possible(folds, samples)
@@ -407,10 +432,16 @@ def prepare_prediction(input_dir: Path, output_dir: Path, resume: bool = False, 
     """
     if ending is not None and ending not in FILE_ENDINGS:
         raise ValueError(f"--file-ending {ending!r}: use one of {', '.join(FILE_ENDINGS)}")
-    cases = select_part(find_cases(input_dir), part_id, num_parts)
+    if resume and overwrite:
+        raise ValueError("--continue (skip finished cases) and --overwrite (predict every case again) exclude each "
+                         "other: give one")
+    every = find_cases(input_dir)
+    cases = select_part(every, part_id, num_parts)
     check_output_folder(input_dir, output_dir)
     output_dir = Path(output_dir)
-    existing = [c for c in cases if output_paths(c, output_dir, ending)[0].exists()]
+    check_output_collisions(every, output_dir, ending)
+    # any output of a case counts (a std map or mu-map left without its sCT too): none is replaced unasked
+    existing = [c for c in cases if any(p.exists() or p.is_symlink() for p in case_outputs(c, output_dir, ending))]
     if existing and not (resume or overwrite):
         raise FileExistsError(
             f"{output_dir}: predictions exist for {', '.join(c.name for c in existing[:5])}"
@@ -474,5 +505,9 @@ def predict_folder(
             log.error("%s failed: %s", case.name, exc)
             if isinstance(exc, OSError) and is_disk_full(exc):
                 disk_full = f"the disk is full (writing {case.name} failed)"
+        except (RuntimeError, MemoryError) as exc:  # a library's own error (ITK, torch): this case only
+            outcome = PredictionOutcome(case.name, "failed", library_error(exc))
+            log.error("%s failed: %s", case.name, outcome.message)
+            log.debug("%s: traceback", case.name, exc_info=True)
         outcomes.append(outcome)
     return outcomes

@@ -10,6 +10,9 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 
+MAX_CLOSING_RADIUS = 16  # voxels per axis (6 mm at 0.375 mm); finer spacings close less than closing_mm
+
+
 def mr_body_mask(mr: sitk.Image, threshold_fraction: float, closing_mm: float, keep_largest_component: bool,
                  fill_holes: bool) -> sitk.Image:
     """Binary (uint8) body mask on ``mr``'s grid.
@@ -24,9 +27,11 @@ def mr_body_mask(mr: sitk.Image, threshold_fraction: float, closing_mm: float, k
     if positive.size == 0:
         return _mask_like(np.zeros(array.shape, np.uint8), mr)
     threshold = threshold_fraction * float(np.percentile(positive, 99.5))
-    mask = sitk.Cast(sitk.BinaryThreshold(sitk.Cast(mr, sitk.sitkFloat32), threshold, 1e30, 1, 0), sitk.sitkUInt8)
+    mask = _mask_like((array >= threshold).astype(np.uint8), mr)  # any intensity scale (ITK's filter had a cap)
     if closing_mm > 0:
-        radius = [max(1, int(round(closing_mm / s))) for s in mr.GetSpacing()]
+        # at most MAX_CLOSING_RADIUS voxels: a tiny spacing (a wrong header) would otherwise ask for a ball of
+        # hundreds of voxels, which takes hours or exhausts the memory
+        radius = [max(1, min(int(round(closing_mm / s)), MAX_CLOSING_RADIUS)) for s in mr.GetSpacing()]
         padded = sitk.ConstantPad(mask, radius, radius, 0)  # closing must not glue to the border
         closed = sitk.BinaryMorphologicalClosing(padded, radius, sitk.sitkBall)
         mask = sitk.Crop(closed, radius, radius)

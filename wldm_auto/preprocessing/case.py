@@ -7,6 +7,8 @@ the input MR's grid (crop box, grids, normalisation parameters).
 """
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -18,6 +20,8 @@ from wldm_auto.planners.schema import Plans
 from wldm_auto.preprocessing.body_mask import body_mask_from_mr
 from wldm_auto.io.normalization import mr_percentile_range, normalise_ct, normalise_mr
 from wldm_auto.preprocessing.resampling import crop, crop_box_with_margin, resample_onto, resample_to_spacing
+
+log = logging.getLogger(__name__)
 
 
 class CaseError(ValueError):
@@ -56,11 +60,28 @@ def body_mask(mr0: sitk.Image, plans: Plans, provided: sitk.Image | None = None)
     return mask
 
 
+MAX_GRID_VOXELS = 10 ** 9  # a whole body at 1 mm is about 2.5e8 voxels; beyond this the spacing is wrong
+
+
+def check_grid_size(size: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> None:
+    """CaseError when ``size`` voxels of ``spacing`` mm resampled to ``target`` mm would exceed MAX_GRID_VOXELS
+    (before anything that large is allocated)."""
+    extent = [n * s for n, s in zip(size, spacing)]
+    voxels = float(np.prod([math.ceil(e / t) for e, t in zip(extent, target)]))
+    if voxels > MAX_GRID_VOXELS:
+        raise CaseError(f"the MR spans {' x '.join(f'{e:.0f}' for e in extent)} mm (spacing "
+                        f"{tuple(round(float(s), 3) for s in spacing)} mm): on the plan's {tuple(target)} mm grid that "
+                        f"is {voxels:.2g} voxels, more than any body needs ({MAX_GRID_VOXELS:.0e}); is the spacing "
+                        "in its header right?")
+
+
 def preprocess_mr(
     images: Sequence[sitk.Image], body: sitk.Image, plans: Plans, spacing: Sequence[float]
 ) -> PreprocessedMR:
-    """Crop MR channels to the body (+margin), resample to ``spacing`` and normalise."""
+    """Crop MR channels to the body (+margin), resample to ``spacing`` and normalise. CaseError when the grid
+    would be implausibly large (a wrong spacing in the header)."""
     index, size = crop_box_with_margin(body, plans.preprocessing.crop_margin_mm)
+    check_grid_size(size, body.GetSpacing(), spacing)
     body_crop = crop(body, index, size)
     grid_image = resample_to_spacing(body_crop, spacing, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     body_np = sitk.GetArrayFromImage(grid_image).astype(np.uint8)
@@ -69,6 +90,9 @@ def preprocess_mr(
         resampled = resample_to_spacing(crop(sitk.Cast(image, sitk.sitkFloat32), index, size), spacing, sitk.sitkLinear, 0.0)
         array = sitk.GetArrayFromImage(resampled)
         lo, hi = mr_percentile_range(array, body_np, plans.preprocessing.mr_percentiles)
+        if np.ptp(array[body_np > 0] if body_np.any() else array) == 0:
+            log.warning("an MR channel has one value everywhere in the body (%g): no contrast, so the sCT cannot "
+                        "depend on it (an empty or constant image?)", lo)
         channels.append(normalise_mr(array, lo, hi, plans.preprocessing.mr_clip))
         norm.append([lo, hi])
     properties = {
