@@ -10,10 +10,10 @@ may be mixed. Files of another kind are skipped with a warning.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from wldm_auto.dataset_conversion.common import SourceCase, build_dataset, normalise_ending, output_folder
+from wldm_auto.io.files import check_distinct_folders
 from wldm_auto.io.images import file_ending, is_dicom_folder, strip_ending
 from wldm_auto.io.raw_validation import DETACHED_DATA_ENDINGS
 
@@ -53,27 +53,6 @@ def collect_images(folder: str | Path) -> dict[str, Path]:
         listed = "; ".join(f"{n}: {', '.join(p.name for p in ps)}" for n, ps in sorted(clashes.items()))
         raise ValueError(f"{folder}: several inputs share a name: {listed}")
     return {name: paths[0] for name, paths in found.items()}
-
-
-def _same_folder(a: Path, b: Path) -> bool:
-    """True if ``a`` and ``b`` are the same folder (symlinks resolved; bind mounts and hard links too)."""
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def check_distinct_folders(folders: dict[str, Path]) -> None:
-    """Refuse, in one line, two roles (MR, CT, mask) given the same folder."""
-    kinds = list(folders)
-    for i, first in enumerate(kinds):
-        for second in kinds[i + 1:]:
-            if _same_folder(folders[first], folders[second]):
-                same = "" if folders[first] == folders[second] else f" ({folders[second]} is the same folder)"
-                raise ValueError(f"{folders[first]}: given as both the {first} and the {second} folder{same}; "
-                                 f"the {first} images would become the {second} images; give each its own folder")
 
 
 def default_file_ending(sources: list[Path]) -> str:

@@ -27,9 +27,9 @@ from wldm_auto.evaluation import uncertainty as U
 from wldm_auto.evaluation.figures import save_case_figure, save_reliability_figure, save_sparsification_figure
 from wldm_auto.evaluation.pairing import CaseFiles, check_geometries, pair_cases
 from wldm_auto.io import hu
-from wldm_auto.io.files import atomic_path, read_json, write_json
+from wldm_auto.io.files import atomic_path, check_distinct_folders, read_json, write_json
 from wldm_auto.io.image_folders import check_std_values, on_ct_grid
-from wldm_auto.io.images import read_image
+from wldm_auto.io.images import error_reason, read_image
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def evaluate_case(files: CaseFiles, resample: bool = False, figure: Path | None 
                 mr_image = on_ct_grid(read_image(files.mr, sitk.sitkFloat32), ct_image, case, "MR", True,
                                       sitk.sitkLinear, 0.0)
             except (ValueError, RuntimeError) as exc:  # ImageReadError is a ValueError
-                log.warning("case %s: figure without the MR: %s", case, str(exc).strip().splitlines()[-1][:300])
+                log.warning("case %s: figure without the MR: %s", case, error_reason(exc, 300))
         save_case_figure(figure, case, ct_image, sct_image, mask_image, mr_image, std_image, row, label)
         if report is not None:
             save_sparsification_figure(figure.parent / f"{case}_sparsification.png", case, report, label)
@@ -179,13 +179,10 @@ def check_output_folder(out_dir: Path, ct_dir: Path, sct_dir: Path, mask_dir: Pa
     for what, folder in (("CT", ct_dir), ("sCT", sct_dir), ("mask", mask_dir), ("MR", mr_dir)):
         if folder is not None and Path(folder).resolve() == Path(out_dir).resolve():
             raise ValueError(f"{out_dir}: the output folder is the {what} folder; choose another (-o)")
-    roles = [(what, Path(folder)) for what, folder in (("CT", ct_dir), ("sCT", sct_dir), ("mask", mask_dir))
-             if folder is not None]
-    for i, (first, folder) in enumerate(roles):
-        for second, other in roles[i + 1:]:
-            if folder.resolve() == other.resolve():
-                raise ValueError(f"{other}: given as both the {first} and the {second} folder; the {second} images "
-                                 f"would be scored as {first} images (sCT against itself: a perfect score)")
+    check_distinct_folders({what: Path(folder) for what, folder in (("CT", ct_dir), ("sCT", sct_dir),
+                                                                    ("mask", mask_dir)) if folder is not None},
+                           "the {second} images would be scored as {first} images (an sCT against itself "
+                           "scores perfectly)")
     if not overwrite:
         earlier = [name for name in RESULT_FILES if (Path(out_dir) / name).exists()]
         if earlier:

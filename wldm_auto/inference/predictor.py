@@ -42,7 +42,7 @@ from wldm_auto.inference.export import AIR_HU, hu_int16, to_input_grid, write_di
 from wldm_auto.inference.inputs import InputCase, check_output_folder, find_cases, input_files, select_part
 from wldm_auto.io.files import is_disk_full
 from wldm_auto.io.image_folders import CONFIDENCE_SUFFIX, MUMAP_SUFFIX, STD_SUFFIX
-from wldm_auto.io.images import FILE_ENDINGS, ImageReadError, file_ending, read_image, write_image
+from wldm_auto.io.images import FILE_ENDINGS, ImageReadError, error_reason, file_ending, read_image, write_image
 from wldm_auto.models.phases import Phases
 from wldm_auto.paths import model_folder_name
 from wldm_auto.planners.schema import ConfigurationPlan, Plans
@@ -383,14 +383,6 @@ def predict_case(
     return PredictionOutcome(case.name, "done", seconds=time.time() - start, outputs=outputs, phases=phases.seconds)
 
 
-def library_error(exc: BaseException) -> str:
-    """One line for an error raised inside a library (ITK's are several lines of C++ context)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    detail = [line.split("ERROR:", 1)[-1].strip() for line in lines if "ERROR:" in line] or lines[-1:]
-    kind = "out of memory" if isinstance(exc, MemoryError) else type(exc).__name__
-    return f"{kind}: {detail[-1][:300] if detail else 'no message'}"
-
-
 def expects_std(folds: list[LoadedFold], samples: int, save_std: bool) -> bool:
     """Whether ``predict_case`` writes a std map with these settings (more than one draw)."""
     return save_std and spread_possible(folds, samples)
@@ -506,7 +498,8 @@ def predict_folder(
             if isinstance(exc, OSError) and is_disk_full(exc):
                 disk_full = f"the disk is full (writing {case.name} failed)"
         except (RuntimeError, MemoryError) as exc:  # a library's own error (ITK, torch): this case only
-            outcome = PredictionOutcome(case.name, "failed", library_error(exc))
+            kind = "out of memory" if isinstance(exc, MemoryError) else type(exc).__name__
+            outcome = PredictionOutcome(case.name, "failed", f"{kind}: {error_reason(exc, 300)}")
             log.error("%s failed: %s", case.name, outcome.message)
             log.debug("%s: traceback", case.name, exc_info=True)
         outcomes.append(outcome)

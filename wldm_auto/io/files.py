@@ -223,3 +223,26 @@ def hash_data(*parts: Any) -> str:
     """Stable hash of JSON-serialisable values (settings, lists of file hashes)."""
     text = json.dumps(_to_plain(list(parts), null_nonfinite=False), sort_keys=True, separators=(",", ":"))
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def same_folder(a: Path, b: Path) -> bool:
+    """True if ``a`` and ``b`` are the same folder (symlinks resolved; bind mounts and hard links too)."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_distinct_folders(folders: dict[str, Path],
+                           consequence: str = "the {first} images would become the {second} images") -> None:
+    """Refuse, in one line, two roles (MR, CT, mask, sCT, ...) given the same folder; ``consequence`` says what
+    would go wrong (``{first}`` and ``{second}`` name the roles)."""
+    kinds = list(folders)
+    for i, first in enumerate(kinds):
+        for second in kinds[i + 1:]:
+            if same_folder(folders[first], folders[second]):
+                same = "" if folders[first] == folders[second] else f" ({folders[second]} is the same folder)"
+                raise ValueError(f"{folders[first]}: given as both the {first} and the {second} folder{same}; "
+                                 f"{consequence.format(first=first, second=second)}; give each its own folder")

@@ -117,12 +117,11 @@ def on_ct_grid(image: sitk.Image, ct: sitk.Image, case: str, what: str, resample
         if inside.mean() < 0.5:
             log.warning("case %s: the %s covers only %.0f %% of the CT grid; the rest is scored as %g",
                         case, what, 100 * inside.mean(), default)
-    elif within.any():
-        outside = int(np.count_nonzero(within & ~inside))
-        if outside > UNCOVERED_WARNING * np.count_nonzero(within):
+    else:
+        total, outside = int(np.count_nonzero(within)), int(np.count_nonzero(within & ~inside))
+        if total and outside > UNCOVERED_WARNING * total:
             log.warning("case %s: %d of the %d voxels inside the mask (%.1f %%) lie outside the %s's extent and are "
-                        "scored as %g", case, outside, int(np.count_nonzero(within)),
-                        100 * outside / np.count_nonzero(within), what, default)
+                        "scored as %g", case, outside, total, 100 * outside / total, what, default)
     return sitk.Resample(image, ct, sitk.Transform(), interpolator, default, pixel)
 
 

@@ -52,6 +52,14 @@ def itk_path(path: str | os.PathLike, writing: bool = False) -> str:
     return text
 
 
+def error_reason(exc: BaseException, limit: int = 200) -> str:
+    """One line of at most ``limit`` characters for an error raised inside a library: ITK's ``ERROR:`` detail (its
+    messages are several lines of C++ context), else the last line of the message, else the error's type."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    details = [line.split("ERROR:", 1)[-1].strip() for line in lines if "ERROR:" in line]
+    return ((details or lines or [type(exc).__name__])[-1])[:limit]
+
+
 def file_ending(path: str | os.PathLike) -> str | None:
     """The supported ending of ``path`` (``.nii.gz`` counts as one), or None."""
     name = Path(path).name.lower()
@@ -179,9 +187,7 @@ def read_image(path: str | os.PathLike, pixel_type: int | None = None, check_val
     except RuntimeError as exc:
         if path.is_file():
             check_complete(path)  # a truncated file gets that said rather than ITK's reason
-        lines = [line.split("ERROR:", 1)[-1].strip() for line in str(exc).splitlines() if "ERROR:" in line]
-        reason = lines[-1] if lines else str(exc).strip().splitlines()[-1]
-        raise ImageReadError(f"{path}: cannot be read as an image ({reason[:200]})") from None
+        raise ImageReadError(f"{path}: cannot be read as an image ({error_reason(exc)})") from None
     nonfinite = 0
     if path.is_file():
         # ITK's NIfTI reader zero-fills missing voxels and silently turns NaN/inf into 0: one pass checks both

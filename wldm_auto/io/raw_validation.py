@@ -17,7 +17,7 @@ import SimpleITK as sitk
 
 from wldm_auto.io.files import read_json
 from wldm_auto.io.geometry import Geometry
-from wldm_auto.io.images import FILE_ENDINGS, ImageReadError, check_complete, file_ending, itk_path
+from wldm_auto.io.images import FILE_ENDINGS, ImageReadError, check_complete, error_reason, file_ending, itk_path
 from wldm_auto.io.raw_dataset import CHANNEL_RE, REQUIRED_KEYS, RawDataset
 
 log = logging.getLogger(__name__)
@@ -130,9 +130,7 @@ def read_header(path: Path) -> tuple[Geometry | None, str | None]:
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:
-        lines = [line.split("ERROR:", 1)[-1].strip() for line in str(exc).splitlines() if "ERROR:" in line]
-        reason = (lines[-1] if lines else str(exc).strip().splitlines()[-1])[:160]
-        return None, f"cannot be read as an image ({reason})"
+        return None, f"cannot be read as an image ({error_reason(exc, 160)})"
     if reader.GetDimension() != 3:
         return None, f"expected a 3D image, got {reader.GetDimension()}D of size {reader.GetSize()}"
     if reader.GetNumberOfComponents() != 1:
