@@ -422,6 +422,42 @@ def test_latent_valid_keeps_latent_voxels_with_any_real_voxel() -> None:
     assert latent_valid(valid, 2).item() == 1.0
 
 
+def test_latent_scale_is_measured_on_valid_latents_only() -> None:
+    """Padding (a case thinner than the patch) and invalid CT must not enter the latent shift and scale: with a
+    stand-in first stage whose padding latents are extreme, the scale is 1 / std of the real latents alone."""
+    from types import SimpleNamespace
+
+    from wldm_auto.trainers.diffusion_trainer import DiffusionTrainer, valid_latents
+
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(3):
+        ct = torch.randn(2, 1, 8, 4, 4, generator=generator) * 0.2 + 0.3
+        valid = torch.ones(2, 1, 8, 4, 4)
+        valid[0, :, 6:] = 0  # a thin case: its last 2 slices (1 latent slice) are padding
+        ct[0, :, 6:] = -50.0  # encoded far from the real latents
+        batches.append({"ct": ct, "valid": valid})
+
+    class Posterior(SimpleNamespace):
+        def mode(self) -> torch.Tensor:
+            return self.z
+
+    vae = SimpleNamespace(required_divisor=2,
+                          encode=lambda x, name: Posterior(z=torch.nn.functional.avg_pool3d(x, 2).repeat(1, 2, 1, 1, 1)))
+    trainer = object.__new__(DiffusionTrainer)
+    trainer.vae, trainer.device = vae, torch.device("cpu")
+    trainer.config = SimpleNamespace(diffusion=SimpleNamespace(center_latents=True))
+    trainer.latent_shift = torch.zeros(2)
+    trainer.batches = lambda start, end: batches[start:end]
+    trainer._measure_latent_scale()
+    real = torch.cat([valid_latents(vae.encode(b["ct"], "ct").mode(), b["valid"], 2) for b in batches], dim=1)
+    assert real.shape == (2, 3 * (2 * 4 * 2 * 2 - 2 * 2)), real.shape  # per batch 32 latent voxels, 4 padded
+    assert real.min() > -5  # no padding latent kept
+    assert float(trainer.latent_scale) == pytest.approx(1.0 / float((real - real.mean(1, keepdim=True)).std()), rel=1e-5)
+    assert trainer.latent_shift.tolist() == pytest.approx(real.mean(1).tolist(), rel=1e-5)
+    assert 0.2 < trainer.latent_shift[0] < 0.4  # the padding would have pulled it to about -6
+
+
 def test_pad_to_multiple_repeats_the_last_slice() -> None:
     from wldm_auto.models.tiling import pad_to_multiple
 

@@ -53,6 +53,12 @@ def latent_valid(valid: torch.Tensor, factor: int) -> torch.Tensor:
     return (torch.nn.functional.avg_pool3d(valid.float(), factor) > 0).float()
 
 
+def valid_latents(z: torch.Tensor, valid: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B, L, d, h, w) latents -> (L, n) those of the n latent voxels :func:`latent_valid` keeps."""
+    keep = latent_valid(valid, factor)[:, 0].flatten() > 0  # (B * d * h * w,)
+    return z.transpose(0, 1).flatten(1)[:, keep]
+
+
 class DiffusionTrainer(BaseTrainer):
     """Latent DDPM training of the DSCA U-Net; validation by whole-volume DDIM sampling."""
 
@@ -140,12 +146,19 @@ class DiffusionTrainer(BaseTrainer):
     @torch.no_grad()
     def _measure_latent_scale(self) -> None:
         """1 / std of CT latents over the first few training batches (seeded: the same on resume); with the
-        plan's ``center_latents`` first their per-channel mean (the shift), and the std of the centred latents."""
+        plan's ``center_latents`` first their per-channel mean (the shift), and the std of the centred latents.
+        Only latent voxels with real CT behind them count (those the loss covers): padding (a patch reaching
+        past a case, or rotated in by augmentation) and a CT's invalid region encode to atypical latents, and
+        whether the first batches held any decided the scale (fidelity benchmark: 6.71 on its first 4 batches,
+        which hold none; 5.15 on its first 16, whose std over valid voxels alone gives 6.40)."""
         values = []
         for batch in self.batches(0, SCALE_BATCHES):
             z = self.vae.encode(batch["ct"].to(self.device), "ct").mode().float()
-            values.append(z.transpose(0, 1).flatten(1))  # (L, voxels of the batch)
+            values.append(valid_latents(z, batch["valid"].to(self.device), self.vae.required_divisor))
         z = torch.cat(values, dim=1)
+        if z.shape[1] < 2:
+            raise ValueError(f"the first {SCALE_BATCHES} training batches hold no valid CT voxel: check the "
+                             "training cases' CT (all padding or invalid?)")
         if self.diffusion_plan.center_latents:
             self.latent_shift = z.mean(dim=1).cpu()
             z = z - self.latent_shift.to(z.device)[:, None]

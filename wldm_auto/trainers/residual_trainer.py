@@ -28,7 +28,7 @@ from wldm_auto.models.checkpoint import Checkpoint, load_checkpoint
 from wldm_auto.models.factory import build_regression_unet, build_residual_denoiser, build_residual_synthesizer
 from wldm_auto.models.residual import ResidualSynthesizer
 from wldm_auto.planners.schema import Plans
-from wldm_auto.trainers.diffusion_trainer import SCALE_BATCHES, DiffusionTrainer
+from wldm_auto.trainers.diffusion_trainer import SCALE_BATCHES, DiffusionTrainer, valid_latents
 
 log = logging.getLogger(__name__)
 
@@ -154,14 +154,16 @@ class ResidualDiffusionTrainer(DiffusionTrainer):
 
     @torch.no_grad()
     def measure_scales(self) -> None:
-        """The latent scale (VAE only), then 1 / std of the scaled residual latents over the first batches."""
+        """The latent scale (VAE only), then 1 / std of the scaled residual latents over the first batches (latent
+        voxels with real CT behind them only: elsewhere the residual is the prior against padding)."""
         super().measure_scales()
         values = []
         for batch in self.batches(0, SCALE_BATCHES):
             mr, ct = batch["mr"].to(self.device), batch["ct"].to(self.device)
             prior = self.prior(mr, batch["available"].to(self.device), batch["cases"])
-            values.append((self.ct_latent(ct) - self.ct_latent(prior)).flatten())
-        std = float(torch.cat(values).float().std())
+            residual = self.ct_latent(ct) - self.ct_latent(prior)
+            values.append(valid_latents(residual, batch["valid"].to(self.device), self.vae.required_divisor))
+        std = float(torch.cat(values, dim=1).float().std())
         self.residual_scale = torch.tensor(1.0 / max(std, 1e-6))
         log.info("residual scale 1/std(E(ct) - E(prior)) = %.4f", float(self.residual_scale))
 
