@@ -246,3 +246,34 @@ def test_validation_box_bounds_voxels_and_centres_on_the_body() -> None:
     assert 0.7 * 100_000 < np.prod(sizes) <= 100_000 and sizes == [43, 48, 45]  # the longest side is cut first
     assert all(0 <= s.start and s.stop <= n for s, n in zip(box, body.shape))
     assert abs((box[0].start + box[0].stop) / 2 - 155) <= 1  # the body's box centre along z
+
+
+def test_volume_case_sampling_follows_the_voxel_counts(dataset, preprocessed_small, monkeypatch):
+    """``case_sampling: "volume"``: the first case of each pair is drawn in proportion to the voxel counts, the
+    second among the other cases likewise (pairs still hold two cases), and "uniform" stays what it was."""
+    mr = dataset.arrays("caseA")[0]
+    assert dataset.voxel_count("caseA") == int(np.prod(mr.shape[1:]))
+    counts = {c: (8 if c == "caseA" else 1) * 1000 for c in dataset.cases}
+    monkeypatch.setattr(PreprocessedDataset, "voxel_count", lambda self, case: counts[case])
+    batches = StepBatches(dataset, PATCH, 2, seed=0, augment=False, case_sampling="volume")
+    rng = np.random.default_rng(0)
+    firsts, members = [], []
+    for _ in range(4000):
+        pair = batches._pairs(rng)
+        assert pair[0] != pair[1]
+        firsts.append(pair[0])
+        members += pair
+    expected = counts["caseA"] / sum(counts.values())
+    assert abs(firsts.count("caseA") / len(firsts) - expected) < 0.03
+    others = [c for c in dataset.cases if c != "caseA"]
+    # second member: A with 8/9 when another case came first, so A is in (0.8 + 0.2 * 8/9) of the pairs, the
+    # others in about half (uniform: 2/3 each)
+    assert abs(members.count("caseA") / len(firsts) - (expected + (1 - expected) * 8 / 9)) < 0.03
+    assert all(abs(members.count(c) / len(firsts) - 0.5) < 0.05 for c in others)
+    uniform = StepBatches(dataset, PATCH, 2, seed=4, augment=False)
+    assert _equal(uniform[3], StepBatches(dataset, PATCH, 2, seed=4, augment=False, case_sampling="uniform")[3])
+    with pytest.raises(ValueError, match="case_sampling"):
+        StepBatches(dataset, PATCH, 2, seed=0, case_sampling="size")
+    single = StepBatches(PreprocessedDataset(preprocessed_small.folder, ["caseA"]), PATCH, 2, seed=0,
+                         case_sampling="volume")
+    assert single._pairs(rng) == ["caseA", "caseA"]

@@ -235,6 +235,7 @@ def load_error(tmp_path, data: dict) -> tuple:
     (("registration",), "metric", "MutualInformation", "AdvancedMattesMutualInformation, "),
     (("configurations", "3d_wldm", "inference"), "precision", "half", "float32, bfloat16, float16"),
     (("registration",), "pyramid", "gaussian", "smoothing, recursive, shrinking"),
+    (("configurations", "3d_wldm"), "case_sampling", "size", "uniform, volume"),
 ])
 def test_bad_choice_names_file_field_and_allowed_values(tmp_path, plans_dict, location, key, value, allowed):
     target = plans_dict

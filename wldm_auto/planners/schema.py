@@ -364,6 +364,9 @@ class AugmentationPlan:
     gamma: list[float] = field(default_factory=lambda: [0.7, 1.5])
 
 
+CASE_SAMPLINGS = ("uniform", "volume")  # ConfigurationPlan.case_sampling
+
+
 @dataclass
 class ConfigurationPlan:
     """One trainable configuration (e.g. ``3d_wldm``)."""
@@ -384,6 +387,10 @@ class ConfigurationPlan:
     # probability that a training sample sees only a random non-empty proper subset of its MR channels
     # (the others are zeroed and flagged missing), so one model serves any subset at prediction
     mr_channel_dropout: float = 0.0
+    # how a training step picks its cases: "uniform" (each case equally often, as nnU-Net does) or "volume" (in
+    # proportion to the case's preprocessed voxel count, so every part of the anatomy counts alike however the
+    # cohort's scans are cut; a few short scans then no longer stand for a share of the training they do not hold)
+    case_sampling: str = "uniform"
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -463,6 +470,7 @@ CHOICES: dict[type, dict[str, tuple[str, ...]]] = {
                    "latent_loss": RECONSTRUCTION_LOSSES, "sct_estimate": SCT_ESTIMATES,
                    "prior_folds": PRIOR_FOLDS},
     InferencePlan: {"precision": PRECISIONS, "export_interpolation": EXPORT_INTERPOLATIONS},
+    ConfigurationPlan: {"case_sampling": CASE_SAMPLINGS},
 }
 
 

@@ -247,7 +247,7 @@ class BaseTrainer:
         data = StepBatches(self.train_data, self.config.patch_size, self.config.batch_size, self.options.seed,
                            augment=True, rank=self.rank, world_size=self.world_size,
                            channel_dropout=self.config.mr_channel_dropout,
-                           augment_params=self.config.augmentation)
+                           augment_params=self.config.augmentation, case_sampling=self.config.case_sampling)
         return make_loader(data, start, end, num_workers, pin_memory=self.device.type == "cuda")
 
     # -- the loop ---------------------------------------------------------------------

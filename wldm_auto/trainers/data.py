@@ -80,6 +80,10 @@ class PreprocessedDataset:
         """The case's ``CASE.json`` (geometry, normalisation, registration report)."""
         return self._properties[case]
 
+    def voxel_count(self, case: str) -> int:
+        """Voxels of the case's preprocessed (z, y, x) grid (read from the array header only)."""
+        return int(np.prod(np.load(self.folder / f"{case}{ARRAYS['ct']}", mmap_mode="r").shape[1:]))
+
     def arrays(self, case: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Read-only memory maps ``(mr, ct, masks)`` of ``case``; only what is sliced is read."""
         return tuple(np.load(self.folder / f"{case}{s}", mmap_mode="r") for s in ARRAYS.values())  # type: ignore[return-value]
@@ -200,6 +204,7 @@ class StepBatches(torch.utils.data.Dataset):
         augment: bool = True, rank: int = 0, world_size: int = 1,
         augment_params: AugmentationPlan | dict[str, Any] | None = None,
         body_fraction: float = 0.67, num_steps: int = 2**62, channel_dropout: float = 0.0,
+        case_sampling: str = "uniform",
     ) -> None:
         if batch_size < 2 or batch_size % 2:
             raise ValueError(f"batch_size must be even and >= 2 (pairs of patients for the SMD loss), got {batch_size}")
@@ -218,18 +223,38 @@ class StepBatches(torch.utils.data.Dataset):
             build_augmentation(augment_params, self.patch_size) if augment else None)
         if len(dataset) < 2:
             log.warning("only one training case: both members of every pair are %s", dataset.cases[0])
+        # case_sampling "volume": cases drawn in proportion to their voxel counts; "uniform": None (equal odds)
+        self.case_weights: np.ndarray | None = None
+        if case_sampling == "volume":
+            counts = np.array([dataset.voxel_count(c) for c in dataset.cases], dtype=np.float64)
+            self.case_weights = counts / counts.sum()
+        elif case_sampling != "uniform":
+            raise ValueError(f"case_sampling must be 'uniform' or 'volume', got {case_sampling!r}")
 
     def __len__(self) -> int:
         return self.num_steps
 
     def _pairs(self, rng: np.random.Generator) -> list[str]:
         n, names = len(self.dataset), []
+        if self.case_weights is not None:
+            return self._weighted_pairs(rng)
         for _ in range(self.batch_size // 2):
             a = int(rng.integers(n))
             b = a
             if n > 1:
                 b = int(rng.integers(n - 1))
                 b += b >= a
+            names += [self.dataset.cases[a], self.dataset.cases[b]]
+        return names
+
+    def _weighted_pairs(self, rng: np.random.Generator) -> list[str]:
+        """Pairs of distinct cases (where there are two), each drawn with the odds of ``case_weights``."""
+        weights, names = self.case_weights, []
+        for _ in range(self.batch_size // 2):
+            a = int(rng.choice(len(weights), p=weights))
+            others = weights.copy()
+            others[a] = 0.0
+            b = int(rng.choice(len(weights), p=others / others.sum())) if others.sum() > 0 else a
             names += [self.dataset.cases[a], self.dataset.cases[b]]
         return names
 
