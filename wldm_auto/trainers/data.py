@@ -235,9 +235,9 @@ class StepBatches(torch.utils.data.Dataset):
         return self.num_steps
 
     def _pairs(self, rng: np.random.Generator) -> list[str]:
-        n, names = len(self.dataset), []
         if self.case_weights is not None:
             return self._weighted_pairs(rng)
+        n, names = len(self.dataset), []
         for _ in range(self.batch_size // 2):
             a = int(rng.integers(n))
             b = a
