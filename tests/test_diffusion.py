@@ -427,7 +427,7 @@ def test_latent_scale_is_measured_on_valid_latents_only() -> None:
     stand-in first stage whose padding latents are extreme, the scale is 1 / std of the real latents alone."""
     from types import SimpleNamespace
 
-    from wldm_auto.trainers.diffusion_trainer import DiffusionTrainer, valid_latents
+    from wldm_auto.trainers.diffusion_trainer import DiffusionTrainer, joined_valid_latents, valid_latents
 
     generator = torch.Generator().manual_seed(0)
     batches = []
@@ -456,6 +456,9 @@ def test_latent_scale_is_measured_on_valid_latents_only() -> None:
     assert float(trainer.latent_scale) == pytest.approx(1.0 / float((real - real.mean(1, keepdim=True)).std()), rel=1e-5)
     assert trainer.latent_shift.tolist() == pytest.approx(real.mean(1).tolist(), rel=1e-5)
     assert 0.2 < trainer.latent_shift[0] < 0.4  # the padding would have pulled it to about -6
+    # the residual trainer's scale shares the check: no valid latent is an error, not a NaN scale
+    with pytest.raises(ValueError, match="no valid CT voxel"):
+        joined_valid_latents([valid_latents(torch.ones(1, 2, 2, 2, 2), torch.zeros(1, 1, 4, 4, 4), 2)])
 
 
 def test_pad_to_multiple_repeats_the_last_slice() -> None:

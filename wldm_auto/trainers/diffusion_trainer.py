@@ -59,6 +59,15 @@ def valid_latents(z: torch.Tensor, valid: torch.Tensor, factor: int) -> torch.Te
     return z.transpose(0, 1).flatten(1)[:, keep]
 
 
+def joined_valid_latents(values: list[torch.Tensor]) -> torch.Tensor:
+    """(L, n) :func:`valid_latents` of the scale batches joined; an error when they hold too few to measure a std."""
+    z = torch.cat(values, dim=1)
+    if z.shape[1] < 2:
+        raise ValueError(f"the first {SCALE_BATCHES} training batches hold no valid CT voxel: check the "
+                         "training cases' CT (all padding or invalid?)")
+    return z
+
+
 class DiffusionTrainer(BaseTrainer):
     """Latent DDPM training of the DSCA U-Net; validation by whole-volume DDIM sampling."""
 
@@ -155,10 +164,7 @@ class DiffusionTrainer(BaseTrainer):
         for batch in self.batches(0, SCALE_BATCHES):
             z = self.vae.encode(batch["ct"].to(self.device), "ct").mode().float()
             values.append(valid_latents(z, batch["valid"].to(self.device), self.vae.required_divisor))
-        z = torch.cat(values, dim=1)
-        if z.shape[1] < 2:
-            raise ValueError(f"the first {SCALE_BATCHES} training batches hold no valid CT voxel: check the "
-                             "training cases' CT (all padding or invalid?)")
+        z = joined_valid_latents(values)
         if self.diffusion_plan.center_latents:
             self.latent_shift = z.mean(dim=1).cpu()
             z = z - self.latent_shift.to(z.device)[:, None]

@@ -28,7 +28,7 @@ from wldm_auto.models.checkpoint import Checkpoint, load_checkpoint
 from wldm_auto.models.factory import build_regression_unet, build_residual_denoiser, build_residual_synthesizer
 from wldm_auto.models.residual import ResidualSynthesizer
 from wldm_auto.planners.schema import Plans
-from wldm_auto.trainers.diffusion_trainer import SCALE_BATCHES, DiffusionTrainer, valid_latents
+from wldm_auto.trainers.diffusion_trainer import SCALE_BATCHES, DiffusionTrainer, joined_valid_latents, valid_latents
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class ResidualDiffusionTrainer(DiffusionTrainer):
             prior = self.prior(mr, batch["available"].to(self.device), batch["cases"])
             residual = self.ct_latent(ct) - self.ct_latent(prior)
             values.append(valid_latents(residual, batch["valid"].to(self.device), self.vae.required_divisor))
-        std = float(torch.cat(values, dim=1).float().std())
+        std = float(joined_valid_latents(values).float().std())
         self.residual_scale = torch.tensor(1.0 / max(std, 1e-6))
         log.info("residual scale 1/std(E(ct) - E(prior)) = %.4f", float(self.residual_scale))
 
