@@ -29,6 +29,10 @@ flipped MRs, whose spread adds to every std map. Both are prediction settings: t
 trained on the cross-fitting folds 1..N-1 (each on the training cases less a third of them), the row predicts
 with folds 0..N-1 (their mean; their spread adds to every std map) and its budget and training seconds count
 every fold. The validation case, on which the std scale is fitted, is held out by every fold.
+``--second-opinion ROW`` (e.g. 3d_wldm): that row's fold-0, one-sample sCTs of the test and validation cases
+are the second opinion of every other row with a std map (``wldm_predict --second-opinion``: their smoothed
+disagreement adds to the std maps, the std scale is fitted on validation maps made the same way); the JSON
+keeps the row's std quality without it (``uncertainty_without_second_opinion``).
 
 Columns: MAE (HU), PSNR (dB), SSIM, MS-SSIM, bone Dice (> 250 HU), all computed by
 ``wldm_evaluate``'s code inside the test masks and averaged over the test cases; for latent models
@@ -278,10 +282,12 @@ def budget(row: str, setup: Setup, plans: Plans, data: fidelity_data.BenchData, 
 
 # -- prediction, first-stage ceiling, bulk density -------------------------------------------------
 def predict(work: Path, row: str, test_mr: Path, plans: Plans, samples: int = 1, name: str | None = None,
-            folds: list[int] | None = None) -> tuple[Path, float]:
+            folds: list[int] | None = None, second_opinion: Path | None = None) -> tuple[Path, float]:
     """Predict every MR of ``test_mr`` with the row's model (seed 0; ``samples`` > 1: their mean, and their
     std map ``CASE_std`` for a stochastic model; ``folds``: the ensemble of those folds, default fold 0) into
-    ``predictions/<name or row>``; returns (folder, mean seconds per case).
+    ``predictions/<name or row>``; returns (folder, mean seconds per case). ``second_opinion``: a folder of
+    another model's sCTs of the same cases, whose disagreement adds to the std maps (``wldm_predict
+    --second-opinion``, the plan's factor and smoothing).
 
     Reused when the model's checkpoints, its configuration as this code reads it (a new plan key's default
     changes what a stored plan means) and the prediction settings are unchanged (stored with the timings)."""
@@ -298,6 +304,8 @@ def predict(work: Path, row: str, test_mr: Path, plans: Plans, samples: int = 1,
              "samples": samples}
     if len(folds) > 1:  # (a single fold 0 keeps the stamp of the runs before ensembles could be asked for)
         stamp["folds"] = hashes
+    if second_opinion is not None:
+        stamp["second_opinion"] = {p.name: hash_file(p) for p in sorted(second_opinion.glob("*.nii.gz"))}
     timing_path = work / "predictions" / f"{name or row}.json"
     if timing_path.is_file() and read_json(timing_path).get("stamp") == stamp and out.is_dir():
         return out, float(read_json(timing_path)["seconds_per_case"])
@@ -305,7 +313,7 @@ def predict(work: Path, row: str, test_mr: Path, plans: Plans, samples: int = 1,
     loaded = load_model(model_folder(trainer), folds, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
                         inference=inference)
     outcomes = predict_folder(test_mr, out, loaded, steps=inference.ddim_steps, samples=samples, seed=0,
-                              save_std=spread_possible(loaded, samples))
+                              save_std=spread_possible(loaded, samples), second_opinion_dir=second_opinion)
     failed = [o for o in outcomes if o.status != "done"]
     if failed:
         raise SystemExit(f"{name or row}: prediction failed for {failed[0].case}: {failed[0].message}")
@@ -315,19 +323,28 @@ def predict(work: Path, row: str, test_mr: Path, plans: Plans, samples: int = 1,
     return out, seconds
 
 
-def calibrated_std(work: Path, data: fidelity_data.BenchData, row: str, plans: Plans, samples: int,
-                   test_predictions: Path, folds: list[int] | None = None) -> tuple[Path, float]:
-    """The std scale fitted on the validation cases (``wldm_calibrate_std``'s fit: 2 x std covers 95.45 %
-    of their voxels) and a copy of the test predictions with their std maps multiplied by it."""
+def val_mr_folder(work: Path, data: fidelity_data.BenchData) -> Path:
+    """A folder of the validation cases' MRs (copied once), to predict them as a user would."""
     val_mr = work / "data" / "val_mr"
     val_mr.mkdir(parents=True, exist_ok=True)
     for case in data.cases("val"):
         target = val_mr / f"{case}_0000.nii.gz"
         if not target.is_file():
             shutil.copy2(data.raw / "imagesTr" / target.name, target)
-    val_predictions, _ = predict(work, row, val_mr, plans, samples, name=f"{row}_val", folds=folds)
+    return val_mr
+
+
+def calibrated_std(work: Path, data: fidelity_data.BenchData, row: str, plans: Plans, samples: int,
+                   test_predictions: Path, folds: list[int] | None = None, label: str | None = None,
+                   second_opinion: Path | None = None) -> tuple[Path, float]:
+    """The std scale fitted on the validation cases (``wldm_calibrate_std``'s fit: 2 x std covers 95.45 %
+    of their voxels) and a copy of the test predictions with their std maps multiplied by it. ``label``: the
+    predictions' name (default the row); ``second_opinion``: the second model's sCTs of the validation cases."""
+    label = label or row
+    val_predictions, _ = predict(work, row, val_mr_folder(work, data), plans, samples, name=f"{label}_val",
+                                 folds=folds, second_opinion=second_opinion)
     scale = fit_from_folders(data.raw / "targetsTr", val_predictions).scale
-    out = work / "predictions" / f"{row}_calibrated"
+    out = work / "predictions" / f"{label}_calibrated"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     for path in test_predictions.glob("*.nii.gz"):
@@ -456,7 +473,9 @@ def print_table(results: dict[str, dict], cases: list[str]) -> None:
         print(f"{ROWS[row].label:34s}" + "".join(f"{_f(r['per_case'][c]['mae_hu']):>18s}" for c in cases))
     graded = {}
     for row, r in results.items():  # raw, then times the scale fitted on the validation case(s)
-        for suffix, key in (("", "uncertainty"), (" (calibrated)", "uncertainty_calibrated")):
+        opinion = f" + {r['second_opinion']}" if r.get("second_opinion") else ""
+        for suffix, key in ((" (own std only)", "uncertainty_without_second_opinion"), (opinion, "uncertainty"),
+                            (f"{opinion} (calibrated)", "uncertainty_calibrated")):
             if r.get(key):
                 graded[f"{row}{suffix}"] = r[key]
     if graded:
@@ -499,6 +518,12 @@ def main(argv: list[str] | None = None) -> int:
                              f"on cross-fitting folds 1..N-1 (N at most {1 + CROSS_FIT_FOLDS}; each fold trains on the "
                              "training cases less a third of them) and the row predicts with all N, whose spread adds "
                              "to the std maps; the budget counts every fold")
+    parser.add_argument("--second-opinion", metavar="ROW",
+                        help="a row (e.g. 3d_wldm) whose fold-0, one-sample sCTs of the test and validation cases "
+                             "are the second opinion of every row with a std map (wldm_predict --second-opinion: "
+                             "their smoothed disagreement adds to the std maps; the plan's inference."
+                             "second_opinion_factor, set with --set '{\"inference\": {...}}'); trained here if "
+                             "needed (fold 0 only)")
     parser.add_argument("--fresh", action="store_true", help="retrain and repredict everything (keeps the data)")
     parser.add_argument("--no-figures", action="store_true", help="skip the per-case evaluation figures (--quick: "
                         "always skipped)")
@@ -512,6 +537,10 @@ def main(argv: list[str] | None = None) -> int:
         mirror_axes = check_mirror_axes(args.mirror_axes, "--mirror-axes") or []
     except ValueError as exc:
         parser.error(str(exc))
+    opinion = args.second_opinion
+    if opinion is not None and (opinion not in ROWS or ROWS[opinion].trainer is None):
+        parser.error(f"--second-opinion {opinion}: not a trained row (one of "
+                     f"{', '.join(r for r in ROWS if ROWS[r].trainer)})")
     if args.ddim_steps is not None and args.ddim_steps < 1:
         parser.error("--ddim-steps must be >= 1")
     if not 1 <= args.folds <= 1 + CROSS_FIT_FOLDS:
@@ -548,24 +577,30 @@ def main(argv: list[str] | None = None) -> int:
         Path(os.environ[RESULTS]).mkdir(parents=True)  # this run's results folder, made by prepare()
 
     seconds: dict[str, float] = {}
-    vaes = sorted({ROWS[r].vae for r in rows if ROWS[r].vae})
-    for trainer in vaes:
-        for fold in folds:
-            seconds[run_label(trainer, fold)] = train(work, "vae", trainer, setup.vae_steps, setup, args.workers,
-                                                      fold)
-    priors = {(ROWS[r].prior, f) for r in rows for f in prior_folds(ROWS[r], plans, data, folds)}
+    row_folds = {row: folds for row in rows}  # what to train: every row's folds, the second opinion's fold 0
+    if opinion is not None and opinion not in row_folds:
+        row_folds[opinion] = [0]
+    vaes = sorted({(ROWS[r].vae, f) for r, fs in row_folds.items() if ROWS[r].vae for f in fs})
+    for trainer, fold in vaes:
+        seconds[run_label(trainer, fold)] = train(work, "vae", trainer, setup.vae_steps, setup, args.workers, fold)
+    priors = {(ROWS[r].prior, f) for r, fs in row_folds.items() for f in prior_folds(ROWS[r], plans, data, fs)}
     for trainer, fold in sorted(priors):
         seconds[run_label(trainer, fold)] = train(work, "regression", trainer, setup.one_stage_steps, setup,
                                                   args.workers, fold)
-    for row in rows:
+    for row, row_fold_list in row_folds.items():
         spec = ROWS[row]
         if spec.trainer:
-            for fold in folds:
+            for fold in row_fold_list:
                 seconds[run_label(spec.trainer, fold)] = train(work, spec.stage, spec.trainer, setup.steps(spec),
                                                                  setup, args.workers, fold)
 
     results: dict[str, dict] = {}
     floor = first_stage_ceilings(data, plans, None)
+    opinions: dict[str, Path] = {}  # "test"/"val" -> the second opinion's sCTs
+    if opinion is not None:
+        opinions["test"], _ = predict(work, opinion, data.test / "mr", plans, 1, name=f"{opinion}_opinion")
+        opinions["val"], _ = predict(work, opinion, val_mr_folder(work, data), plans, 1,
+                                     name=f"{opinion}_opinion_val")
     for row in rows:
         spec = ROWS[row]
         if spec.trainer is None:
@@ -575,10 +610,25 @@ def main(argv: list[str] | None = None) -> int:
         per_case = evaluate(work, data, row, folder, figures=not (args.no_figures or args.quick))
         result: dict[str, Any] = {key: float(np.nanmean([per_case[c][key] for c in test_cases])) for key in METRIC_KEYS}
         result["uncertainty"] = uncertainty(work, row, per_case)
+        label = row
+        if result["uncertainty"] is not None and opinion is not None and opinion != row:
+            # the same model's std maps again, with the second opinion's disagreement (its sCT is unchanged)
+            label = f"{row}+{opinion}"
+            folder, _ = predict(work, row, data.test / "mr", plans, args.samples, name=label, folds=folds,
+                                second_opinion=opinions["test"])
+            plain, again = result["uncertainty"], evaluate(work, data, label, folder, figures=False)
+            per_case = {case: {**values, **{k: v for k, v in again[case].items() if k in UNCERTAINTY_KEYS}}
+                        for case, values in per_case.items()}
+            result["uncertainty"] = uncertainty(work, label, per_case)
+            result["uncertainty_without_second_opinion"] = plain
+            result["second_opinion"] = opinion
+            result["second_opinion_train_seconds"] = float(sum(  # its fold 0: not in this row's train_seconds
+                seconds.get(run_label(t, 0), 0.0) for t in (ROWS[opinion].vae, ROWS[opinion].trainer) if t))
         if result["uncertainty"] is not None:  # again with the std scale fitted on the validation case(s)
-            scaled, scale = calibrated_std(work, data, row, plans, args.samples, folder, folds)
-            calibrated = evaluate(work, data, f"{row}_calibrated", scaled, figures=False)
-            result["uncertainty_calibrated"] = {**uncertainty(work, f"{row}_calibrated", calibrated),
+            scaled, scale = calibrated_std(work, data, row, plans, args.samples, folder, folds, label,
+                                           opinions.get("val") if label != row else None)
+            calibrated = evaluate(work, data, f"{label}_calibrated", scaled, figures=False)
+            result["uncertainty_calibrated"] = {**uncertainty(work, f"{label}_calibrated", calibrated),
                                                 "std_scale": scale}
         if spec.vae:
             ceilings = first_stage_ceilings(data, plans, spec.trainer)
@@ -630,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
         "mirror_axes": mirror_axes,
         "seed": setup.seed,
         "folds": folds,
+        "second_opinion": opinion,
         "seconds": round(_timer() - start, 1),
         "note": PROXY_NOTE,
     }

@@ -237,3 +237,27 @@ def test_quick_folds_ensemble_trains_the_cross_fitting_folds(quick_run: tuple[Pa
     stamp = json.loads((work / "predictions" / "regression.json").read_text())["stamp"]
     assert sorted(stamp["folds"]) == ["0", "1"]
     assert values["mae_hu"] != pytest.approx(single["mae_hu"], rel=1e-6)  # the mean of two U-Nets
+
+
+def test_quick_second_opinion_adds_to_the_std_maps_only(quick_run: tuple[Path, dict], tmp_path: Path) -> None:
+    """--second-opinion ROW: that row's fold-0 sCTs (test and validation cases) enter every std map of the other
+    rows through wldm_predict's --second-opinion; the sCTs and the trained models stay as they were."""
+    work = copy_work(quick_run, tmp_path)
+    bad = run_bench(work, "--second-opinion", "bulk_density", timeout=120)
+    assert bad.returncode == 2 and "--second-opinion bulk_density: not a trained row" in bad.stderr
+    before = {p: p.stat().st_mtime_ns for p in work.glob("results/*/*/*/fold_0/checkpoint_final.pt")}
+    result = run_bench(work, "--rows", "regression", "--second-opinion", "3d_wldm")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {p: p.stat().st_mtime_ns for p in work.glob("results/*/*/*/fold_0/checkpoint_final.pt")} == before
+    assert summary["second_opinion"] == "3d_wldm" and quick_run[1]["second_opinion"] is None
+    values, plain = summary["models"]["regression"], quick_run[1]["models"]["regression"]
+    assert values["second_opinion"] == "3d_wldm" and values["second_opinion_train_seconds"] > 0
+    assert values["mae_hu"] == pytest.approx(plain["mae_hu"], rel=1e-9)  # the same sCT
+    assert values["uncertainty_without_second_opinion"]["mean_std"] == pytest.approx(
+        plain["uncertainty"]["mean_std"], rel=1e-6)
+    assert values["uncertainty"]["mean_std"] > 1.01 * plain["uncertainty"]["mean_std"]  # the disagreement added
+    assert values["uncertainty_calibrated"]["std_scale"] > 0
+    for name in ("3d_wldm_opinion", "3d_wldm_opinion_val", "regression+3d_wldm", "regression+3d_wldm_val"):
+        assert (work / "predictions" / f"{name}.json").is_file(), name
+    assert "regression + 3d_wldm (calibrated)" in result.stdout and "regression (own std only)" in result.stdout

@@ -310,6 +310,8 @@ def test_registration_lists_must_have_equal_lengths(plans_dict):
     ("ddim_eta", -0.5, "inference.ddim_eta: -0.5 must be >= 0"),
     ("latent_margin", -1, "inference.latent_margin: -1 must be >= 0 (latent voxels; 0: tiles at latent_overlap)"),
     ("edge_std_mm", -2.0, "inference.edge_std_mm: -2.0 must be a length >= 0 (mm; 0: no edge term)"),
+    ("second_opinion_factor", -1.0, "inference.second_opinion_factor: -1.0 must be a finite number >= 0"),
+    ("second_opinion_smoothing_mm", float("nan"), "inference.second_opinion_smoothing_mm: nan must be a finite number >= 0"),
 ])
 def test_inference_values_are_checked(plans_dict, key, value, expected):
     plans_dict["configurations"]["3d_wldm"]["inference"][key] = value

@@ -165,7 +165,8 @@ def test_calibrate_cli(tmp_path, capsys):
     dirs = synthetic_folders(tmp_path, 1.6)
     model = fake_model(tmp_path)
     argv = ["-m", str(model), "-ct", str(dirs["ct"]), "-s", str(dirs["sct"]), "--mask", str(dirs["mask"]),
-            "--samples", "5", "--steps", "20", "--mirror-axes", "2", "0", "--edge-std-mm", "4"]
+            "--samples", "5", "--steps", "20", "--mirror-axes", "2", "0", "--second-opinion-factor", "2",
+            "--edge-std-mm", "4"]
     assert calibrate_main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     record = json.loads((model / STD_SCALE_FILE).read_text())
@@ -173,6 +174,7 @@ def test_calibrate_cli(tmp_path, capsys):
     assert f"{record['scale']:.4g}" in out and "95.4 %" in out and "before" in out
     assert record["cases"] == ["a", "b", "c"] and record["samples"] == 5 and record["steps"] == 20
     assert record["mirror_axes"] == [0, 2] and record["folds"] is None and record["edge_std_mm"] == 4.0
+    assert record["second_opinion_factor"] == 2.0
     assert record["coverage_2_after"] == pytest.approx(0.9545, abs=0.005)
     assert record["coverage_2_before"] < 0.9 and record["ml_scale"] > 0 and record["n_voxels"] > 10_000
     assert record["created"] and "quantile" in record["method"]
@@ -193,6 +195,8 @@ def test_calibrate_cli(tmp_path, capsys):
     assert exit_.value.code == 0 and "0.9545" in capsys.readouterr().out
     assert calibrate_main([*argv[:-1], "-2", "--overwrite"]) == 1
     assert "--edge-std-mm must be a length >= 0" in capsys.readouterr().err
+    assert calibrate_main([*argv[:-3], "-1", *argv[-2:], "--overwrite"]) == 1
+    assert "--second-opinion-factor must be a finite number >= 0" in capsys.readouterr().err
 
 
 # --- the confidence mask ---------------------------------------------------------------------------------------
@@ -338,3 +342,86 @@ def test_one_sample_mirrored_gives_a_std_map_and_a_scale_fitted_otherwise_is_war
                        "--save-std", "--edge-std-mm", "4") == 0
     assert "edge term of 0 mm; this run adds 4 mm" in caplog.text and "mirrored along" not in caplog.text
     assert array(out / "phantom_std.mha").max() > 0 and array(out / "phantom_confidence.mha").max() == 1
+
+
+def test_a_second_opinion_adds_its_disagreement_to_the_std_map(model, inputs, tmp_path, capsys, caplog):
+    from wldm_auto import Predictor
+    from wldm_auto.inference.second_opinion import disagreement_std
+
+    assert predict(inputs, tmp_path / "raw", model, "--samples", "2", "--save-std") == 0, capsys.readouterr().err
+    raw_sct, raw_std = array(tmp_path / "raw" / "phantom.mha"), array(tmp_path / "raw" / "phantom_std.mha")
+    sct_image = sitk.ReadImage(str(tmp_path / "raw" / "phantom.mha"))
+    body = raw_sct > -1024
+    # a second model that reads 300 HU more in one corner of the body
+    second = raw_sct.astype(np.float32)
+    second[: second.shape[0] // 2, : second.shape[1] // 2] += 300.0
+    folder = tmp_path / "second"
+    folder.mkdir()
+    second_image = sitk.GetImageFromArray(second)
+    second_image.CopyInformation(sct_image)
+    sitk.WriteImage(second_image, str(folder / "phantom.nii.gz"))
+    before = (folder / "phantom.nii.gz").read_bytes()
+    out = tmp_path / "with"
+    assert predict(inputs, out, model, "--samples", "2", "--save-std", "--second-opinion", str(folder),
+                   "--second-opinion-factor", "1.5") == 0, capsys.readouterr().err
+    std = array(out / "phantom_std.mha")
+    term = disagreement_std(raw_sct, second, body, sct_image.GetSpacing(), 1.5, 4.0)  # the plan's 4 mm
+    assert term.max() > 300 and np.count_nonzero(term) < 0.9 * body.sum()
+    np.testing.assert_allclose(std, np.sqrt(raw_std.astype(np.float64) ** 2 + term ** 2), rtol=1e-4, atol=1e-2)
+    assert np.array_equal(array(out / "phantom.mha"), raw_sct)  # the sCT is untouched
+    assert (folder / "phantom.nii.gz").read_bytes() == before  # the second opinion too
+    assert std[~body].max() == 0
+    # the plan's factor (2) without --second-opinion-factor; the Python API gives the same voxels
+    assert predict(inputs, tmp_path / "plan", model, "--samples", "2", "--save-std", "--second-opinion",
+                   str(folder)) == 0
+    plan_std = array(tmp_path / "plan" / "phantom_std.mha")
+    np.testing.assert_allclose(plan_std, np.sqrt(raw_std.astype(np.float64) ** 2 + (term / 1.5 * 2) ** 2),
+                               rtol=1e-4, atol=1e-2)
+    result = Predictor.from_model_folder(model, device="cpu").predict(
+        inputs / "phantom.mha", steps=2, samples=2, seed=5, second_opinion=folder / "phantom.nii.gz")
+    assert np.array_equal(sitk.GetArrayFromImage(result.std), plan_std)
+    # a std scale fitted without a second opinion is warned about
+    scaled_model = tmp_path / model.name
+    shutil.copytree(model, scaled_model)
+    write_std_scale(scaled_model, 2.0, {"samples": 2, "second_opinion_factor": 0.0})
+    with caplog.at_level(logging.WARNING, logger="wldm_auto.inference"):
+        assert predict(inputs, tmp_path / "scaled", scaled_model, "--samples", "2", "--save-std", "--second-opinion",
+                       str(folder)) == 0
+    assert "second-opinion factor of 0; this run uses 2" in caplog.text
+    np.testing.assert_allclose(array(tmp_path / "scaled" / "phantom_std.mha"), 2 * plan_std, rtol=1e-6)
+
+
+def test_a_second_opinion_is_refused_clearly(model, inputs, tmp_path, capsys):
+    from wldm_auto import Predictor
+
+    folder = tmp_path / "second"
+    folder.mkdir()
+    out = tmp_path / "sct"
+    # no sCT for the case in the folder: refused before anything is created
+    assert predict(inputs, out, model, "--samples", "2", "--save-std", "--second-opinion", str(folder)) == 1
+    assert "no sCT for phantom" in capsys.readouterr().err and not out.exists()
+    mr = sitk.ReadImage(str(inputs / "phantom.mha"))
+    sitk.WriteImage(sitk.Cast(mr * 0, sitk.sitkInt16), str(folder / "phantom.mha"))
+    for extra, message in (
+            (["--samples", "2"], "ask for one (--save-std or --confidence-hu)"),
+            (["--samples", "1", "--save-std"], "makes none (use several folds or more than one sample"),
+            (["--samples", "2", "--save-std", "--second-opinion-factor", "-1"], "--second-opinion-factor must be"),
+    ):
+        assert predict(inputs, out, model, *extra, "--second-opinion", str(folder)) == 1
+        assert message in capsys.readouterr().err and not out.exists()
+    assert predict(inputs, out, model, "--samples", "2", "--save-std", "--second-opinion-factor", "2") == 1
+    assert "give --second-opinion DIR too" in capsys.readouterr().err
+    assert predict(inputs, out, model, "--samples", "2", "--save-std", "--second-opinion", str(inputs / "phantom.mha")) == 1
+    assert "not a folder" in capsys.readouterr().err
+    # the output folder may not be the second opinion's (its sCTs would be replaced)
+    assert predict(inputs, folder, model, "--samples", "2", "--save-std", "--second-opinion", str(folder),
+                   "--overwrite") == 1
+    assert "the output folder is the second-opinion folder" in capsys.readouterr().err
+    assert array(folder / "phantom.mha").max() == 0
+    # on another grid: the case fails with a readable reason
+    sitk.WriteImage(sitk.Cast(sitk.Shrink(mr, [2, 2, 1]) * 0, sitk.sitkInt16), str(folder / "phantom.mha"))
+    assert predict(inputs, out, model, "--samples", "2", "--save-std", "--second-opinion", str(folder)) == 1
+    assert "lies on another grid than the MR" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="another grid"):
+        Predictor.from_model_folder(model, device="cpu").predict(inputs / "phantom.mha", steps=2, samples=2,
+                                                                 second_opinion=folder / "phantom.mha")

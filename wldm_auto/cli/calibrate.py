@@ -37,8 +37,8 @@ as used in step 2 so std_scale.json records them and a prediction with other set
 warned about.
 
 std_scale.json (written atomically): scale, method, ml_scale, coverage_2_before,
-coverage_2_after, cases, n_voxels, created, samples, steps, folds, mirror_axes, edge_std_mm, per-case
-figures.
+coverage_2_after, cases, n_voxels, created, samples, steps, folds, mirror_axes, edge_std_mm,
+second_opinion_factor, per-case figures.
 An existing one is kept unless --overwrite. Log: MODEL_FOLDER/logs/.
 
   wldm_calibrate_std -m $wldm_results/Dataset001_X/DiffusionTrainer__wldmPlans__3d_wldm \\
@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--edge-std-mm", type=float, metavar="MM",
                         help="the std maps' edge term the predictions were made with (recorded): the model's plan "
                              "inference.edge_std_mm, or wldm_predict --edge-std-mm if given there")
+    parser.add_argument("--second-opinion-factor", type=float, metavar="K",
+                        help="the second-opinion factor the predictions were made with (recorded; 0: they had no "
+                             "wldm_predict --second-opinion): the plan's inference.second_opinion_factor, or "
+                             "wldm_predict --second-opinion-factor if given there")
     parser.add_argument("--resample", action="store_true",
                         help="resample sCT/std/mask that lie on another grid onto the CT's (else an error)")
     parser.add_argument("--allow-missing", action="store_true",
@@ -80,11 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         from wldm_auto.inference.calibration import (check_model_folder, fit_from_folders, std_scale_path,
                                                      write_std_scale)
         from wldm_auto.inference.folds import check_edge_std_mm
+        from wldm_auto.inference.second_opinion import check_factor
 
         for option, value in (("--samples", args.samples), ("--steps", args.steps)):
             if value is not None and value < 1:
                 raise ValueError(f"{option} must be at least 1, got {value}")
         check_edge_std_mm(args.edge_std_mm, "--edge-std-mm")
+        check_factor(args.second_opinion_factor, "--second-opinion-factor")
         target = std_scale_path(check_model_folder(args.model))
         if target.exists() and not args.overwrite:  # before the (slow) fit
             raise FileExistsError(f"{target}: exists; --overwrite replaces it")
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                                        args.allow_missing)
         path = write_std_scale(args.model, calibration.scale,
                                calibration.record(args.samples, args.steps, args.folds, args.mirror_axes,
-                                                  args.edge_std_mm), args.overwrite)
+                                                  args.edge_std_mm, args.second_opinion_factor), args.overwrite)
         print(f"std scale {calibration.scale:.4g} (maximum likelihood {calibration.ml_scale:.4g}) from "
               f"{len(calibration.cases)} case(s), {calibration.n_voxels} voxels -> {path}")
         print(f"coverage of |error| <= 2 std: {100 * calibration.coverage_2_before:.1f} % before, "

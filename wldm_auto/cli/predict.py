@@ -114,6 +114,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="the std map's edge term: MM x the sCT's gradient (HU/mm, smoothed over 2 mm) added in "
                              "variance, the HU change of a structure MM off; 0: off. Default: the plan's "
                              "inference.edge_std_mm (4 in new plans, 0 in plans written before it)")
+    parser.add_argument("--second-opinion", type=Path, metavar="DIR",
+                        help="a second model's sCTs of the same cases (e.g. 3D-WLDM's wldm_predict output folder, "
+                             "CASE<ending> on the MR's grid): where the two sCTs differ, K x their smoothed "
+                             "difference is added to the std map in variance (needs --save-std or --confidence-hu; "
+                             "fit the std scale on validation predictions made the same way)")
+    parser.add_argument("--second-opinion-factor", type=float, metavar="K",
+                        help="weight K of the second opinion's disagreement (>= 0; default: the plan's "
+                             "inference.second_opinion_factor, 2; smoothing: inference.second_opinion_smoothing_mm, "
+                             "4 mm)")
     parser.add_argument("--no-std-scale", action="store_true",
                         help="ignore the model folder's std_scale.json (wldm_calibrate_std): raw std over the draws")
     parser.add_argument("--confidence-hu", type=float, metavar="H",
@@ -141,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         from wldm_auto.inference.calibration import check_confidence_hu
         from wldm_auto.inference.folds import (check_edge_std_mm, check_eta, check_overlap, check_seed, load_model,
                                                resolve_device)
-        from wldm_auto.inference.predictor import check_confidence, plan_samples, predict_folder, prepare_prediction
+        from wldm_auto.inference.predictor import (check_confidence, check_second_opinion, plan_samples,
+                                                   predict_folder, prepare_prediction, second_opinion_cases)
+        from wldm_auto.inference.second_opinion import check_factor
         from wldm_auto.inference.sharding import start_ranks
 
         if (args.samples is not None and args.samples < 1) or (args.steps is not None and args.steps < 1):
@@ -151,6 +162,15 @@ def main(argv: list[str] | None = None) -> int:
         check_eta(args.eta, "--eta")
         check_overlap(args.overlap, "--overlap")
         check_seed(args.seed, "--seed")
+        check_factor(args.second_opinion_factor, "--second-opinion-factor")
+        if args.second_opinion_factor is not None and args.second_opinion is None:
+            raise ValueError("--second-opinion-factor weighs a second opinion: give --second-opinion DIR too")
+        if args.second_opinion is not None:
+            if not args.second_opinion.is_dir():
+                raise ValueError(f"--second-opinion {args.second_opinion}: not a folder (give the folder of the "
+                                 "second model's sCTs)")
+            if args.split_case:
+                raise ValueError("--second-opinion is not supported with --split-case (share out the cases instead)")
         device = resolve_device(args.device, "--device")
         check_input_folder(args.input)
         ranks, device = start_ranks(device, args.split_case, args.num_parts, args.part_id)
@@ -165,9 +185,13 @@ def main(argv: list[str] | None = None) -> int:
                            std_scale=not args.no_std_scale, mirror_axes=args.mirror_axes,
                            edge_std_mm=args.edge_std_mm)
         check_confidence(folds, plan_samples(folds, args.samples), args.confidence_hu, "--confidence-hu")
+        if args.second_opinion is not None:
+            check_second_opinion(folds, plan_samples(folds, args.samples), args.save_std, args.confidence_hu)
         ranks.spread(folds)
         cases = prepare_prediction(args.input, args.output, args.resume, args.overwrite, args.file_ending,
                                    *ranks.share)
+        if args.second_opinion is not None:
+            second_opinion_cases(args.second_opinion, args.output, cases)
         # every check passed: only now create anything
         args.output.mkdir(parents=True, exist_ok=True)
         handler = log_beside(args.output, ranks.log_prefix())
@@ -176,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                 outcomes = predict_folder(args.input, args.output, folds, args.steps, args.samples, args.seed,
                                           args.eta, args.save_std, args.resume, args.overwrite, args.file_ending,
                                           args.dicom_out, cases=cases, mumap=args.mumap, announce=ranks.announce,
-                                          confidence_hu=args.confidence_hu)
+                                          confidence_hu=args.confidence_hu, second_opinion_dir=args.second_opinion,
+                                          second_opinion_factor=args.second_opinion_factor)
             else:  # --split-case, ranks > 0: compute with rank 0, which writes
                 outcomes = ranks.follow(folds, cases, args.output, args.steps, args.samples, args.seed, args.eta,
                                         args.file_ending, args.save_std, args.confidence_hu)

@@ -32,7 +32,8 @@ import SimpleITK as sitk
 import torch
 
 from wldm_auto.inference.folds import CHECKPOINT, LoadedFold, check_std_scale_settings, load_model, resolve_device
-from wldm_auto.inference.predictor import channel_flags, plan_samples, synthesize
+from wldm_auto.inference.predictor import channel_flags, plan_samples, second_opinion_used, synthesize
+from wldm_auto.inference.second_opinion import check_factor
 from wldm_auto.io.images import check_image, read_image
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ class Predictor:
         self.folds = folds
         self.device = device
         self.progress = progress
-        self._checked_samples: set[int] = set()  # sample counts already checked against the std scale's
+        self._checked_samples: set[tuple[int, float]] = set()  # (samples, second-opinion factor) checked against
+        # the std scale's settings
 
     @classmethod
     def from_model_folder(cls, path: str | os.PathLike, folds: Sequence[int] | None = (0,), device: str = "cuda",
@@ -108,7 +110,8 @@ class Predictor:
     def predict(self, image: MRInput, steps: int | None = None, samples: int | None = None, seed: int = 0,
                 eta: float | None = None, *, spacing: Sequence[float] | None = None,
                 origin: Sequence[float] | None = None, direction: Sequence[float] | None = None,
-                confidence_hu: float | None = None) -> Prediction:
+                confidence_hu: float | None = None, second_opinion: ImageLike | None = None,
+                second_opinion_factor: float | None = None) -> Prediction:
         """sCT (and std with more than one draw) for one MR; nothing is written to disk.
 
         ``image``: a ``SimpleITK.Image``, a path (image file or DICOM series
@@ -123,18 +126,26 @@ class Predictor:
         ``seed + 1000 * fold position``.
         ``confidence_hu`` (HU > 0): also the confidence mask, 1 inside the body where
         2 * std < ``confidence_hu`` (needs several draws or an error head: a ValueError otherwise).
+        ``second_opinion``: another model's sCT of this MR (image, path or array, on the MR's grid): their
+        smoothed disagreement, times ``second_opinion_factor`` (None: the plan's), adds to the std map
+        (``wldm_predict --second-opinion``; needs a std map).
         One-line ValueError for input that cannot be used.
         """
         images, labels = self._channels(image, spacing, origin, direction)
         first = self.folds[0]
         present, available = channel_flags("image", labels, first, first.plans.configuration(first.configuration))
         planned = plan_samples(self.folds, samples)
-        if planned >= 1 and planned not in self._checked_samples:  # warn once per sample count, not once per image
-            self._checked_samples.add(planned)
-            check_std_scale_settings(self.folds, planned)
+        second_opinion_factor = check_factor(second_opinion_factor)
+        used = second_opinion_used(self.folds, second_opinion_factor, second_opinion is not None)
+        if planned >= 1 and (planned, used) not in self._checked_samples:  # warn once per setting, not per image
+            self._checked_samples.add((planned, used))
+            check_std_scale_settings(self.folds, planned, used)
+        if second_opinion is not None:
+            second_opinion = as_image(second_opinion, "second opinion", spacing, origin, direction)
         result = synthesize(self.folds, {c: images[c] for c in present}, available, steps, samples, seed, eta,
                             want_std=True, names=[labels[c] for c in present], progress=self.progress,
-                            confidence_hu=confidence_hu)
+                            confidence_hu=confidence_hu, second_opinion=second_opinion,
+                            second_opinion_factor=second_opinion_factor)
         return Prediction(result.sct, result.std, result.confidence, result.std_scale, result.draws)
 
     def _channels(self, image: MRInput, spacing: Sequence[float] | None, origin: Sequence[float] | None,

@@ -126,9 +126,10 @@ class StdCalibration:
 
     def record(self, samples: int | None = None, steps: int | None = None,
                folds: Sequence[int] | None = None, mirror_axes: Sequence[int] | None = None,
-               edge_std_mm: float | None = None) -> dict[str, Any]:
+               edge_std_mm: float | None = None, second_opinion_factor: float | None = None) -> dict[str, Any]:
         """The fields of ``std_scale.json`` besides ``scale`` (``samples``/``steps``/``folds``/``mirror_axes``/
-        ``edge_std_mm``: the prediction settings of the calibration run, None when unknown)."""
+        ``edge_std_mm``/``second_opinion_factor`` (0: none): the prediction settings of the calibration run,
+        None when unknown)."""
         return {
             "method": self.method,
             "ml_scale": self.ml_scale,
@@ -144,6 +145,7 @@ class StdCalibration:
             "folds": list(folds) if folds is not None else None,
             "mirror_axes": sorted(mirror_axes) if mirror_axes is not None else None,
             "edge_std_mm": float(edge_std_mm) if edge_std_mm is not None else None,
+            "second_opinion_factor": float(second_opinion_factor) if second_opinion_factor is not None else None,
             "per_case": [asdict(c) for c in self.cases],
         }
 
@@ -343,7 +345,7 @@ def describe_record(record: Mapping[str, Any]) -> str:
     cases = record.get("cases")
     if isinstance(cases, list):
         parts.append(f"fitted on {len(cases)} case(s)")
-    for key in ("samples", "steps", "folds", "mirror_axes", "edge_std_mm"):
+    for key in ("samples", "steps", "folds", "mirror_axes", "edge_std_mm", "second_opinion_factor"):
         if record.get(key) is not None:
             parts.append(f"{key} {record[key]}")
     before, after = record.get("coverage_2_before"), record.get("coverage_2_after")

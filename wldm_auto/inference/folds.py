@@ -272,9 +272,9 @@ def load_model(model_folder: Path, folds: Sequence[int] | None, device: torch.de
     return loaded
 
 
-def check_std_scale_settings(folds: Sequence[LoadedFold], samples: int) -> None:
-    """Warn when the std scale was fitted with another number of samples, mirrorings, edge term or folds than this
-    run uses."""
+def check_std_scale_settings(folds: Sequence[LoadedFold], samples: int, second_opinion_factor: float = 0.0) -> None:
+    """Warn when the std scale was fitted with another number of samples, mirrorings, edge term, folds or
+    second-opinion factor (0: none) than this run uses."""
     record = folds[0].std_scale_record
     if record is None:
         return
@@ -298,3 +298,9 @@ def check_std_scale_settings(folds: Sequence[LoadedFold], samples: int) -> None:
     if isinstance(fitted_folds, list) and len(fitted_folds) != len(folds):
         log.warning("the std scale %.4g was fitted with %d fold(s); this run ensembles %d",
                     folds[0].std_scale, len(fitted_folds), len(folds))
+    fitted_second = record.get("second_opinion_factor")
+    if isinstance(fitted_second, (int, float)) and not isinstance(fitted_second, bool) \
+            and fitted_second != second_opinion_factor:
+        log.warning("the std scale %.4g was fitted on std maps with a second-opinion factor of %g; this run uses "
+                    "%g (0: no second opinion): the scaled std may be off", folds[0].std_scale, fitted_second,
+                    second_opinion_factor)

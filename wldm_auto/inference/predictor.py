@@ -9,6 +9,8 @@ to air (-1024) and write int16. With ``samples * folds > 1`` and
 multiplied by the model's std scale when its folder holds ``std_scale.json``
 (``wldm_calibrate_std``, ``inference/calibration.py``); with ``confidence_hu``
 ``CASE_confidence`` marks the voxels inside the body whose 2 * std is below it.
+With a second model's sCTs (``second_opinion``, ``inference/second_opinion.py``) their smoothed
+disagreement with this model's sCT adds to the std map before the std scale.
 Regression-baseline folds (``RegressionTrainer``) are deterministic: one
 tiled U-Net pass each, so only several folds give a standard deviation.
 A model whose plan asks for the posterior-mean sCT (``sct_estimate``,
@@ -40,6 +42,8 @@ from wldm_auto.inference.edges import edge_std
 from wldm_auto.inference.folds import LoadedFold, check_eta, check_seed, check_std_scale_settings, draws_per_sample
 from wldm_auto.inference.export import AIR_HU, hu_int16, to_input_grid, write_dicom_series
 from wldm_auto.inference.inputs import InputCase, check_output_folder, find_cases, input_files, select_part
+from wldm_auto.inference.second_opinion import (add_second_opinion, check_factor, read_second_opinion,
+                                                second_opinion_files)
 from wldm_auto.io.files import is_disk_full
 from wldm_auto.io.image_folders import CONFIDENCE_SUFFIX, MUMAP_SUFFIX, STD_SUFFIX
 from wldm_auto.io.images import FILE_ENDINGS, ImageReadError, error_reason, file_ending, read_image, write_image
@@ -227,6 +231,33 @@ def check_confidence(folds: Sequence[LoadedFold], samples: int, confidence_hu: f
     return confidence_hu
 
 
+def check_second_opinion(folds: Sequence[LoadedFold], samples: int, want_std: bool,
+                         confidence_hu: float | None) -> None:
+    """ValueError unless these settings make a std map a second opinion can add to."""
+    if not want_std and confidence_hu is None:
+        raise ValueError("a second opinion adds to the std map: ask for one (--save-std or --confidence-hu)")
+    missing = no_spread(folds, samples)
+    if missing is not None:
+        raise ValueError(f"a second opinion adds to the std map, but {missing[0]} makes none ({missing[1]})")
+
+
+def second_opinion_cases(second_opinion_dir: Path, output_dir: Path, cases: Sequence[InputCase]) -> dict[str, Path]:
+    """The second model's sCT per case (see ``second_opinion_files``); ValueError when one is missing or the
+    output folder is the second opinion's (its sCTs would be replaced)."""
+    if Path(second_opinion_dir).resolve() == Path(output_dir).resolve():
+        raise ValueError(f"{output_dir}: the output folder is the second-opinion folder (its sCTs would be "
+                         "replaced); choose another output folder")
+    return second_opinion_files(second_opinion_dir, [c.name for c in cases])
+
+
+def second_opinion_used(folds: Sequence[LoadedFold], factor: float | None, given: bool) -> float:
+    """The second-opinion factor a run applies: 0 without a second opinion, else ``factor`` or the plan's."""
+    if not given:
+        return 0.0
+    return folds[0].plans.configuration(folds[0].configuration).inference.second_opinion_factor \
+        if factor is None else float(factor)
+
+
 def plan_samples(folds: Sequence[LoadedFold], samples: int | None = None) -> int:
     """``samples`` if given, else the model's plan (``inference.samples``): samples per fold."""
     if samples is not None:
@@ -239,6 +270,7 @@ def synthesize(
     folds: list[LoadedFold], images: Mapping[int, sitk.Image], available: torch.Tensor | None,
     steps: int | None = None, samples: int | None = None, seed: int = 0, eta: float | None = None, want_std: bool = True,
     names: Sequence[str] | None = None, progress: bool = True, confidence_hu: float | None = None,
+    second_opinion: sitk.Image | None = None, second_opinion_factor: float | None = None,
 ) -> Synthesis:
     """sCT (and std) for one case's MR channels: the per-image code both ``wldm_predict`` and
     :class:`~wldm_auto.inference.api.Predictor` run, so the two give identical voxels.
@@ -248,17 +280,25 @@ def synthesize(
     The result has the first channel's exact geometry. CaseError/ValueError for unusable input.
     The std is multiplied by the folds' ``std_scale``; ``confidence_hu`` (HU > 0): also the
     confidence mask (:func:`~wldm_auto.inference.calibration.confidence_mask`), which needs several draws.
+    ``second_opinion``: another model's sCT (HU) on the first channel's grid; its disagreement with this sCT,
+    times ``second_opinion_factor`` (None: the plan's ``inference.second_opinion_factor``), adds to the std
+    map (``inference/second_opinion.py``); a ValueError when no std map would be made.
     """
     samples = plan_samples(folds, samples)
     if samples < 1 or (steps is not None and steps < 1):
         raise ValueError(f"samples ({samples}) and steps ({steps}) must be at least 1")
     confidence_hu = check_confidence(folds, samples, confidence_hu)
+    second_opinion_factor = check_factor(second_opinion_factor)
+    if second_opinion is not None:
+        check_second_opinion(folds, samples, want_std, confidence_hu)
     first = folds[0]
     eta, seed = check_eta(eta), check_seed(seed)
     plans, config = first.plans, first.plans.configuration(first.configuration)
     present = sorted(images)
     chosen = [images[c] for c in present]
     check_channels(chosen, list(names) if names is not None else [f"channel {c:04d}" for c in present])
+    if second_opinion is not None:  # before any work: the second sCT must lie on the MR's grid
+        second_opinion = read_second_opinion(second_opinion, chosen[0], names[0] if names else "the MR")
     phases = Phases(getattr(first.synthesizer, "device", None))
     with phases("body_mask"):
         body = body_mask(chosen[0], plans)  # from the first sequence present
@@ -319,6 +359,11 @@ def synthesize(
             std = to_input_grid(np.sqrt(variance).astype(np.float32), pre.properties, chosen[0], body, 0.0)
         else:
             std = None
+    if std is not None and second_opinion is not None:
+        with phases("second_opinion"):
+            factor = config.inference.second_opinion_factor if second_opinion_factor is None else second_opinion_factor
+            std = add_second_opinion(std, sct, second_opinion, body, factor,
+                                     config.inference.second_opinion_smoothing_mm)
     scale = first.std_scale
     if std is not None:
         std = scale_std(std, scale)
@@ -330,12 +375,15 @@ def predict_case(
     folds: list[LoadedFold], case: InputCase, output: Path, steps: int | None = None, samples: int | None = None,
     seed: int = 0, eta: float | None = None, save_std: bool = False, ending: str | None = None,
     dicom_out: bool = False, protected: set[Path] | None = None, mumap: bool = False,
-    confidence_hu: float | None = None,
+    confidence_hu: float | None = None, second_opinion: Path | None = None,
+    second_opinion_factor: float | None = None,
 ) -> PredictionOutcome:
     """Predict one case (read, :func:`synthesize`, write); raises ImageReadError/CaseError/ValueError for
     inputs that cannot be used. ``mumap``: also write ``CASE_mumap`` (cm^-1 at 511 keV, plan ``mu_map``);
     ``dicom_out`` from a DICOM MR: the series joins the MR's patient, study and frame of reference;
     ``confidence_hu``: also write ``CASE_confidence`` (uint8, 1 inside the body where 2 * std < it).
+    ``second_opinion``: another model's sCT of this case (file or DICOM folder on the MR's grid), whose
+    disagreement adds to the std map (see :func:`synthesize`).
 
     A failed write (full disk) raises an OSError naming the file; the outputs
     this call already wrote for the case are removed. ``protected``: resolved
@@ -352,7 +400,8 @@ def predict_case(
     with phases("read"):
         images = {c: read_image(p, sitk.sitkFloat32) for c, p in zip(present, paths)}
     result = synthesize(folds, images, available, steps, samples, seed, eta, want_std=save_std,
-                        names=[str(p) for p in paths], confidence_hu=confidence_hu)
+                        names=[str(p) for p in paths], confidence_hu=confidence_hu, second_opinion=second_opinion,
+                        second_opinion_factor=second_opinion_factor)
     phases.update(result.phases)
     outputs: list[Path] = []
     with phases("write"):
@@ -446,7 +495,8 @@ def predict_folder(
     seed: int = 0, eta: float | None = None, save_std: bool = False, resume: bool = False, overwrite: bool = False,
     ending: str | None = None, dicom_out: bool = False, cases: list[InputCase] | None = None,
     part_id: int = 0, num_parts: int = 1, announce: Callable[[InputCase, str], None] | None = None,
-    mumap: bool = False, confidence_hu: float | None = None,
+    mumap: bool = False, confidence_hu: float | None = None, second_opinion_dir: Path | None = None,
+    second_opinion_factor: float | None = None,
 ) -> list[PredictionOutcome]:
     """Predict every case of ``input_dir`` (or its share ``part_id`` of ``num_parts``); failing cases are
     reported, the others still run.
@@ -457,18 +507,27 @@ def predict_folder(
     after it (they could not be written either). ``confidence_hu``: see :func:`predict_case`; a
     ValueError before any case when no std map would be made. ``announce(case, decision)``
     hears, before each case, "predict", "skip" or "stop" (a ``--split-case``
-    run tells its other ranks, see ``inference/sharding.py``).
+    run tells its other ranks, see ``inference/sharding.py``). ``second_opinion_dir``: another model's sCTs
+    of the same cases (``CASE<ending>``, e.g. its ``wldm_predict`` output), each case's disagreement added to its
+    std map (``second_opinion_factor`` None: the plan's); a ValueError before any case when one is missing or
+    no std map is asked for.
     """
     output_dir = Path(output_dir)
     samples = plan_samples(folds, samples)
     confidence_hu = check_confidence(folds, samples, confidence_hu)
+    second_opinion_factor = check_factor(second_opinion_factor, "second_opinion_factor")
     if cases is None:
         cases = prepare_prediction(input_dir, output_dir, resume, overwrite, ending, part_id, num_parts)
+    second_opinions: dict[str, Path] = {}
+    if second_opinion_dir is not None:
+        check_second_opinion(folds, samples, save_std, confidence_hu)
+        second_opinions = second_opinion_cases(second_opinion_dir, output_dir, cases)
     output_dir.mkdir(parents=True, exist_ok=True)
-    protected = input_files(cases)
+    protected = input_files(cases) | {p.resolve() for p in second_opinions.values()}
     want_std = expects_std(folds, samples, save_std)
     if want_std or confidence_hu is not None:
-        check_std_scale_settings(folds, samples)
+        check_std_scale_settings(folds, samples, second_opinion_used(folds, second_opinion_factor,
+                                                                      second_opinion_dir is not None))
     outcomes = []
     disk_full: str | None = None
     for index, case in enumerate(cases, 1):
@@ -490,7 +549,8 @@ def predict_folder(
         log.info("case %d/%d: %s", index, len(cases), case.name)
         try:
             outcome = predict_case(folds, case, output_dir, steps, samples, seed, eta, save_std, ending, dicom_out,
-                                   protected, mumap, confidence_hu)
+                                   protected, mumap, confidence_hu, second_opinions.get(case.name),
+                                   second_opinion_factor)
             log.info("%s: done in %.1f s -> %s", case.name, outcome.seconds, outcome.outputs[0])
         except (ImageReadError, CaseError, ValueError, OSError) as exc:
             outcome = PredictionOutcome(case.name, "failed", str(exc))

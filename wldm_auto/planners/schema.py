@@ -326,7 +326,13 @@ class InferencePlan:
     2 x 2 x 3 mm simulated) the resampling floor was 17.3 HU MAE with B-spline against 21.9 with
     linear, the regression U-Net 66.5 against 67.9 (better on every case) and 3D-WLDM 88.9 either
     way (its first-stage ceiling 53.1 against 53.9); it costs about 5 s more on a 250 x 250 x 450 MR
-    (bench/predict.py)."""
+    (bench/predict.py).
+
+    ``second_opinion_factor`` / ``second_opinion_smoothing_mm``: with a second model's sCT for the same MR
+    (``wldm_predict --second-opinion DIR``, ``inference/second_opinion.py``) the std map's variance gains
+    (factor x |sCT - second sCT| smoothed by a Gaussian of smoothing_mm)^2; without one they do nothing.
+    2 and 4 mm: the validation case's choice on the fidelity benchmark (regression U-Net ensemble, 3D-WLDM
+    as the second opinion)."""
 
     ddim_steps: int = 50
     ddim_eta: float = 0.0
@@ -341,6 +347,8 @@ class InferencePlan:
     export_interpolation: str = "bspline"
     mirror_axes: list[int] = field(default_factory=list)
     edge_std_mm: float = 0.0
+    second_opinion_factor: float = 2.0
+    second_opinion_smoothing_mm: float = 4.0
 
 
 @dataclass
@@ -516,6 +524,10 @@ def _check_inference(plan: InferencePlan, where: str) -> None:
         raise PlanError(f"{where}.ddim_eta: {plan.ddim_eta!r} must be >= 0")
     if not (isinstance(plan.edge_std_mm, (int, float)) and math.isfinite(plan.edge_std_mm) and plan.edge_std_mm >= 0):
         raise PlanError(f"{where}.edge_std_mm: {plan.edge_std_mm!r} must be a length >= 0 (mm; 0: no edge term)")
+    for name in ("second_opinion_factor", "second_opinion_smoothing_mm"):
+        value = getattr(plan, name)
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise PlanError(f"{where}.{name}: {value!r} must be a finite number >= 0")
     if len(set(plan.mirror_axes)) != len(plan.mirror_axes) or not set(plan.mirror_axes) <= {0, 1, 2}:
         raise PlanError(f"{where}.mirror_axes: {plan.mirror_axes} must be distinct axes among 0, 1, 2 (z, y, x); "
                         "[]: no test-time mirroring")
