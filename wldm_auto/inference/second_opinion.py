@@ -10,9 +10,10 @@ before the model's std scale (``wldm_predict --second-opinion DIR``, plan ``infe
 and ``inference.second_opinion_smoothing_mm``). Fit the std scale (``wldm_calibrate_std``) on validation
 predictions made the same way.
 
-On the fidelity benchmark's test cases (one seed, the regression U-Net's 4-fold ensemble with its error head
-and edge term, 3D-WLDM's one-sample sCT as the second opinion, factor 2 and 4 mm chosen on the validation case)
-it raised the voxel Spearman between |error| and std from 0.495 to 0.510, offline (README, #18).
+On the fidelity benchmark's test cases (the regression U-Net's 4-fold ensemble with its error heads and edge
+term, 3D-WLDM's one-sample sCT as the second opinion, factor 2 and 4 mm as the validation case chose them) it
+raised the voxel Spearman between |error| and std from 0.495 to 0.510 and from 0.497 to 0.511 on two seeds
+(``bench/fidelity.py --folds 4 --second-opinion 3d_wldm``; README, "A second model's opinion").
 """
 from __future__ import annotations
 
