@@ -361,8 +361,8 @@ def synthesize(
             std = None
     if std is not None and second_opinion is not None:
         with phases("second_opinion"):
-            factor = config.inference.second_opinion_factor if second_opinion_factor is None else second_opinion_factor
-            std = add_second_opinion(std, sct, second_opinion, body, factor,
+            std = add_second_opinion(std, sct, second_opinion, body,
+                                     second_opinion_used(folds, second_opinion_factor, True),
                                      config.inference.second_opinion_smoothing_mm)
     scale = first.std_scale
     if std is not None:
