@@ -14,10 +14,11 @@ from wldm_auto import Predictor
 from wldm_auto.models import precision
 from wldm_auto.preprocessing.case import body_mask
 
-# |bfloat16 - float32| sCT difference (HU) allowed on the whole phantom below. Measured on this project's CPU
+# |bfloat16 - float32| sCT difference (HU) allowed on the phantom's centre below. Measured on this project's CPU
 # (torch 2.13) with this test's tiny model (VAE + diffusion trained 8 steps each, 4 mm, plan 4 DDIM steps x 1
-# sample): seeds 0, 1, 2 gave at most 22, 21, 21 HU and 5.6, 5.5, 5.5 HU on average inside the body
-# (99th percentile 12 HU); 10 steps x 5 samples, seed 0: 17 / 5.5 HU. bfloat16 keeps 8 significant bits
+# sample), on the whole phantom: seeds 0, 1, 2 gave at most 22, 21, 21 HU and 5.6, 5.5, 5.5 HU on average inside
+# the body (99th percentile 12 HU); 10 steps x 5 samples, seed 0: 17 / 5.5 HU; 2026-12-07, seed 0: 26 / 6.1 HU
+# on the whole phantom, 24 / 5.0 HU on its centre. bfloat16 keeps 8 significant bits
 # (relative rounding 2^-9: ~4 HU of the 4095 HU window per rounding of an output near full scale), so tens
 # of HU at worst are expected. The bounds leave ~4.5x (max) and ~2.7x (mean) headroom for other CPUs'
 # kernels and still fail gross errors: overflow or NaN (clamped to the window edges: thousands of HU), a
@@ -34,8 +35,12 @@ def model(preprocessed_small, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def phantom():
-    """The bundled phantom MR, whole (256 x 256 x 94 at 1 x 1 x 2.5 mm)."""
-    return sitk.ReadImage(str(PHANTOM_DIR / "mr_t2.nii.gz"), sitk.sitkFloat32)
+    """The bundled phantom MR's central eighth (128 x 128 x 47 of its 256 x 256 x 94 at 1 x 1 x 2.5 mm): CPU
+    bfloat16 has no fast kernels here, so the whole volume took 47 s against 6 s in float32 (2026-12-07)."""
+    whole = sitk.ReadImage(str(PHANTOM_DIR / "mr_t2.nii.gz"), sitk.sitkFloat32)
+    size = whole.GetSize()
+    return whole[size[0] // 4: size[0] // 4 + size[0] // 2, size[1] // 4: size[1] // 4 + size[1] // 2,
+                 size[2] // 4: size[2] // 4 + size[2] // 2]
 
 
 def predict(model, mr, precision_name=None, seed=0):
@@ -69,7 +74,7 @@ def test_bfloat16_keeps_geometry_and_window_and_stays_close(model, phantom, floa
     assert np.isfinite(values).all() and values.min() >= -1024 and values.max() <= 3071
     difference = np.abs(values - sitk.GetArrayViewFromImage(reference).astype(np.int32))
     body = sitk.GetArrayFromImage(body_mask(phantom, predictor.folds[0].plans)) > 0  # a copy: the mask is temporary
-    print(f"\nbfloat16 vs float32 (phantom, seed 0): max |diff| {difference.max()} HU, mean inside the body "
+    print(f"\nbfloat16 vs float32 (phantom centre, seed 0): max |diff| {difference.max()} HU, mean inside the body "
           f"{difference[body].mean():.2f} HU; seconds float32 {seconds32:.2f}, bfloat16 {seconds16:.2f}")
     assert 0 < difference.max() <= MAX_DIFF_HU  # 0: autocast did not act
     assert difference[body].mean() <= MEAN_DIFF_HU
