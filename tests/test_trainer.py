@@ -46,6 +46,32 @@ def test_short_run_writes_self_contained_results(preprocessed_small, tmp_path, m
     assert state["plans"]["configurations"]["3d_wldm"]["vae"]["channels"] == [8, 16]
 
 
+def test_progress_png_is_drawn_at_the_end_and_at_most_every_interval(preprocessed_small, tmp_path, monkeypatch):
+    """progress.png: after the run's last epoch (a stop too) and at most every PROGRESS_EVERY_SECONDS in between;
+    history.json every epoch."""
+    from wldm_auto.trainers import base
+
+    drawn: list[int] = []
+    original = base.draw_progress
+    monkeypatch.setattr(base, "draw_progress", lambda history, path, title: (drawn.append(history[-1]["step"]),
+                                                                             original(history, path, title)))
+    dataset = tiny_copy(preprocessed_small, tmp_path / "a", monkeypatch)
+    options = TrainerOptions(device="cpu", num_workers=0, num_steps=3, steps_per_epoch=1, stop_at_step=2)
+    run_training(dataset, "regression", 0, options=options)
+    folder = fold_dir(tmp_path / "a", dataset, "RegressionTrainer")
+    assert drawn == [2] and (folder / "progress.png").stat().st_size > 1000  # stopped at 2: drawn there only
+    assert [h["step"] for h in json.loads((folder / "history.json").read_text())] == [1, 2]
+    run_training(dataset, "regression", 0, options=TrainerOptions(device="cpu", num_workers=0, num_steps=3,
+                                                                  steps_per_epoch=1), resume=True)
+    assert drawn == [2, 2, 3]  # resuming redraws the state it continues from, then the last epoch
+    monkeypatch.setattr(base, "PROGRESS_EVERY_SECONDS", 0.0)
+    dataset = tiny_copy(preprocessed_small, tmp_path / "b", monkeypatch)
+    drawn.clear()
+    run_training(dataset, "regression", 0, options=TrainerOptions(device="cpu", num_workers=0, num_steps=3,
+                                                                  steps_per_epoch=1))
+    assert drawn == [1, 2, 3]
+
+
 def test_existing_results_are_not_overwritten(preprocessed_small, tmp_path, monkeypatch):
     dataset = tiny_copy(preprocessed_small, tmp_path, monkeypatch)
     options = TrainerOptions(device="cpu", num_workers=0, num_steps=2, steps_per_epoch=2)

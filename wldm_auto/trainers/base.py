@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 # what --c continues from, most recent first: the end-of-epoch writes go latest -> history/progress -> best,
 # and final comes last, so whichever of these exists first in this order is the newest complete state
 RESUMABLE = ("checkpoint_latest.pt", "checkpoint_final.pt", "checkpoint_best.pt")
+# progress.png is redrawn after an epoch at most this often, and always after a run's last epoch (history.json
+# every epoch): a draw takes ~1 s of matplotlib, which was most of the time of short CPU runs' many short epochs
+PROGRESS_EVERY_SECONDS = 30.0
 
 
 @dataclass
@@ -117,6 +120,8 @@ class BaseTrainer:
         self.epoch_sums: dict[str, float] = {}
         self.epoch_count = 0
         self.epoch_started = time.time()
+        self.progress_drawn = time.time()  # progress.png: last drawn (see PROGRESS_EVERY_SECONDS)
+        self.stop_step = self.total_steps  # where this run stops (run(): --stop-at-step)
         self.best_value: float | None = None
         self.best_step: int | None = None  # step of the best value (checkpoint_best.pt), if any
         self.train_cases, self.val_cases = self._split()
@@ -255,13 +260,13 @@ class BaseTrainer:
         """Train until the planned number of steps; returns the final checkpoint's path."""
         if resume:
             self.load(self._resume_path())
-            self._complete_epoch_writes()
+            self._complete_epoch_writes(draw=True)
         if self.is_main:
             log.info("%s fold %d: %d train / %d val cases, patch %s, batch %d, steps %d..%d on %s (world size %d)",
                      type(self).__name__, self.fold, len(self.train_data.cases), len(self.val_data.cases),
                      self.config.patch_size, self.config.batch_size, self.step, self.total_steps, self.device,
                      self.world_size)
-        stop = min(self.total_steps, self.options.stop_at_step or self.total_steps)
+        stop = self.stop_step = min(self.total_steps, self.options.stop_at_step or self.total_steps)
         self.epoch_started = time.time()
         # "with": the bar ends its line on errors too, so an error message starts on a line of its own
         with tqdm(total=self.total_steps, initial=self.step, desc=f"train {self.stage}", unit="step",
@@ -315,14 +320,17 @@ class BaseTrainer:
         self._complete_epoch_writes()
         self.epoch_started = time.time()
 
-    def _complete_epoch_writes(self) -> None:
-        """history.json, progress.png, then checkpoint_best.pt if this step is the best (main process only)."""
+    def _complete_epoch_writes(self, draw: bool = False) -> None:
+        """history.json, progress.png (``draw``, the run's last epoch, or PROGRESS_EVERY_SECONDS since it was
+        last drawn), then checkpoint_best.pt if this step is the best (main process only)."""
         if not self.is_main:
             return
         if self.history:
             progress, history = self.output / "progress.png", self.output / "history.json"
-            with disk_full_guard(progress):
-                draw_progress(self.history, progress, f"{type(self).__name__} fold {self.fold}")
+            if draw or self.step >= self.stop_step or time.time() - self.progress_drawn >= PROGRESS_EVERY_SECONDS:
+                with disk_full_guard(progress):
+                    draw_progress(self.history, progress, f"{type(self).__name__} fold {self.fold}")
+                self.progress_drawn = time.time()
             with disk_full_guard(history):
                 write_json(self.history, history)
         if self.best_step is not None and self.best_step == self.step:
