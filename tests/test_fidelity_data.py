@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -93,7 +94,16 @@ def test_new_registration_defaults_rebuild_the_phantom_cases(tmp_path, monkeypat
     """The cases cut from the phantom's registration are rebuilt when the registration's key changes (new
     planner defaults), not reused from a work folder built with the old registration."""
     import fidelity_data
+    from wldm_auto.preprocessing.registration import reorient, resample_ct_to_mr
 
+    registered = []
+
+    def identity_registration(mr, ct, plan, window, body):  # elastix itself is tested elsewhere (~20 s a run)
+        registered.append(plan.working_spacing_mm)
+        ct_mr, valid = resample_ct_to_mr(mr, reorient(ct, "rot180_y"), window, -900.0)
+        return SimpleNamespace(ct=ct_mr, valid=valid, report={"orientation": "rot180_y"})
+
+    monkeypatch.setattr(fidelity_data, "register_ct_to_mr", identity_registration)
     coarse = SimulationSettings(spacing=(8.0, 8.0, 8.0))
     monkeypatch.setattr(fidelity_data, "registration_key", lambda quick: "defaults-a")
     first = fidelity_data.build(tmp_path, True, 48.0, coarse)
@@ -106,3 +116,4 @@ def test_new_registration_defaults_rebuild_the_phantom_cases(tmp_path, monkeypat
     assert second.manifest["key"] != first.manifest["key"] and manifest.stat().st_mtime_ns != stamp
     report = tmp_path / "data" / "phantom_registration" / "report.json"
     assert json.loads(report.read_text())["key"] == "defaults-b"  # registered again, then cut again
+    assert registered == [8.0, 8.0]  # quick mode's 8 mm, once per key
