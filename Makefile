@@ -17,8 +17,11 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/wldm_demo --output demo_output
 
+# two pytest-xdist workers of one torch thread each (a test file stays in one worker, so its module fixtures are
+# built once): 10 min instead of 16 on this project's 2-core machine, where many tests wait on imports,
+# subprocesses, elastix and files rather than on both cores
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # every CUDA path once (training with AMP and torch.compile, torchrun/NCCL, whole-body prediction, sampler):
 # gpu_check.json; GPU_CHECK_ARGS="--device cpu --quick" runs it on CPU at tiny sizes

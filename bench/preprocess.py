@@ -146,7 +146,8 @@ def run_child(name: str, args: argparse.Namespace, dataset: str, spacing: float,
     if args.no_registration:
         command.append("--no-registration")
     log.info("%s run (%g mm) in a fresh process", name, spacing)
-    proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env, check=False)
+    proc = subprocess.run(command, stdout=subprocess.PIPE, encoding="utf-8", errors="replace", env=env,
+                          check=False)
     if proc.returncode != 0:
         raise SystemExit(f"the {name} run failed (exit {proc.returncode}); see its log above")
     result = json.loads(proc.stdout.strip().splitlines()[-1])

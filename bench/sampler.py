@@ -305,7 +305,7 @@ def microbenchmark(specs: list[dict[str, Any]], reps: int, device: torch.device)
 def run_child_process(approach: str, argv: list[str]) -> dict[str, Any]:
     command = [sys.executable, os.path.abspath(__file__), *argv, "--child", approach]
     log.info("running %s in a fresh process", approach)
-    proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+    proc = subprocess.run(command, stdout=subprocess.PIPE, encoding="utf-8", errors="replace", check=False)
     if proc.returncode != 0:
         raise SystemExit(f"the {approach} run failed (exit {proc.returncode}); see its log above")
     return json.loads(proc.stdout.strip().splitlines()[-1])

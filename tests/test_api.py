@@ -309,7 +309,7 @@ def test_cli_runs_the_same_per_case_function(models, inputs, tmp_path, monkeypat
 
 def test_import_is_cheap():
     code = "import sys, wldm_auto; print('torch' in sys.modules, 'Predictor' in dir(wldm_auto))"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", check=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.stdout.split() == ["False", "True"]
     with pytest.raises(AttributeError, match="no attribute 'Nothing'"):

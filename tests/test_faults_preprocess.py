@@ -299,14 +299,14 @@ def test_ctrl_c_stops_promptly_and_a_rerun_continues(driver):
     assert hash_file(driver["raw"]) == driver["raw_hash"]
 
     again = subprocess.run(driver["cmd"], env=dict(driver["env"], FAKE_CASE_SECONDS="0"), capture_output=True,
-                           text=True, timeout=WAIT, cwd=driver["logs"])
+                           encoding="utf-8", errors="replace", timeout=WAIT, cwd=driver["logs"])
     assert again.returncode == 0, again.stderr
     assert "3 preprocessed" in again.stdout
 
 
 def test_worker_log_lines_reach_console_and_log_file(driver):
     done = subprocess.run(driver["cmd"], env=dict(driver["env"], FAKE_CASE_SECONDS="0"), capture_output=True,
-                          text=True, timeout=WAIT, cwd=driver["logs"])
+                          encoding="utf-8", errors="replace", timeout=WAIT, cwd=driver["logs"])
     assert done.returncode == 0, done.stderr
     (log_file,) = (driver["folder"] / "logs").glob("plan_and_preprocess_*.log")
     text = log_file.read_text()
