@@ -152,6 +152,50 @@ def test_each_patch_gets_the_prior_of_its_case():
     assert ResidualDiffusionTrainer.prior(trainer, mr, available, ["b", "c", "b", "c"]).abs().max() == 0
 
 
+def test_prior_blur_is_a_gaussian_in_mm_of_random_width():
+    """plan residual_diffusion.prior_blur_mm: the training prior smoothed by a Gaussian of sigma uniform in
+    [0, prior_blur_mm] mm, per axis in voxels of the plan's spacing (x y z), edges replicated."""
+    from types import SimpleNamespace
+
+    from scipy import ndimage
+
+    from wldm_auto.trainers.residual_trainer import ResidualDiffusionTrainer
+
+    trainer = SimpleNamespace(config=SimpleNamespace(spacing=[1.0, 2.0, 3.0]),
+                              diffusion_plan=SimpleNamespace(prior_blur_mm=6.0))
+    prior = torch.randn(2, 1, 20, 24, 28)
+    torch.manual_seed(1)
+    sigma_mm = float(torch.rand(())) * 6.0  # 4.5 mm: 4.5, 2.3 and 1.5 voxels along x, y, z
+    torch.manual_seed(1)
+    got = ResidualDiffusionTrainer.blurred(trainer, prior)
+    expected = ndimage.gaussian_filter(prior.numpy(), [0, 0, sigma_mm / 3.0, sigma_mm / 2.0, sigma_mm / 1.0],
+                                       mode="nearest", truncate=3.0)
+    assert 0.5 < sigma_mm and np.abs(got.numpy() - expected).max() < 1e-5
+    widths = set()
+    for seed in range(20):  # a new width per batch
+        torch.manual_seed(seed)
+        widths.add(round(float(ResidualDiffusionTrainer.blurred(trainer, prior).std()), 4))
+    assert len(widths) == 20
+
+
+@pytest.mark.parametrize("blur_mm", [0.0, 6.0])
+def test_training_latents_use_the_blurred_prior_only_when_asked(blur_mm):
+    from types import SimpleNamespace
+
+    from wldm_auto.trainers.residual_trainer import ResidualDiffusionTrainer
+
+    mr, ct, available = torch.zeros(2, 1, 4, 4, 4), torch.full((2, 1, 4, 4, 4), 7.0), torch.ones(2, 1)
+    trainer = SimpleNamespace(
+        latent_scale=1.0, residual_scale=1.0, diffusion_plan=SimpleNamespace(prior_blur_mm=blur_mm),
+        prior=lambda mr, available, cases: torch.ones_like(mr), blurred=lambda prior: prior + 4.0,
+        ct_latent=lambda image: image, vae=SimpleNamespace(encode=lambda mr, name, available: SimpleNamespace(
+            mode=lambda: mr)))
+    residual, condition, (prior, _) = ResidualDiffusionTrainer.training_latents(trainer, mr, ct, available)
+    base = 5.0 if blur_mm else 1.0
+    assert prior.unique().tolist() == [base] and residual.unique().tolist() == [7.0 - base]
+    assert condition[:, 1].unique().tolist() == [base]  # the denoiser sees the prior the residual is taken from
+
+
 def test_out_of_fold_priors_need_the_other_folds_and_give_each_case_its_holder(preprocessed_small, tmp_path,
                                                                              monkeypatch):
     from wldm_auto.trainers.residual_trainer import out_of_fold_owners

@@ -387,6 +387,19 @@ def test_a_partial_section_takes_its_own_defaults(plans_dict):
     assert loaded.diffusion.sct_estimate == "sample_mean" and loaded.diffusion.first_stage == "vae"
 
 
+def test_prior_blur_is_only_a_residual_setting(plans_dict):
+    config = plans_dict["configurations"]["3d_wldm"]
+    config["residual_diffusion"]["prior_blur_mm"] = 6.0
+    assert Plans.from_dict(plans_dict).configuration("3d_wldm").residual_diffusion.prior_blur_mm == 6.0
+    config["residual_diffusion"]["prior_blur_mm"] = -1.0
+    with pytest.raises(PlanError, match=r"residual_diffusion\.prior_blur_mm: -1.0 must be >= 0 mm"):
+        Plans.from_dict(plans_dict)
+    config["residual_diffusion"]["prior_blur_mm"] = 0.0
+    config["diffusion"]["prior_blur_mm"] = 2.0
+    with pytest.raises(PlanError, match=r"diffusion\.prior_blur_mm: only the residual_diffusion section"):
+        Plans.from_dict(plans_dict)
+
+
 def test_out_of_fold_prior_is_only_a_residual_setting(plans_dict):
     config = plans_dict["configurations"]["3d_wldm"]
     config["residual_diffusion"]["prior_folds"] = "out_of_fold"

@@ -193,6 +193,9 @@ class DiffusionPlan:
     p > 1 favours high noise, where the clean estimate depends on the MR alone (the share of t >= T/2 is
     0.5 ** (1/p): 0.71 at p = 2). ``bone_weight``: in the image loss, voxels whose true CT is above 250 HU (bone,
     the bone Dice threshold) count ``1 + bone_weight`` times (0: plain L1; needs ``image_loss_weight`` > 0).
+    ``prior_blur_mm`` (section ``residual_diffusion`` only): > 0 smooths each training batch's prior by a
+    Gaussian of sigma uniform in [0, prior_blur_mm] mm before the residual is taken (prediction uses the prior
+    as it is), so the model learns to restore what a smooth prior lacks; 0: off (recipe note residual_prior_blur).
     """
 
     first_stage: str = "vae"
@@ -213,6 +216,7 @@ class DiffusionPlan:
     center_latents: bool = False
     timestep_power: float = 1.0
     bone_weight: float = 0.0
+    prior_blur_mm: float = 0.0
     training: TrainingPlan = field(default_factory=TrainingPlan)
 
 
@@ -548,6 +552,10 @@ def _check_diffusion(plan: DiffusionPlan, where: str) -> None:
     if plan.prior_folds != "own" and not where.endswith(".residual_diffusion"):
         raise PlanError(f"{where}.prior_folds: {plan.prior_folds!r} needs a regression prior; only the "
                         "residual_diffusion section has one (use 'own' here)")
+    if not (math.isfinite(plan.prior_blur_mm) and plan.prior_blur_mm >= 0):
+        raise PlanError(f"{where}.prior_blur_mm: {plan.prior_blur_mm!r} must be >= 0 mm")
+    if plan.prior_blur_mm > 0 and not where.endswith(".residual_diffusion"):
+        raise PlanError(f"{where}.prior_blur_mm: only the residual_diffusion section has a prior to blur")
     if not (math.isfinite(plan.timestep_power) and plan.timestep_power > 0):
         raise PlanError(f"{where}.timestep_power: {plan.timestep_power!r} must be > 0 (1: uniform timesteps)")
     _check_bone_weight(plan.bone_weight, where)

@@ -11,7 +11,9 @@ With ``prior_folds: "own"`` the prior has seen the training cases, so its residu
 on new cases and the samples' spread under-states the error until calibrated (``wldm_calibrate_std``).
 With ``"out_of_fold"`` each training case's prior is the regression fold that held that case out (in
 ``splits_final.json``), as nnU-Net's cascade trains on cross-validation predictions: the residuals trained
-on are those of a prior on a case it never saw, as at prediction. Prediction uses the fold's own prior.
+on are those of a prior on a case it never saw, as at prediction. Prediction uses the fold's own prior. ``prior_blur_mm`` > 0 smooths
+each training batch's prior by a Gaussian of random width (:meth:`ResidualDiffusionTrainer.blurred`) before the
+residual is taken.
 """
 from __future__ import annotations
 
@@ -167,10 +169,29 @@ class ResidualDiffusionTrainer(DiffusionTrainer):
         self.residual_scale = torch.tensor(1.0 / max(std, 1e-6))
         log.info("residual scale 1/std(E(ct) - E(prior)) = %.4f", float(self.residual_scale))
 
+    def blurred(self, prior: torch.Tensor) -> torch.Tensor:
+        """``prior`` smoothed by a Gaussian of a random sigma in [0, prior_blur_mm] mm (one per batch)."""
+        sigma_mm = float(torch.rand(())) * self.diffusion_plan.prior_blur_mm
+        out = prior
+        for axis, spacing in zip((2, 3, 4), reversed(self.config.spacing)):
+            sigma = sigma_mm / float(spacing)
+            if sigma < 0.1:
+                continue
+            radius = max(1, int(3 * sigma + 0.5))
+            offsets = torch.arange(-radius, radius + 1, dtype=prior.dtype, device=prior.device)
+            kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+            kernel = (kernel / kernel.sum()).view(1, 1, -1, 1, 1).transpose(2, axis)
+            padding = [0, 0, 0, 0, 0, 0]
+            padding[2 * (4 - axis)] = padding[2 * (4 - axis) + 1] = radius
+            out = torch.nn.functional.conv3d(torch.nn.functional.pad(out, padding, mode="replicate"), kernel)
+        return out
+
     def training_latents(self, mr: torch.Tensor, ct: torch.Tensor, available: torch.Tensor,
                          cases: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
         scale, residual_scale = float(self.latent_scale), float(self.residual_scale)
         prior = self.prior(mr, available, cases)
+        if self.diffusion_plan.prior_blur_mm > 0:
+            prior = self.blurred(prior)
         z_prior = self.ct_latent(prior)
         z_ct = self.ct_latent(ct)
         z_mr = self.vae.encode(mr, "mr", available).mode() * scale
