@@ -11,9 +11,9 @@ With ``prior_folds: "own"`` the prior has seen the training cases, so its residu
 on new cases and the samples' spread under-states the error until calibrated (``wldm_calibrate_std``).
 With ``"out_of_fold"`` each training case's prior is the regression fold that held that case out (in
 ``splits_final.json``), as nnU-Net's cascade trains on cross-validation predictions: the residuals trained
-on are those of a prior on a case it never saw, as at prediction. Prediction uses the fold's own prior. ``prior_blur_mm`` > 0 smooths
-each training batch's prior by a Gaussian of random width (:meth:`ResidualDiffusionTrainer.blurred`) before the
-residual is taken.
+on are those of a prior on a case it never saw, as at prediction. Prediction uses the fold's own prior.
+``prior_blur_mm`` > 0 smooths each training batch's prior by a Gaussian of random width
+(:meth:`ResidualDiffusionTrainer.blurred`) before the residual is taken.
 """
 from __future__ import annotations
 
